@@ -1,0 +1,301 @@
+//! Handlers as the registry sees them, and the context a handler runs in.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use crate::envelope::{CorrelationId, Envelope, EventId};
+use crate::error::{CodecError, HandlerError};
+use crate::event::{EmittedEvent, Event, EventInfo, PendingEvent};
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The generated entry point of a handler: decodes the event, calls the function and collects
+/// what it emits into the [`Handling`].
+pub type Invoke = for<'a> fn(&'a Handling, &'a States) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+/// Everything the runtime needs to know about one `#[handler]` function.
+pub struct HandlerDescriptor {
+    /// The handler's name: the function's name unless `#[handler(name = "…")]` says otherwise.
+    pub name: &'static str,
+    /// The module the function is defined in.
+    pub module: &'static str,
+    /// The consumer group it belongs to.
+    pub group: &'static str,
+    /// The event type it handles (its topic is `event.topic`).
+    pub event: EventInfo,
+    /// The type of the shared state it receives.
+    pub state: StateInfo,
+    /// The event types it may emit.
+    pub emits: fn() -> Vec<EmittedEvent>,
+    /// The step this handler compensates, when it is a compensator.
+    pub compensates: Option<fn() -> &'static HandlerDescriptor>,
+    /// How duplicate deliveries are recognised.
+    pub idempotency: Idempotency,
+    /// How many events this handler may handle at once (the runtime's default when `None`).
+    pub concurrency: Option<usize>,
+    /// How many attempts a transient failure gets (the runtime's default when `None`).
+    pub max_attempts: Option<u32>,
+    /// The generated entry point.
+    pub invoke: Invoke,
+}
+
+impl HandlerDescriptor {
+    /// The topic the handler consumes.
+    pub fn topic(&self) -> &'static str {
+        self.event.topic
+    }
+
+    /// `group/name`, how logs and errors name a handler.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.group, self.name)
+    }
+}
+
+impl fmt::Debug for HandlerDescriptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerDescriptor")
+            .field("name", &self.name)
+            .field("module", &self.module)
+            .field("group", &self.group)
+            .field("event", &self.event.ce_type)
+            .field("topic", &self.event.topic)
+            .field("compensates", &self.compensates.map(|c| c().name))
+            .field("idempotency", &self.idempotency)
+            .finish()
+    }
+}
+
+/// The type of a handler's shared state, for the start-up check that it was provided.
+#[derive(Clone, Copy)]
+pub struct StateInfo {
+    /// The state type's id.
+    pub type_id: fn() -> TypeId,
+    /// The state type's name, for error messages.
+    pub type_name: fn() -> &'static str,
+}
+
+impl StateInfo {
+    /// The info of state type `S`.
+    pub const fn of<S: Any>() -> Self {
+        Self { type_id: TypeId::of::<S>, type_name: std::any::type_name::<S> }
+    }
+
+    /// True when the handler needs no state.
+    pub fn is_unit(&self) -> bool {
+        (self.type_id)() == TypeId::of::<()>()
+    }
+}
+
+/// How a handler's idempotency guard recognises a duplicate.
+#[derive(Clone, Copy)]
+pub enum Idempotency {
+    /// By (group, handler, event id): the default.
+    EventId,
+    /// By (group, handler, a key computed from the event): `#[handler(dedupe_key = field)]`.
+    Key(fn(&Envelope) -> Result<String, CodecError>),
+    /// No guard: `#[handler(idempotent = false)]`; the handler must be idempotent by itself.
+    Off,
+}
+
+impl fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Idempotency::EventId => "EventId",
+            Idempotency::Key(_) => "Key",
+            Idempotency::Off => "Off",
+        })
+    }
+}
+
+/// A `#[handler]` function, named by the type `#[handler]` generates beside it.
+///
+/// `#[compensates(step)]` and explicit registration take these names:
+/// `Registry::builder().handler::<reserve_stock>()`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an eda handler",
+    label = "not a `#[handler]` function",
+    note = "name a function that is marked `#[handler(group = \"…\")]`"
+)]
+pub trait Handler {
+    /// The handler's registry entry.
+    fn descriptor() -> &'static HandlerDescriptor;
+}
+
+/// The registry entry that `#[handler]` submits to `inventory`.
+pub struct HandlerRegistration(pub &'static HandlerDescriptor);
+
+inventory::collect!(HandlerRegistration);
+
+/// Shared state handed to handlers, one value per type.
+#[derive(Clone, Default)]
+pub struct States {
+    by_type: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+}
+
+/// A handler needs state the runtime was not given.
+#[derive(Debug, thiserror::Error)]
+#[error("no state of type `{0}` was given to the runtime: add `.state(…)` with a `{0}` to the runtime builder")]
+pub struct MissingState(pub &'static str);
+
+impl States {
+    /// Adds (or replaces) the state of type `S`.
+    pub fn insert<S: Send + Sync + 'static>(&mut self, state: S) {
+        self.by_type.insert(TypeId::of::<S>(), Arc::new(state));
+    }
+
+    /// Adds state that is already shared.
+    pub fn insert_arc<S: Send + Sync + 'static>(&mut self, state: Arc<S>) {
+        self.by_type.insert(TypeId::of::<S>(), state);
+    }
+
+    /// True when state of the given type is present (`()` always is).
+    pub fn contains(&self, type_id: TypeId) -> bool {
+        type_id == TypeId::of::<()>() || self.by_type.contains_key(&type_id)
+    }
+
+    /// The state of type `S`.
+    pub fn get<S: Send + Sync + 'static>(&self) -> Result<&S, MissingState> {
+        static UNIT: () = ();
+        let any: &(dyn Any + Send + Sync) = match self.by_type.get(&TypeId::of::<S>()) {
+            Some(v) => &**v,
+            None => &UNIT,
+        };
+        any.downcast_ref::<S>().ok_or(MissingState(std::any::type_name::<S>()))
+    }
+}
+
+/// One handling of one delivered event by one handler: what the generated code reads, and
+/// where the events it emits are collected until the runtime makes them durable.
+pub struct Handling {
+    envelope: Envelope,
+    group: &'static str,
+    handler: &'static str,
+    attempt: u32,
+    emitted: Mutex<Vec<PendingEvent>>,
+}
+
+impl Handling {
+    /// Starts a handling.
+    pub fn new(envelope: Envelope, group: &'static str, handler: &'static str, attempt: u32) -> Self {
+        Self { envelope, group, handler, attempt, emitted: Mutex::new(Vec::new()) }
+    }
+
+    /// The envelope being handled.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The handler's consumer group.
+    pub fn group(&self) -> &'static str {
+        self.group
+    }
+
+    /// The handler's name.
+    pub fn handler(&self) -> &'static str {
+        self.handler
+    }
+
+    /// Which attempt this is (1 for the first).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Decodes the event; a payload that does not decode is a permanent error.
+    pub fn decode<E: Event>(&self) -> Result<E, HandlerError> {
+        crate::codec::decode(&self.envelope).map_err(HandlerError::permanent)
+    }
+
+    /// Adds events to publish once the handling succeeds.
+    pub fn emit(&self, events: impl crate::event::Emit) -> Result<(), HandlerError> {
+        let mut out = Vec::new();
+        events.emit(&mut out)?;
+        self.lock().extend(out);
+        Ok(())
+    }
+
+    /// Takes the events emitted so far.
+    pub fn take_emitted(&self) -> Vec<PendingEvent> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PendingEvent>> {
+        // A panicking handler can poison the lock; the events it held are still valid.
+        self.emitted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a handler function receives beside its event: the shared state of type `S` and the
+/// handling's metadata, and a way to emit more events.
+///
+/// ```
+/// use eda_core::{event, handler, Ctx};
+/// use serde::{Deserialize, Serialize};
+/// use std::sync::atomic::{AtomicU64, Ordering};
+///
+/// #[event(topic = "orders")]
+/// #[derive(Serialize, Deserialize)]
+/// struct OrderPlaced { total: u64 }
+///
+/// struct Revenue(AtomicU64);
+///
+/// #[handler(group = "reporting")]
+/// async fn add_revenue(ev: OrderPlaced, cx: Ctx<'_, Revenue>) {
+///     cx.0.fetch_add(ev.total, Ordering::Relaxed);
+///     assert_eq!(cx.attempt(), 1);
+/// }
+/// ```
+pub struct Ctx<'a, S = ()> {
+    state: &'a S,
+    handling: &'a Handling,
+}
+
+impl<'a, S> Ctx<'a, S> {
+    /// Used by generated code.
+    #[doc(hidden)]
+    pub fn new(state: &'a S, handling: &'a Handling) -> Self {
+        Self { state, handling }
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &'a S {
+        self.state
+    }
+
+    /// The envelope of the event being handled.
+    pub fn envelope(&self) -> &'a Envelope {
+        self.handling.envelope()
+    }
+
+    /// The id of the event being handled.
+    pub fn event_id(&self) -> EventId {
+        self.handling.envelope().id
+    }
+
+    /// The correlation id of the business transaction this event belongs to.
+    pub fn correlation_id(&self) -> &'a CorrelationId {
+        &self.handling.envelope().correlation_id
+    }
+
+    /// Which attempt this is (1 for the first).
+    pub fn attempt(&self) -> u32 {
+        self.handling.attempt()
+    }
+
+    /// Emits an event besides those the handler returns. Like returned events, it is published
+    /// only if the handling succeeds, with this event as its cause.
+    pub fn emit<E: Event>(&self, event: E) -> Result<(), HandlerError> {
+        self.handling.emit(event)
+    }
+}
+
+impl<S> std::ops::Deref for Ctx<'_, S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        self.state
+    }
+}

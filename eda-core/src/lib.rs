@@ -1,0 +1,96 @@
+//! The contract of eda: events and their envelopes, handler descriptors and the registry,
+//! and the traits transports and stores implement.
+//!
+//! A crate that only defines the events services share depends on this crate alone; services
+//! depend on `eda-runtime`, which re-exports everything here.
+//!
+//! ```
+//! use eda_core::{event, Event};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[event(topic = "payments", key = order_id, version = 2)]
+//! #[derive(Serialize, Deserialize)]
+//! pub struct PaymentCollected {
+//!     pub order_id: String,
+//!     pub cents: u64,
+//! }
+//!
+//! assert_eq!(PaymentCollected::INFO.ce_type, "PaymentCollected.v2");
+//! assert_eq!(PaymentCollected::topic().name(), "payments");
+//! ```
+
+// Generated code names `::eda_core::…`; this lets it do so inside this crate's own doc tests.
+extern crate self as eda_core;
+
+pub mod codec;
+pub mod envelope;
+pub mod error;
+pub mod event;
+pub mod handler;
+pub mod registry;
+pub mod store;
+pub mod transport;
+
+pub use eda_macros::{compensates, event, handler};
+pub use envelope::{Binding, CorrelationId, Envelope, EventId};
+pub use error::{CodecError, EnvelopeError, ErrorClass, HandlerError, StoreError, TransportError};
+pub use event::{Emit, EmittedEvent, Event, EventInfo, HandlerReturn, Never, Outcome, PendingEvent, Topic};
+pub use handler::{Ctx, Handler, HandlerDescriptor, Handling, Idempotency, MissingState, StateInfo, States};
+pub use registry::{Registry, RegistryBuilder, Report};
+pub use store::{Claim, GuardKey, Inbox, StepState};
+pub use transport::{Acker, DeadLetter, DeadLetterReason, Deliveries, Delivery, PartitionLag, Subscription, Transport};
+
+/// Not public API: what the macros' generated code names.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::codec::decode;
+    pub use crate::envelope::Envelope;
+    pub use crate::error::{CodecError, HandlerError};
+    pub use crate::event::{Emit, EmittedEvent, Event, EventInfo, HandlerReturn};
+    pub use crate::handler::{
+        BoxFuture, Ctx, Handler, HandlerDescriptor, HandlerRegistration, Handling, Idempotency, StateInfo, States,
+    };
+    pub use inventory;
+    pub use serde;
+    pub use std::boxed::Box;
+    pub use std::option::Option::{self, None, Some};
+    pub use std::result::Result::{self, Err, Ok};
+    pub use std::string::{String, ToString};
+    pub use std::vec::Vec;
+    pub use std::{module_path, panic, stringify};
+
+    /// `a == b`, usable in constants: the compile-time topic check of `#[handler(topic)]`.
+    pub const fn str_eq(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    /// Compile-time check that a handler's argument is an event.
+    pub fn assert_event<E: Event>() {}
+
+    /// Compile-time check that a handler's return type is valid.
+    pub fn assert_return<R: HandlerReturn>() {}
+
+    /// Compile-time check that `#[compensates(step)]` names a handler.
+    pub fn assert_handler<H: Handler>() {}
+
+    /// Compile-time check that state is shareable between handler tasks.
+    pub fn assert_state<S: Send + Sync + 'static>() {}
+
+    /// The events a handler returning `R` emits.
+    pub fn emits_of<R: HandlerReturn>() -> Vec<EmittedEvent> {
+        let mut out = Vec::new();
+        <R::Emits as Emit>::describe(&mut out, false);
+        out
+    }
+}

@@ -1,0 +1,152 @@
+//! The contract between the runtime and a broker.
+//!
+//! It is shaped by all the brokers eda targets at once: Kafka's partitioned offsets (an ack
+//! marks an offset, committed as the contiguous processed prefix), RabbitMQ's and NATS
+//! JetStream's per-message acks with redelivery counts, and the SQL log's stored offsets.
+//! A subscription is a [`Stream`](futures_core::Stream) of [`Delivery`]s, so back-pressure
+//! comes from polling it only when there is room; acknowledging or failing a delivery consumes
+//! it, so a delivery cannot be acknowledged twice.
+
+use std::fmt;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use futures_core::Stream;
+
+use crate::envelope::Envelope;
+use crate::error::TransportError;
+
+/// A broker, or anything that behaves as one.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// A short name: `memory`, `sqlite`, `nats`, …
+    fn kind(&self) -> &'static str;
+
+    /// Publishes one event; returns once the broker has durably accepted it.
+    async fn publish(&self, envelope: &Envelope) -> Result<(), TransportError>;
+
+    /// Publishes several events, in order; returns once all are accepted.
+    async fn publish_all(&self, envelopes: &[Envelope]) -> Result<(), TransportError> {
+        for e in envelopes {
+            self.publish(e).await?;
+        }
+        Ok(())
+    }
+
+    /// Joins consumer group `group` on `topic`. Every group receives every event of the topic;
+    /// subscriptions of the same group share them.
+    async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError>;
+
+    /// How far `group` is behind on `topic`, per partition.
+    async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError>;
+
+    /// Flushes and closes the connection. Deliveries not yet acknowledged are redelivered later.
+    async fn close(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
+/// What a consumer asks of [`Transport::subscribe`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// The consumer group.
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+    /// How many unacknowledged deliveries the broker may push ahead to this subscriber.
+    pub prefetch: usize,
+}
+
+/// The deliveries of one subscription.
+pub type Deliveries = Pin<Box<dyn Stream<Item = Result<Delivery, TransportError>> + Send>>;
+
+/// One delivery of one event to one consumer group.
+pub struct Delivery {
+    /// The event.
+    pub envelope: Envelope,
+    /// Which delivery of this event to this group this is, 1 for the first. Survives restarts
+    /// where the broker keeps a delivery count.
+    pub attempt: u32,
+    /// The partition it came from (0 where the broker has none).
+    pub partition: u32,
+    acker: Box<dyn Acker>,
+}
+
+impl Delivery {
+    /// A delivery that `acker` settles.
+    pub fn new(envelope: Envelope, attempt: u32, partition: u32, acker: Box<dyn Acker>) -> Self {
+        Self { envelope, attempt, partition, acker }
+    }
+
+    /// Done: the broker may forget this event for this group.
+    pub async fn ack(self) -> Result<(), TransportError> {
+        self.acker.ack().await
+    }
+
+    /// Not done: deliver it again after `delay`, to this group, before later events of its key.
+    pub async fn nack(self, delay: Duration) -> Result<(), TransportError> {
+        self.acker.nack(delay).await
+    }
+
+    /// Give up on it: keep it, with why, as a dead letter of this group; later events go on.
+    pub async fn dead_letter(self, reason: DeadLetterReason) -> Result<(), TransportError> {
+        let Delivery { envelope, attempt, acker, .. } = self;
+        acker.dead_letter(DeadLetter { envelope, attempts: attempt, reason, at: SystemTime::now() }).await
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.envelope.id)
+            .field("type", &self.envelope.ty)
+            .field("attempt", &self.attempt)
+            .field("partition", &self.partition)
+            .finish()
+    }
+}
+
+/// Settles one delivery on its broker. Dropping an acker unsettled must make the event
+/// deliverable again (a consumer that dies loses nothing).
+#[async_trait::async_trait]
+pub trait Acker: Send + Sync {
+    /// See [`Delivery::ack`].
+    async fn ack(self: Box<Self>) -> Result<(), TransportError>;
+    /// See [`Delivery::nack`].
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<(), TransportError>;
+    /// See [`Delivery::dead_letter`].
+    async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<(), TransportError>;
+}
+
+/// Why an event was dead-lettered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterReason {
+    /// The handler that gave up, if one did.
+    pub handler: Option<String>,
+    /// The error, as text.
+    pub error: String,
+    /// True when it was dead-lettered without retries.
+    pub permanent: bool,
+}
+
+/// A dead-lettered event: the original envelope and why it was given up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The event, as delivered.
+    pub envelope: Envelope,
+    /// How many deliveries it had.
+    pub attempts: u32,
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// When.
+    pub at: SystemTime,
+}
+
+/// How far a group is behind on one partition of a topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The partition (0 where the broker has none).
+    pub partition: u32,
+    /// Events published and not yet acknowledged by the group.
+    pub lag: u64,
+}

@@ -1,0 +1,351 @@
+//! `#[handler(group = "…", topic = "…", …)] async fn name(ev: E, cx: Ctx<'_, S>) -> R`.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+
+use crate::attr::{self, Errors};
+
+const GROUP: &str = "group";
+const TOPIC: &str = "topic";
+const NAME: &str = "name";
+const IDEMPOTENT: &str = "idempotent";
+const DEDUPE_KEY: &str = "dedupe_key";
+const CONCURRENCY: &str = "concurrency";
+const MAX_ATTEMPTS: &str = "max_attempts";
+const COMPENSATES: &str = "compensates";
+const CRATE: &str = "crate";
+const KEYS: &[&str] = &[GROUP, TOPIC, NAME, IDEMPOTENT, DEDUPE_KEY, CONCURRENCY, MAX_ATTEMPTS, COMPENSATES, CRATE];
+
+#[derive(Default)]
+struct Args {
+    group: Option<syn::LitStr>,
+    topic: Option<syn::LitStr>,
+    name: Option<syn::LitStr>,
+    idempotent: Option<syn::LitBool>,
+    dedupe_key: Option<syn::Ident>,
+    concurrency: Option<usize>,
+    max_attempts: Option<u32>,
+    compensates: Option<syn::Path>,
+    krate: Option<syn::Path>,
+}
+
+/// The parts of the signature the expansion needs.
+struct Signature {
+    event: syn::Type,
+    state: Option<syn::Type>,
+    ret: syn::Type,
+}
+
+pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let mut func = match syn::parse2::<syn::ItemFn>(item.clone()) {
+        Ok(f) => f,
+        Err(_) => {
+            errors.at(Span::call_site(), "`#[handler]` goes on an `async fn` that takes an event");
+            let e = errors.to_compile_errors();
+            return quote!(#item #e);
+        }
+    };
+    let mut args = parse(args, &mut errors);
+    take_compensates_attr(&mut func, &mut args, &mut errors);
+    let sig = check(&func, &args, &mut errors);
+    let compile_errors = errors.to_compile_errors();
+    match sig {
+        Some(sig) if errors.is_empty() => {
+            let generated = generate(&func, &args, &sig);
+            quote!(#func #generated)
+        }
+        _ => quote!(#func #compile_errors),
+    }
+}
+
+fn parse(args: TokenStream, errors: &mut Errors) -> Args {
+    let mut out = Args::default();
+    attr::parse_args(args, "handler", KEYS, errors, |key, meta| {
+        match key {
+            GROUP => out.group = Some(attr::lit_str(meta)?),
+            TOPIC => out.topic = Some(attr::lit_str(meta)?),
+            NAME => out.name = Some(attr::lit_str(meta)?),
+            IDEMPOTENT => {
+                out.idempotent = Some(meta.value()?.parse::<syn::LitBool>().map_err(|e| {
+                    syn::Error::new(e.span(), "expected `true` or `false`: `idempotent = false` turns the guard off")
+                })?)
+            }
+            DEDUPE_KEY => {
+                out.dedupe_key = Some(attr::ident(meta, "the event field to deduplicate by: `dedupe_key = order_id`")?)
+            }
+            CONCURRENCY => {
+                let (n, span) = attr::int::<usize>(meta, "how many events may be handled at once: `concurrency = 8`")?;
+                if n == 0 {
+                    return Err(syn::Error::new(span, "`concurrency` is at least 1"));
+                }
+                out.concurrency = Some(n);
+            }
+            MAX_ATTEMPTS => {
+                let (n, span) = attr::int::<u32>(meta, "how many attempts a failing event gets: `max_attempts = 5`")?;
+                if n == 0 {
+                    return Err(syn::Error::new(span, "`max_attempts` is at least 1"));
+                }
+                out.max_attempts = Some(n);
+            }
+            COMPENSATES => {
+                out.compensates = Some(meta.value()?.parse::<syn::Path>().map_err(|e| {
+                    syn::Error::new(
+                        e.span(),
+                        "expected the name of the handler this one undoes: `compensates = reserve_stock`",
+                    )
+                })?)
+            }
+            _ => out.krate = Some(attr::crate_path(meta)?),
+        }
+        Ok(())
+    });
+    out
+}
+
+/// `#[compensates(step)]` written below `#[handler]` is still on the function when this macro
+/// runs: take it from there.
+fn take_compensates_attr(func: &mut syn::ItemFn, args: &mut Args, errors: &mut Errors) {
+    let is_compensates = |a: &syn::Attribute| a.path().segments.last().is_some_and(|s| s.ident == "compensates");
+    let (found, rest): (Vec<_>, Vec<_>) = func.attrs.drain(..).partition(is_compensates);
+    func.attrs = rest;
+    for a in found {
+        match a.parse_args::<syn::Path>() {
+            Ok(path) if args.compensates.is_none() => args.compensates = Some(path),
+            Ok(path) => errors.spanned(path, "a handler compensates one step: give `compensates` once"),
+            Err(_) => errors.spanned(a, "`#[compensates]` names the step it undoes: `#[compensates(reserve_stock)]`"),
+        }
+    }
+}
+
+fn check(func: &syn::ItemFn, args: &Args, errors: &mut Errors) -> Option<Signature> {
+    let name = &func.sig.ident;
+    match &args.group {
+        Some(group) => attr::check_name(group, "group", errors),
+        None => errors.at(
+            Span::call_site(),
+            "`#[handler]` needs its consumer group: `#[handler(group = \"inventory-service\")]`",
+        ),
+    }
+    if let Some(topic) = &args.topic {
+        attr::check_name(topic, "topic", errors);
+    }
+    if let Some(n) = &args.name {
+        attr::check_name(n, "handler", errors);
+    }
+    if let (Some(off), Some(key)) = (&args.idempotent, &args.dedupe_key) {
+        if !off.value {
+            errors.spanned(
+                key,
+                "`dedupe_key` configures the idempotency guard, which `idempotent = false` turns off: drop one",
+            );
+        }
+    }
+    let sig = &func.sig;
+    if sig.asyncness.is_none() {
+        errors.spanned(sig.fn_token, format!("a handler must be `async`: write `async fn {name}(…)`"));
+    }
+    if let Some(c) = &sig.constness {
+        errors.spanned(c, "a handler cannot be `const`");
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        errors.spanned(&sig.generics, "a handler cannot be generic: the registry needs one concrete event type");
+    }
+    if let Some(v) = &sig.variadic {
+        errors.spanned(v, "a handler cannot be variadic");
+    }
+    let usage = format!("a handler takes its event and, optionally, its context: `async fn {name}(event: MyEvent, cx: Ctx<'_, MyState>)`");
+    let mut inputs = sig.inputs.iter();
+    let event = match inputs.next() {
+        Some(syn::FnArg::Receiver(r)) => {
+            errors.spanned(r, "a handler is a free function, not a method: take the event as the first argument");
+            None
+        }
+        Some(syn::FnArg::Typed(arg)) => match &*arg.ty {
+            syn::Type::Reference(r) => {
+                let inner = &r.elem;
+                errors.spanned(
+                    r,
+                    format!("take the event by value: `{}: {}`", arg.pat.to_token_stream(), inner.to_token_stream()),
+                );
+                None
+            }
+            ty => Some(ty.clone()),
+        },
+        None => {
+            errors.at(sig.paren_token.span.join(), usage.clone());
+            None
+        }
+    };
+    let state = match inputs.next() {
+        None => None,
+        Some(syn::FnArg::Typed(arg)) => match ctx_state(&arg.ty) {
+            Ok(state) => Some(state),
+            Err(()) => {
+                errors.spanned(
+                    &arg.ty,
+                    format!(
+                        "the second argument of a handler is its context, `Ctx<'_, State>`, not `{}`",
+                        arg.ty.to_token_stream()
+                    ),
+                );
+                None
+            }
+        },
+        Some(other) => {
+            errors.spanned(other, usage.clone());
+            None
+        }
+    };
+    let extra: Vec<_> = inputs.collect();
+    if let Some(first) = extra.first() {
+        errors.spanned(first, usage);
+    }
+    let ret = match &sig.output {
+        syn::ReturnType::Default => syn::parse_quote!(()),
+        syn::ReturnType::Type(_, ty) => (**ty).clone(),
+    };
+    Some(Signature { event: event?, state, ret })
+}
+
+/// The state type of `Ctx<'_, S>` (or `()` for a bare `Ctx`).
+fn ctx_state(ty: &syn::Type) -> Result<syn::Type, ()> {
+    let syn::Type::Path(path) = ty else { return Err(()) };
+    let last = path.path.segments.last().ok_or(())?;
+    if last.ident != "Ctx" {
+        return Err(());
+    }
+    match &last.arguments {
+        syn::PathArguments::None => Ok(syn::parse_quote!(())),
+        syn::PathArguments::AngleBracketed(a) => {
+            let types: Vec<_> = a
+                .args
+                .iter()
+                .filter_map(|g| match g {
+                    syn::GenericArgument::Type(t) => Some(t.clone()),
+                    _ => None,
+                })
+                .collect();
+            match types.as_slice() {
+                [] => Ok(syn::parse_quote!(())),
+                [one] => Ok(one.clone()),
+                _ => Err(()),
+            }
+        }
+        syn::PathArguments::Parenthesized(_) => Err(()),
+    }
+}
+
+fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
+    let p = crate::paths::private(args.krate.as_ref());
+    let fn_name = &func.sig.ident;
+    let vis = &func.vis;
+    let name = args.name.as_ref().map(syn::LitStr::value).unwrap_or_else(|| fn_name.to_string());
+    let group = args.group.as_ref().map(syn::LitStr::value).unwrap_or_default();
+    let Signature { event, ret, .. } = sig;
+    let state: syn::Type = sig.state.clone().unwrap_or_else(|| syn::parse_quote!(()));
+
+    let call = if sig.state.is_some() {
+        quote!(#fn_name(__eda_event, #p::Ctx::new(__eda_state, __eda_handling)).await)
+    } else {
+        quote!({ let _ = __eda_state; #fn_name(__eda_event).await })
+    };
+
+    let event_check = quote_spanned!(event.span()=> #p::assert_event::<#event>(););
+    let return_check = quote_spanned!(ret.span()=> #p::assert_return::<#ret>(););
+    let state_check = quote_spanned!(state.span()=> #p::assert_state::<#state>(););
+
+    let topic_check = args.topic.as_ref().map(|topic| {
+        let message = format!(
+            "`#[handler(topic = \"{}\")]` is not the topic `{}` is bound to: drop `topic = …` or write the topic given in the event's `#[event(topic = …)]`",
+            topic.value(),
+            event.to_token_stream().to_string().replace(' ', ""),
+        );
+        quote_spanned! {topic.span()=>
+            const _: () = if !#p::str_eq(<#event as #p::Event>::INFO.topic, #topic) {
+                #p::panic!(#message)
+            };
+        }
+    });
+
+    let (compensates, compensates_check) = match &args.compensates {
+        Some(step) => (
+            quote!(#p::Some(<#step as #p::Handler>::descriptor)),
+            quote_spanned!(step.span()=> #p::assert_handler::<#step>();),
+        ),
+        None => (quote!(#p::None), quote!()),
+    };
+
+    let (idempotency, dedupe_fn) = match (&args.idempotent, &args.dedupe_key) {
+        (Some(b), _) if !b.value => (quote!(#p::Idempotency::Off), quote!()),
+        (_, Some(field)) => (
+            quote!(#p::Idempotency::Key(__eda_dedupe_key)),
+            quote_spanned! {field.span()=>
+                fn __eda_dedupe_key(envelope: &#p::Envelope) -> #p::Result<#p::String, #p::CodecError> {
+                    let event: #event = #p::decode(envelope)?;
+                    #p::Ok(#p::ToString::to_string(&event.#field))
+                }
+            },
+        ),
+        _ => (quote!(#p::Idempotency::EventId), quote!()),
+    };
+    let option = |v: Option<TokenStream>| v.map_or_else(|| quote!(#p::None), |v| quote!(#p::Some(#v)));
+    let concurrency = option(args.concurrency.map(|n| quote!(#n)));
+    let max_attempts = option(args.max_attempts.map(|n| quote!(#n)));
+    let marker = format_ident!("{}", fn_name);
+
+    quote! {
+        #[doc(hidden)]
+        #[allow(non_camel_case_types, dead_code)]
+        #vis struct #marker {}
+
+        const _: () = {
+            #[allow(dead_code, clippy::no_effect_underscore_binding)]
+            fn __eda_checks() {
+                #event_check
+                #return_check
+                #state_check
+                #compensates_check
+            }
+
+            #topic_check
+            #dedupe_fn
+
+            fn __eda_invoke<'a>(
+                __eda_handling: &'a #p::Handling,
+                __eda_states: &'a #p::States,
+            ) -> #p::BoxFuture<'a, #p::Result<(), #p::HandlerError>> {
+                #p::Box::pin(async move {
+                    let __eda_event: #event = __eda_handling.decode::<#event>()?;
+                    let __eda_state = __eda_states.get::<#state>().map_err(#p::HandlerError::permanent)?;
+                    let __eda_returned = #call;
+                    __eda_handling.emit(#p::HandlerReturn::into_result(__eda_returned)?)
+                })
+            }
+
+            static __EDA_HANDLER: #p::HandlerDescriptor = #p::HandlerDescriptor {
+                name: #name,
+                module: #p::module_path!(),
+                group: #group,
+                event: <#event as #p::Event>::INFO,
+                state: #p::StateInfo::of::<#state>(),
+                emits: #p::emits_of::<#ret>,
+                compensates: #compensates,
+                idempotency: #idempotency,
+                concurrency: #concurrency,
+                max_attempts: #max_attempts,
+                invoke: __eda_invoke,
+            };
+
+            #[automatically_derived]
+            impl #p::Handler for #marker {
+                fn descriptor() -> &'static #p::HandlerDescriptor {
+                    &__EDA_HANDLER
+                }
+            }
+
+            #p::inventory::submit! { #p::HandlerRegistration(&__EDA_HANDLER) }
+        };
+    }
+}
