@@ -1,0 +1,505 @@
+//! The consumer of one (group, topic) subscription: intake with back-pressure, per-key lanes,
+//! the idempotency guard, saga bookkeeping, retries and dead letters.
+//!
+//! Data flows one way: transport → intake → key lane → guard → handler → publish → settle.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eda_core::{
+    Claim, DeadLetterReason, Deliveries, Delivery, Envelope, GuardKey, HandlerDescriptor, HandlerError, Handling,
+    Idempotency, Inbox, States, StepState, Subscription, Transport,
+};
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::journal::{EntryKind, Journal};
+use crate::retry::RetryPolicy;
+
+/// How long a delivery waits before it is tried again when its guard or its saga step is
+/// held by another handling.
+const BUSY_DELAY: Duration = Duration::from_millis(50);
+
+/// Settings of the consumers.
+#[derive(Clone, Debug)]
+pub(crate) struct ConsumerConfig {
+    pub max_in_flight: usize,
+    pub retry: RetryPolicy,
+    pub shutdown_timeout: Duration,
+}
+
+/// Counts of what the consumers did, since start.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    handled: AtomicU64,
+    duplicates: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    unhandled: AtomicU64,
+    skipped: AtomicU64,
+}
+
+/// A snapshot of what the consumers did since the runtime started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Successful handlings.
+    pub handled: u64,
+    /// Duplicate deliveries absorbed by idempotency guards.
+    pub duplicates: u64,
+    /// Failed attempts that were retried.
+    pub retried: u64,
+    /// Events dead-lettered.
+    pub dead_lettered: u64,
+    /// Events of types a group has no handler for (acknowledged).
+    pub unhandled: u64,
+    /// Handlings skipped by saga bookkeeping (compensation before its step).
+    pub skipped: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            handled: get(&self.handled),
+            duplicates: get(&self.duplicates),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            unhandled: get(&self.unhandled),
+            skipped: get(&self.skipped),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What every consumer of a runtime shares.
+pub(crate) struct Shared {
+    pub transport: Arc<dyn Transport>,
+    pub inbox: Arc<dyn Inbox>,
+    pub states: States,
+    pub source: String,
+    pub config: ConsumerConfig,
+    pub journal: Journal,
+    pub stats: Stats,
+    /// Deliveries received and not yet settled.
+    pub in_flight: AtomicUsize,
+    /// Handlers that some compensator undoes: their runs are recorded per correlation id.
+    pub steps: HashSet<(&'static str, &'static str)>,
+    /// Per-handler concurrency limits (`#[handler(concurrency = N)]`).
+    pub limits: HashMap<(&'static str, &'static str), Arc<Semaphore>>,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
+/// What to do with a delivery once its handlers have run.
+enum Disposition {
+    Done,
+    Redeliver(Duration),
+    DeadLetter(DeadLetterReason, u32),
+}
+
+type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, OwnedSemaphorePermit)>>>>;
+
+/// Runs the consumer of `group` on `topic` until the runtime stops.
+pub(crate) async fn consume(
+    shared: Arc<Shared>,
+    group: &'static str,
+    topic: &'static str,
+    handlers: Arc<[&'static HandlerDescriptor]>,
+) {
+    let permits = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
+    let lanes: Lanes = Arc::default();
+    let mut tasks = JoinSet::new();
+    let mut stop = shared.stop.clone();
+    let mut stream: Option<Deliveries> = None;
+    let mut failures = 0u32;
+    let subscription =
+        Subscription { group: group.to_owned(), topic: topic.to_owned(), prefetch: shared.config.max_in_flight };
+
+    while !shared.stopping() {
+        while tasks.try_join_next().is_some() {}
+        let Some(deliveries) = stream.as_mut() else {
+            match shared.transport.subscribe(&subscription).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = shared.config.retry.backoff(failures.saturating_add(1)).max(Duration::from_millis(50));
+                    tracing::warn!(group, topic, error = %e, ?wait, "cannot subscribe; trying again");
+                    let _ = tokio::time::timeout(wait, stop.wait_for(|s| *s)).await;
+                }
+            }
+            continue;
+        };
+        let permit = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let next = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            n = deliveries.next() => n,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                shared.in_flight.fetch_add(1, Ordering::SeqCst);
+                dispatch(&shared, &handlers, &lanes, &mut tasks, delivery, permit);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(group, topic, error = %e, "subscription failed; subscribing again");
+                stream = None;
+            }
+            None => stream = None,
+        }
+    }
+    // Intake stops first: what the broker has not handed over stays with the broker.
+    drop(stream);
+    let drained =
+        tokio::time::timeout(shared.config.shutdown_timeout, async { while tasks.join_next().await.is_some() {} })
+            .await;
+    if drained.is_err() {
+        tracing::warn!(group, topic, timeout = ?shared.config.shutdown_timeout,
+            "handlers still running at the shutdown deadline were stopped; their events will be delivered again");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+fn dispatch(
+    shared: &Arc<Shared>,
+    handlers: &Arc<[&'static HandlerDescriptor]>,
+    lanes: &Lanes,
+    tasks: &mut JoinSet<()>,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+) {
+    let (shared, handlers) = (shared.clone(), handlers.clone());
+    let Some(key) = delivery.envelope.subject.clone() else {
+        tasks.spawn(async move {
+            handle_delivery(&shared, &handlers, delivery).await;
+            drop(permit);
+        });
+        return;
+    };
+    {
+        let mut l = lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(queue) = l.get_mut(&key) {
+            // An earlier event of this key is being handled: wait behind it.
+            queue.push_back((delivery, permit));
+            return;
+        }
+        l.insert(key.clone(), VecDeque::new());
+    }
+    let lanes = lanes.clone();
+    tasks.spawn(async move {
+        let mut current = Some((delivery, permit));
+        while let Some((delivery, permit)) = current.take() {
+            handle_delivery(&shared, &handlers, delivery).await;
+            drop(permit);
+            let stopped_queue = {
+                let mut l = lanes.lock().unwrap_or_else(|p| p.into_inner());
+                let mut queue = l.remove(&key).unwrap_or_default();
+                if shared.stopping() {
+                    Some(queue)
+                } else {
+                    current = queue.pop_front();
+                    if current.is_some() {
+                        l.insert(key.clone(), queue);
+                    }
+                    None
+                }
+            };
+            // Stopping: what waits behind the current event goes back to the broker.
+            for (delivery, _permit) in stopped_queue.into_iter().flatten() {
+                settle(&shared, delivery, Disposition::Redeliver(Duration::ZERO)).await;
+            }
+        }
+    });
+}
+
+async fn handle_delivery(shared: &Shared, handlers: &[&'static HandlerDescriptor], delivery: Delivery) {
+    let envelope = &delivery.envelope;
+    let matching: Vec<_> = handlers.iter().filter(|h| h.event.ce_type == envelope.ty).collect();
+    let disposition = if matching.is_empty() {
+        unhandled(shared, handlers, envelope)
+    } else {
+        let mut outcome = Disposition::Done;
+        for h in matching {
+            outcome = handle_with(shared, h, envelope, delivery.attempt).await;
+            if !matches!(outcome, Disposition::Done) {
+                break;
+            }
+        }
+        outcome
+    };
+    settle(shared, delivery, disposition).await;
+}
+
+/// An event type no handler of the group takes: an unknown version of a handled event is a
+/// permanent failure; any other type is simply not this group's business.
+fn unhandled(shared: &Shared, handlers: &[&'static HandlerDescriptor], envelope: &Envelope) -> Disposition {
+    let group = handlers.first().map_or("", |h| h.group);
+    if let Some((name, version)) = envelope.name_and_version() {
+        let known: Vec<_> = handlers.iter().filter(|h| h.event.name == name).map(|h| h.event.version).collect();
+        if !known.is_empty() {
+            let error = format!(
+                "version {version} of `{name}` is unknown to group `{group}`, which handles version(s) {known:?}: deploy a handler for it, then replay"
+            );
+            shared
+                .journal
+                .record(envelope, EntryKind::DeadLettered { handler: group.to_owned(), error: error.clone() });
+            bump(&shared.stats.dead_lettered);
+            return Disposition::DeadLetter(DeadLetterReason { handler: None, error, permanent: true }, 1);
+        }
+    }
+    shared.journal.record(envelope, EntryKind::Unhandled { group: group.to_owned() });
+    bump(&shared.stats.unhandled);
+    Disposition::Done
+}
+
+async fn settle(shared: &Shared, mut delivery: Delivery, disposition: Disposition) {
+    let (id, ty) = (delivery.envelope.id, delivery.envelope.ty.clone());
+    let result = match disposition {
+        Disposition::Done => delivery.ack().await,
+        Disposition::Redeliver(delay) => delivery.nack(delay).await,
+        Disposition::DeadLetter(reason, attempts) => {
+            delivery.attempt = attempts;
+            delivery.dead_letter(reason).await
+        }
+    };
+    if let Err(e) = result {
+        // Not settled means delivered again later; the guard absorbs the repeat.
+        tracing::warn!(event_id = %id, r#type = %ty, error = %e, "could not settle a delivery; it will be delivered again");
+    }
+    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+}
+
+fn guard_key(h: &HandlerDescriptor, envelope: &Envelope) -> Result<Option<GuardKey>, HandlerError> {
+    let key = match h.idempotency {
+        Idempotency::Off => return Ok(None),
+        Idempotency::EventId => envelope.id.to_string(),
+        Idempotency::Key(f) => f(envelope).map_err(HandlerError::permanent)?,
+    };
+    Ok(Some(GuardKey { group: h.group.to_owned(), handler: h.name.to_owned(), key }))
+}
+
+/// Runs one handler on one event: guard, saga bookkeeping, attempts, publishing what it
+/// emitted, and completing the guard.
+async fn handle_with(shared: &Shared, h: &'static HandlerDescriptor, envelope: &Envelope, first: u32) -> Disposition {
+    let qualified = h.qualified_name();
+    let name = qualified.as_str();
+    let journal = |kind| shared.journal.record(envelope, kind);
+    let guard = match guard_key(h, envelope) {
+        Ok(g) => g,
+        Err(e) => {
+            journal(EntryKind::DeadLettered { handler: name.to_owned(), error: e.to_string() });
+            bump(&shared.stats.dead_lettered);
+            return Disposition::DeadLetter(reason(name, &e), first);
+        }
+    };
+    let inbox = &*shared.inbox;
+    if let Some(key) = &guard {
+        match inbox.claim(key).await {
+            Ok(Claim::Acquired) => {}
+            Ok(Claim::Done) => {
+                journal(EntryKind::Duplicate { handler: name.to_owned() });
+                bump(&shared.stats.duplicates);
+                return Disposition::Done;
+            }
+            Ok(Claim::Busy) => return Disposition::Redeliver(BUSY_DELAY),
+            Err(e) => {
+                tracing::warn!(handler = %name, error = %e, "inbox unavailable; the event will be delivered again");
+                return Disposition::Redeliver(shared.config.retry.backoff(2));
+            }
+        }
+    }
+    let release = || async {
+        if let Some(key) = &guard {
+            if let Err(e) = inbox.release(key).await {
+                tracing::warn!(handler = %name, error = %e, "could not release an idempotency guard");
+            }
+        }
+    };
+    let complete = || async {
+        if let Some(key) = &guard {
+            if let Err(e) = inbox.complete(key).await {
+                tracing::warn!(handler = %name, error = %e, "could not record a handled event; a redelivery would run it again");
+            }
+        }
+    };
+    let correlation = &envelope.correlation_id;
+
+    if let Some(step) = h.compensates.map(|f| f()) {
+        match inbox.compensation_started(step.group, step.name, correlation).await {
+            Ok(StepState::Done) => {}
+            Ok(StepState::NotRun) => {
+                journal(EntryKind::Skipped {
+                    handler: name.to_owned(),
+                    reason: format!(
+                        "`{}` had not run for this correlation id, and now will not",
+                        step.qualified_name()
+                    ),
+                });
+                bump(&shared.stats.skipped);
+                complete().await;
+                return Disposition::Done;
+            }
+            Ok(StepState::Running) => {
+                release().await;
+                return Disposition::Redeliver(BUSY_DELAY);
+            }
+            Err(e) => {
+                tracing::warn!(handler = %name, error = %e, "inbox unavailable; the event will be delivered again");
+                release().await;
+                return Disposition::Redeliver(shared.config.retry.backoff(2));
+            }
+        }
+    }
+    let is_step = shared.steps.contains(&(h.group, h.name));
+    if is_step {
+        match inbox.step_started(h.group, h.name, correlation).await {
+            Ok(true) => {}
+            Ok(false) => {
+                journal(EntryKind::Skipped { handler: name.to_owned(), reason: "compensated before it ran".into() });
+                bump(&shared.stats.skipped);
+                complete().await;
+                return Disposition::Done;
+            }
+            Err(e) => {
+                tracing::warn!(handler = %name, error = %e, "inbox unavailable; the event will be delivered again");
+                release().await;
+                return Disposition::Redeliver(shared.config.retry.backoff(2));
+            }
+        }
+    }
+    let step_finished = |succeeded| async move {
+        if is_step {
+            if let Err(e) = inbox.step_finished(h.group, h.name, correlation, succeeded).await {
+                tracing::warn!(handler = %name, error = %e, "could not record a saga step");
+            }
+        }
+    };
+
+    let _limit = match shared.limits.get(&(h.group, h.name)) {
+        Some(s) => s.clone().acquire_owned().await.ok(),
+        None => None,
+    };
+    let policy = RetryPolicy {
+        max_attempts: h.max_attempts.unwrap_or(shared.config.retry.max_attempts),
+        ..shared.config.retry.clone()
+    };
+    let mut attempt = first.max(1);
+    loop {
+        let handling = Handling::new(envelope.clone(), h.group, h.name, attempt);
+        let span = tracing::info_span!("handle", handler = %name, event_id = %envelope.id, r#type = %envelope.ty,
+            correlation_id = %envelope.correlation_id, causation_id = ?envelope.causation_id, attempt);
+        let result = AssertUnwindSafe((h.invoke)(&handling, &shared.states)).catch_unwind().instrument(span).await;
+        let error = match result {
+            Ok(Ok(())) => {
+                let emitted = handling.take_emitted();
+                let failures: Vec<_> = (h.emits)().into_iter().filter(|e| e.failure).map(|e| e.info.ce_type).collect();
+                let failed_step = emitted.iter().any(|e| failures.contains(&e.info.ce_type));
+                let envelopes: Vec<_> = emitted
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| Envelope::derived(envelope, &shared.source, h.group, h.name, i, p))
+                    .collect();
+                if let Err(e) = publish_all(shared, &envelopes, &policy).await {
+                    // The handler's own effects happened; its events did not get out. Deliver the
+                    // event again so they do (the guard is released for that).
+                    tracing::error!(handler = %name, error = %e, "could not publish emitted events; the event will be handled again");
+                    release().await;
+                    return Disposition::Redeliver(policy.backoff(attempt + 1));
+                }
+                for e in &envelopes {
+                    shared.journal.record(e, EntryKind::Published { by: Some(name.to_owned()) });
+                }
+                step_finished(!failed_step).await;
+                complete().await;
+                journal(EntryKind::Handled { handler: name.to_owned(), attempt });
+                bump(&shared.stats.handled);
+                return Disposition::Done;
+            }
+            Ok(Err(e)) => e,
+            Err(panic) => HandlerError::transient(Panicked(panic_message(&*panic))),
+        };
+        let retry = !error.is_permanent() && policy.may_retry(attempt);
+        if retry && shared.stopping() {
+            release().await;
+            step_finished(false).await;
+            return Disposition::Redeliver(Duration::ZERO);
+        }
+        if !retry {
+            tracing::error!(handler = %name, event_id = %envelope.id, attempt, error = %error, "dead-lettered");
+            journal(EntryKind::DeadLettered { handler: name.to_owned(), error: error.to_string() });
+            bump(&shared.stats.dead_lettered);
+            release().await;
+            step_finished(false).await;
+            return Disposition::DeadLetter(reason(name, &error), attempt);
+        }
+        tracing::warn!(handler = %name, event_id = %envelope.id, attempt, error = %error, "attempt failed; retrying");
+        journal(EntryKind::Retrying { handler: name.to_owned(), attempt, error: error.to_string() });
+        bump(&shared.stats.retried);
+        let mut stop = shared.stop.clone();
+        if tokio::time::timeout(policy.backoff(attempt + 1), stop.wait_for(|s| *s)).await.is_ok() {
+            release().await;
+            step_finished(false).await;
+            return Disposition::Redeliver(Duration::ZERO);
+        }
+        attempt += 1;
+    }
+}
+
+async fn publish_all(
+    shared: &Shared,
+    envelopes: &[Envelope],
+    policy: &RetryPolicy,
+) -> Result<(), eda_core::TransportError> {
+    if envelopes.is_empty() {
+        return Ok(());
+    }
+    let mut attempt = 1;
+    loop {
+        match shared.transport.publish_all(envelopes).await {
+            Ok(()) => return Ok(()),
+            Err(e) if policy.may_retry(attempt) && !shared.stopping() => {
+                tracing::warn!(error = %e, attempt, "publish failed; retrying");
+                attempt += 1;
+                tokio::time::sleep(policy.backoff(attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn reason(handler: &str, error: &HandlerError) -> DeadLetterReason {
+    DeadLetterReason { handler: Some(handler.to_owned()), error: error.to_string(), permanent: error.is_permanent() }
+}
+
+/// A handler panicked; treated as a transient error.
+#[derive(Debug, thiserror::Error)]
+#[error("the handler panicked: {0}")]
+struct Panicked(String);
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}

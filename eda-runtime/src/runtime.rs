@@ -1,0 +1,428 @@
+//! The runtime: wires the registry's handlers to a transport and runs them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eda_core::{
+    CorrelationId, Envelope, Event, HandlerDescriptor, Inbox, PendingEvent, Registry, States, Topic, Transport,
+};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::consumer::{self, ConsumerConfig, Shared, StatsSnapshot};
+use crate::inbox::MemoryInbox;
+use crate::journal::{EntryKind, Journal, JournalEntry};
+use crate::retry::RetryPolicy;
+use crate::{Error, Result};
+
+/// Configures and starts a [`Runtime`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> eda::Result<()> {
+/// use eda::{event, handler, Ctx, Runtime};
+/// use serde::{Deserialize, Serialize};
+/// use std::sync::atomic::{AtomicU32, Ordering};
+///
+/// #[event(topic = "greetings")]
+/// #[derive(Serialize, Deserialize)]
+/// struct Greeted { name: String }
+///
+/// #[derive(Default)]
+/// struct Counter(AtomicU32);
+///
+/// #[handler(group = "counter")]
+/// async fn count(_ev: Greeted, cx: Ctx<'_, Counter>) {
+///     cx.0.fetch_add(1, Ordering::SeqCst);
+/// }
+///
+/// let runtime = Runtime::builder(eda::Registry::builder().handler::<count>().publishes::<Greeted>().build())
+///     .state(Counter::default())
+///     .transport_url("memory://")
+///     .start()
+///     .await?;
+/// runtime.publisher().publish(&Greeted { name: "Ada".into() }).await?;
+/// runtime.settled(std::time::Duration::from_secs(5)).await?;
+/// assert_eq!(runtime.state::<Counter>().map(|c| c.0.load(Ordering::SeqCst)), Some(1));
+/// runtime.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct RuntimeBuilder {
+    registry: Registry,
+    groups: Option<Vec<String>>,
+    states: States,
+    transport: Option<Arc<dyn Transport>>,
+    url: Option<String>,
+    inbox: Option<Arc<dyn Inbox>>,
+    source: String,
+    config: ConsumerConfig,
+    journal_capacity: usize,
+}
+
+impl RuntimeBuilder {
+    fn new(registry: Registry) -> Self {
+        Self {
+            registry,
+            groups: None,
+            states: States::default(),
+            transport: None,
+            url: None,
+            inbox: None,
+            source: default_source(),
+            config: ConsumerConfig {
+                max_in_flight: 64,
+                retry: RetryPolicy::default(),
+                shutdown_timeout: Duration::from_secs(30),
+            },
+            journal_capacity: 100_000,
+        }
+    }
+
+    /// Adds shared state: handlers taking `Ctx<'_, S>` receive it.
+    pub fn state<S: Send + Sync + 'static>(mut self, state: S) -> Self {
+        self.states.insert(state);
+        self
+    }
+
+    /// Adds shared state the application also keeps a handle to.
+    pub fn shared_state<S: Send + Sync + 'static>(mut self, state: Arc<S>) -> Self {
+        self.states.insert_arc(state);
+        self
+    }
+
+    /// The transport to use.
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// The transport to use, shared with other code.
+    pub fn shared_transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// The transport to connect at start, by URL (see [`crate::transport::connect`]).
+    pub fn transport_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// The inbox behind idempotency guards (in memory unless given).
+    pub fn inbox(mut self, inbox: impl Inbox) -> Self {
+        self.inbox = Some(Arc::new(inbox));
+        self
+    }
+
+    /// Runs only these consumer groups (a service runs its own; by default all run).
+    pub fn groups<I: IntoIterator<Item = S>, S: Into<String>>(mut self, groups: I) -> Self {
+        self.groups = Some(groups.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Declares that application code publishes `E`.
+    pub fn publishes<E: Event>(mut self) -> Self {
+        self.registry.add_published(E::INFO);
+        self
+    }
+
+    /// The CloudEvents `source` of published events (the binary's name by default).
+    pub fn service(mut self, name: impl Into<String>) -> Self {
+        self.source = name.into();
+        self
+    }
+
+    /// How many deliveries one subscription holds at once (64 by default).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n.max(1);
+        self
+    }
+
+    /// How transient failures are retried.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// How long shutdown waits for running handlers (30 s by default).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How many entries the journal keeps (100 000 by default; 0 turns it off).
+    pub fn journal_capacity(mut self, entries: usize) -> Self {
+        self.journal_capacity = entries;
+        self
+    }
+
+    /// Checks the registry and the configuration, connects, and starts every consumer.
+    pub async fn start(self) -> Result<Runtime> {
+        let RuntimeBuilder { mut registry, groups, states, transport, url, inbox, source, config, journal_capacity } =
+            self;
+        // The choreography is checked whole, before narrowing to this service's groups.
+        let report = registry.validate();
+        for w in &report.warnings {
+            tracing::warn!("{w}");
+        }
+        if !report.is_ok() {
+            return Err(Error::InvalidRegistry(report));
+        }
+        if let Some(groups) = &groups {
+            let known: HashSet<_> = registry.handlers().iter().map(|h| h.group).collect();
+            if let Some(unknown) = groups.iter().find(|g| !known.contains(g.as_str())) {
+                let mut known: Vec<_> = known.into_iter().collect();
+                known.sort_unstable();
+                return Err(Error::Config(format!(
+                    "no handler belongs to group `{unknown}`; the groups linked into this binary are {known:?}"
+                )));
+            }
+            registry.retain_groups(&groups.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        check_states(&registry, &states)?;
+        let transport =
+            match (transport, url) {
+                (Some(t), _) => t,
+                (None, Some(url)) => crate::transport::connect(&url).await?,
+                (None, None) => return Err(Error::Config(
+                    "no transport: call `.transport_url(\"memory://\")` (or `.transport(…)`) on the runtime builder"
+                        .into(),
+                )),
+            };
+        let steps =
+            registry.handlers().iter().filter_map(|h| h.compensates.map(|s| s())).map(|s| (s.group, s.name)).collect();
+        let limits = registry
+            .handlers()
+            .iter()
+            .filter_map(|h| h.concurrency.map(|n| ((h.group, h.name), Arc::new(Semaphore::new(n)))))
+            .collect();
+        let (stop_tx, stop) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            transport,
+            inbox: inbox.unwrap_or_else(|| Arc::new(MemoryInbox::default())),
+            states,
+            source,
+            config,
+            journal: Journal::new(journal_capacity),
+            stats: Default::default(),
+            in_flight: Default::default(),
+            steps,
+            limits,
+            stop,
+        });
+        let mut by_subscription: BTreeMap<(&'static str, &'static str), Vec<&'static HandlerDescriptor>> =
+            BTreeMap::new();
+        for h in registry.handlers() {
+            by_subscription.entry((h.group, h.topic())).or_default().push(*h);
+        }
+        let mut tasks = JoinSet::new();
+        for ((group, topic), handlers) in &by_subscription {
+            tracing::debug!(group, topic, handlers = handlers.len(), "starting consumer");
+            tasks.spawn(consumer::consume(shared.clone(), group, topic, handlers.clone().into()));
+        }
+        let subscriptions = by_subscription.into_keys().collect();
+        Ok(Runtime { shared, registry, subscriptions, stop: stop_tx, tasks: Mutex::new(Some(tasks)) })
+    }
+
+    /// Starts, runs until ctrl-c (or SIGTERM on Unix), then shuts down gracefully.
+    pub async fn run_until_ctrl_c(self) -> Result<()> {
+        let runtime = self.start().await?;
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        runtime.shutdown().await;
+        Ok(())
+    }
+}
+
+fn default_source() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "eda".to_owned())
+}
+
+fn check_states(registry: &Registry, states: &States) -> Result<()> {
+    let mut missing: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for h in registry.handlers() {
+        if !states.contains((h.state.type_id)()) {
+            missing.entry((h.state.type_name)()).or_default().push(h.qualified_name());
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<_> = missing
+        .iter()
+        .map(|(ty, hs)| {
+            format!("  `{ty}`, needed by {}: add `.state(…)` with one to the runtime builder", hs.join(", "))
+        })
+        .collect();
+    Err(Error::Config(format!("handlers need state the runtime was not given:\n{}", lines.join("\n"))))
+}
+
+async fn wait_for_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map_err(Error::Signal),
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.map_err(Error::Signal)
+    }
+}
+
+/// A running set of consumers, with a [`Publisher`] for application code.
+pub struct Runtime {
+    shared: Arc<Shared>,
+    registry: Registry,
+    subscriptions: Vec<(&'static str, &'static str)>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Option<JoinSet<()>>>,
+}
+
+impl Runtime {
+    /// A builder over every `#[handler]` linked into this binary.
+    pub fn from_registry() -> RuntimeBuilder {
+        RuntimeBuilder::new(Registry::from_inventory())
+    }
+
+    /// A builder over the given registry.
+    pub fn builder(registry: Registry) -> RuntimeBuilder {
+        RuntimeBuilder::new(registry)
+    }
+
+    /// Publishes events on behalf of application code.
+    pub fn publisher(&self) -> Publisher {
+        Publisher { shared: self.shared.clone() }
+    }
+
+    /// The registry this runtime runs (narrowed to its groups).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.shared.transport
+    }
+
+    /// Shared state of type `S`, as given to the builder.
+    pub fn state<S: Send + Sync + 'static>(&self) -> Option<&S> {
+        self.shared.states.get::<S>().ok()
+    }
+
+    /// Everything this process saw of one business transaction, in order.
+    pub fn trace(&self, correlation: &CorrelationId) -> Vec<JournalEntry> {
+        self.shared.journal.trace(correlation)
+    }
+
+    /// Every journal entry still held, in order.
+    pub fn journal(&self) -> Vec<JournalEntry> {
+        self.shared.journal.entries()
+    }
+
+    /// What the consumers did since start.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Lag of every subscription of this runtime: `(group, topic) → events not yet settled`.
+    pub async fn lag(&self) -> Result<BTreeMap<(String, String), u64>> {
+        let mut out = BTreeMap::new();
+        for (group, topic) in &self.subscriptions {
+            let lag = self.shared.transport.lag(group, topic).await?.iter().map(|p| p.lag).sum();
+            out.insert(((*group).to_owned(), (*topic).to_owned()), lag);
+        }
+        Ok(out)
+    }
+
+    /// Waits until every subscription has caught up and nothing is being handled, which in a
+    /// closed system means every saga has settled.
+    pub async fn settled(&self, timeout: Duration) -> Result<()> {
+        let started = tokio::time::Instant::now();
+        let mut quiet_rounds = 0;
+        loop {
+            let lag = self.lag().await?;
+            let in_flight = self.shared.in_flight.load(Ordering::SeqCst);
+            let behind: Vec<_> = lag.iter().filter(|(_, l)| **l > 0).collect();
+            if behind.is_empty() && in_flight == 0 {
+                // Twice in a row: an event emitted between two reads is caught by the second.
+                quiet_rounds += 1;
+                if quiet_rounds == 2 {
+                    return Ok(());
+                }
+            } else {
+                quiet_rounds = 0;
+            }
+            if started.elapsed() >= timeout {
+                let detail = format!("{in_flight} in flight; behind: {behind:?}");
+                return Err(Error::NotSettled { waited: timeout, detail });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops intake, lets running handlers finish (up to the shutdown timeout), settles their
+    /// deliveries and returns. Events not handled stay with the transport.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut tasks) = tasks {
+            while tasks.join_next().await.is_some() {}
+        }
+        if let Err(e) = self.shared.transport.close().await {
+            tracing::warn!(error = %e, "closing the transport failed");
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Publishes events from application code (outside handlers).
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+impl Publisher {
+    /// Publishes an event that starts a new business transaction; returns its envelope.
+    pub async fn publish<E: Event>(&self, event: &E) -> Result<Envelope> {
+        self.send(event, None).await
+    }
+
+    /// Publishes an event on its typed topic binding (an event cannot be published on a topic
+    /// it is not bound to: this does not compile with another event type's topic).
+    pub async fn publish_to<E: Event>(&self, topic: Topic<E>, event: &E) -> Result<Envelope> {
+        debug_assert_eq!(topic.name(), E::INFO.topic);
+        self.send(event, None).await
+    }
+
+    /// Publishes an event as part of an existing business transaction.
+    pub async fn publish_correlated<E: Event>(&self, event: &E, correlation: CorrelationId) -> Result<Envelope> {
+        self.send(event, Some(correlation)).await
+    }
+
+    /// Publishes an envelope as it is: a producer retry or a replay. Consumers' idempotency
+    /// guards recognise it by its id.
+    pub async fn republish(&self, envelope: &Envelope) -> Result<()> {
+        self.shared.transport.publish(envelope).await?;
+        self.shared.journal.record(envelope, EntryKind::Published { by: None });
+        Ok(())
+    }
+
+    async fn send<E: Event>(&self, event: &E, correlation: Option<CorrelationId>) -> Result<Envelope> {
+        let envelope = Envelope::root(&self.shared.source, PendingEvent::new(event)?, correlation);
+        self.republish(&envelope).await?;
+        Ok(envelope)
+    }
+}

@@ -1,0 +1,346 @@
+//! The in-process transport: a log per topic with consumer groups, in memory.
+//!
+//! It behaves as the durable transports do, minus durability: every group gets every event of
+//! a topic from the beginning of the log; the subscriptions of one group share the events; an
+//! event is handed to a group only when no earlier event of its key is still unsettled there,
+//! so per-key order holds across competing consumers and redeliveries; a delivery that is
+//! nacked, or dropped unsettled, is delivered again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eda_core::{
+    Acker, DeadLetter, Deliveries, Delivery, Envelope, PartitionLag, Subscription, Transport, TransportError,
+};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How many events a group may pass over because their key is held by an unsettled earlier
+/// event, before it stops reading further ahead (bounds the memory one poison key can pin).
+const MAX_HELD_BACK: usize = 10_000;
+
+/// The in-process transport. Clones share the same log.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use eda::transport::MemoryTransport;
+/// use eda::Transport;
+///
+/// let bus = MemoryTransport::new();
+/// assert!(bus.lag("billing", "orders").await?.iter().all(|p| p.lag == 0));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct MemoryTransport {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    topics: Mutex<HashMap<String, TopicLog>>,
+    dead: Mutex<Vec<(String, DeadLetter)>>,
+}
+
+#[derive(Default)]
+struct TopicLog {
+    events: Vec<Arc<Envelope>>,
+    groups: HashMap<String, GroupCursor>,
+    notify: Arc<Notify>,
+}
+
+/// Where one consumer group stands on one topic.
+#[derive(Default)]
+struct GroupCursor {
+    /// Every offset below this one is settled.
+    committed: u64,
+    /// Offsets at or above `committed` that are settled.
+    settled_ahead: BTreeSet<u64>,
+    /// The next offset never looked at.
+    next: u64,
+    /// Offsets passed over because their key was held.
+    held_back: BTreeSet<u64>,
+    /// Nacked offsets: when they may go again, and their next attempt number.
+    retry: BTreeMap<u64, (Instant, u32)>,
+    /// Offsets handed out and not yet settled, with their attempt number.
+    in_flight: HashMap<u64, u32>,
+    /// The offset that holds each key (in flight or waiting for redelivery).
+    key_holder: HashMap<String, u64>,
+}
+
+impl GroupCursor {
+    fn may_go(&self, offset: u64, key: Option<&String>) -> bool {
+        key.is_none_or(|k| self.key_holder.get(k).is_none_or(|h| *h == offset))
+    }
+
+    /// The next deliverable offset and its attempt number, or when to look again.
+    fn take_next(&mut self, events: &[Arc<Envelope>], now: Instant) -> Result<(u64, u32), Option<Instant>> {
+        let ready = self.retry.iter().find(|(_, (at, _))| *at <= now).map(|(o, (_, attempt))| (*o, *attempt));
+        if let Some((offset, attempt)) = ready {
+            self.retry.remove(&offset);
+            return Ok(self.hand_out(offset, attempt, events));
+        }
+        let free = self.held_back.iter().copied().find(|o| self.may_go(*o, key_of(events, *o)));
+        if let Some(offset) = free {
+            self.held_back.remove(&offset);
+            return Ok(self.hand_out(offset, 1, events));
+        }
+        while (self.next as usize) < events.len() && self.held_back.len() < MAX_HELD_BACK {
+            let offset = self.next;
+            self.next += 1;
+            if self.may_go(offset, key_of(events, offset)) {
+                return Ok(self.hand_out(offset, 1, events));
+            }
+            self.held_back.insert(offset);
+        }
+        Err(self.retry.values().map(|(at, _)| *at).min())
+    }
+
+    fn hand_out(&mut self, offset: u64, attempt: u32, events: &[Arc<Envelope>]) -> (u64, u32) {
+        if let Some(k) = key_of(events, offset) {
+            self.key_holder.insert(k.clone(), offset);
+        }
+        self.in_flight.insert(offset, attempt);
+        (offset, attempt)
+    }
+
+    fn settle(&mut self, offset: u64, events: &[Arc<Envelope>]) {
+        self.in_flight.remove(&offset);
+        if let Some(k) = key_of(events, offset) {
+            if self.key_holder.get(k) == Some(&offset) {
+                self.key_holder.remove(k);
+            }
+        }
+        self.settled_ahead.insert(offset);
+        while self.settled_ahead.remove(&self.committed) {
+            self.committed += 1;
+        }
+    }
+
+    fn requeue(&mut self, offset: u64, at: Instant) {
+        if let Some(attempt) = self.in_flight.remove(&offset) {
+            self.retry.insert(offset, (at, attempt.saturating_add(1)));
+        }
+    }
+}
+
+fn key_of(events: &[Arc<Envelope>], offset: u64) -> Option<&String> {
+    events.get(offset as usize).and_then(|e| e.subject.as_ref())
+}
+
+impl MemoryTransport {
+    /// An empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn topics(&self) -> MutexGuard<'_, HashMap<String, TopicLog>> {
+        // No code path panics while holding the lock; recover the data if one ever does.
+        self.inner.topics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The dead letters of `group`, oldest first.
+    pub fn dead_letters(&self, group: &str) -> Vec<DeadLetter> {
+        let dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
+        dead.iter().filter(|(g, _)| g == group).map(|(_, d)| d.clone()).collect()
+    }
+
+    /// How many events `topic` holds.
+    pub fn len(&self, topic: &str) -> usize {
+        self.topics().get(topic).map_or(0, |t| t.events.len())
+    }
+
+    /// True when no event was ever published on `topic`.
+    pub fn is_empty(&self, topic: &str) -> bool {
+        self.len(topic) == 0
+    }
+
+    fn settle(&self, topic: &str, group: &str, offset: u64, how: Settle) {
+        let mut topics = self.topics();
+        let Some(log) = topics.get_mut(topic) else { return };
+        let TopicLog { events, groups, notify } = log;
+        let Some(cursor) = groups.get_mut(group) else { return };
+        match how {
+            Settle::Done => cursor.settle(offset, events),
+            Settle::Again(delay) => cursor.requeue(offset, Instant::now() + delay),
+        }
+        notify.notify_waiters();
+    }
+
+    /// Waits for the next deliverable event of `group` on `topic`.
+    async fn next_delivery(&self, topic: &str, group: &str) -> Delivery {
+        loop {
+            let (notify, wake_at) = {
+                let mut topics = self.topics();
+                let log = topics.entry(topic.to_owned()).or_default();
+                let notify = log.notify.clone();
+                let cursor = log.groups.entry(group.to_owned()).or_default();
+                match cursor.take_next(&log.events, Instant::now()) {
+                    Ok((offset, attempt)) => {
+                        let envelope = (*log.events[offset as usize]).clone();
+                        let acker = MemoryAcker {
+                            transport: self.clone(),
+                            topic: topic.to_owned(),
+                            group: group.to_owned(),
+                            offset,
+                            settled: false,
+                        };
+                        return Delivery::new(envelope, attempt, 0, Box::new(acker));
+                    }
+                    Err(wake_at) => (notify, wake_at),
+                }
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // Register before re-checking, so a publish between the check and the wait is seen.
+            notified.as_mut().enable();
+            if self.has_work(topic, group) {
+                continue;
+            }
+            match wake_at {
+                Some(at) => {
+                    let _ = tokio::time::timeout_at(at, notified).await;
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    fn has_work(&self, topic: &str, group: &str) -> bool {
+        let topics = self.topics();
+        let Some(log) = topics.get(topic) else { return false };
+        let Some(c) = log.groups.get(group) else { return false };
+        let now = Instant::now();
+        (c.next as usize) < log.events.len() && c.held_back.len() < MAX_HELD_BACK
+            || c.retry.values().any(|(at, _)| *at <= now)
+            || c.held_back.iter().any(|o| c.may_go(*o, key_of(&log.events, *o)))
+    }
+}
+
+enum Settle {
+    Done,
+    Again(Duration),
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(&self, envelope: &Envelope) -> Result<(), TransportError> {
+        let mut topics = self.topics();
+        let log = topics.entry(envelope.topic.clone()).or_default();
+        log.events.push(Arc::new(envelope.clone()));
+        log.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
+        let (topic, group) = (subscription.topic.clone(), subscription.group.clone());
+        self.topics().entry(topic.clone()).or_default().groups.entry(group.clone()).or_default();
+        let transport = self.clone();
+        let stream = futures_util::stream::unfold((), move |()| {
+            let (transport, topic, group) = (transport.clone(), topic.clone(), group.clone());
+            async move { Some((Ok(transport.next_delivery(&topic, &group).await), ())) }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
+        let topics = self.topics();
+        let lag = topics.get(topic).map_or(0, |log| {
+            let committed = log.groups.get(group).map_or(0, |c| c.committed);
+            log.events.len() as u64 - committed
+        });
+        Ok(vec![PartitionLag { partition: 0, lag }])
+    }
+}
+
+struct MemoryAcker {
+    transport: MemoryTransport,
+    topic: String,
+    group: String,
+    offset: u64,
+    settled: bool,
+}
+
+impl MemoryAcker {
+    fn finish(&mut self, how: Settle) {
+        self.settled = true;
+        self.transport.settle(&self.topic, &self.group, self.offset, how);
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), TransportError> {
+        self.finish(Settle::Done);
+        Ok(())
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
+        self.finish(Settle::Again(delay));
+        Ok(())
+    }
+
+    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<(), TransportError> {
+        self.transport.inner.dead.lock().unwrap_or_else(|p| p.into_inner()).push((self.group.clone(), letter));
+        self.finish(Settle::Done);
+        Ok(())
+    }
+}
+
+impl Drop for MemoryAcker {
+    fn drop(&mut self) {
+        // A consumer that dies with a delivery in hand loses nothing: it goes again.
+        if !self.settled {
+            self.transport.settle(&self.topic, &self.group, self.offset, Settle::Again(Duration::ZERO));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eda_core::{EventInfo, PendingEvent};
+    use futures_util::StreamExt;
+
+    fn envelope(key: &str, n: u32) -> Envelope {
+        let info = EventInfo { name: "T", version: 1, ce_type: "T.v1", topic: "t" };
+        let data = n.to_string().into_bytes();
+        Envelope::root("test", PendingEvent { info, key: Some(key.into()), data }, None)
+    }
+
+    fn sub(group: &str) -> Subscription {
+        Subscription { group: group.into(), topic: "t".into(), prefetch: 16 }
+    }
+
+    #[tokio::test]
+    async fn same_key_waits_for_the_unsettled_event_and_other_keys_do_not() {
+        let bus = MemoryTransport::new();
+        for (k, n) in [("a", 1), ("a", 2), ("b", 3)] {
+            bus.publish(&envelope(k, n)).await.expect("publish");
+        }
+        let mut s = bus.subscribe(&sub("g")).await.expect("subscribe");
+        let first = s.next().await.expect("item").expect("delivery");
+        let second = s.next().await.expect("item").expect("delivery");
+        assert_eq!(first.envelope.data, b"1");
+        assert_eq!(second.envelope.data, b"3", "a:2 is held behind a:1");
+        first.nack(Duration::ZERO).await.expect("nack");
+        let again = s.next().await.expect("item").expect("delivery");
+        assert_eq!((again.envelope.data.as_slice(), again.attempt), (b"1".as_slice(), 2));
+        drop(again); // dropped unsettled: goes again
+        let third = s.next().await.expect("item").expect("delivery");
+        assert_eq!((third.envelope.data.as_slice(), third.attempt), (b"1".as_slice(), 3));
+        third.ack().await.expect("ack");
+        let fourth = s.next().await.expect("item").expect("delivery");
+        assert_eq!(fourth.envelope.data, b"2");
+        assert_eq!(bus.lag("g", "t").await.expect("lag")[0].lag, 2);
+        fourth.ack().await.expect("ack");
+        second.ack().await.expect("ack");
+        assert_eq!(bus.lag("g", "t").await.expect("lag")[0].lag, 0);
+        assert_eq!(bus.lag("other", "t").await.expect("lag")[0].lag, 3);
+    }
+}
