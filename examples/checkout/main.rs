@@ -1,0 +1,43 @@
+//! Runs the checkout saga: three orders (fulfilled, stock short, card declined) and one
+//! duplicate delivery, then prints each saga's trace.
+//!
+//! `checkout` runs it on `EDA_URL` (default `memory://`); `checkout graph` prints the
+//! choreography as Mermaid.
+
+use checkout::{render_trace, OrderStatus, Orders};
+
+#[tokio::main]
+async fn main() -> eda::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    if std::env::args().nth(1).as_deref() == Some("graph") {
+        print!("{}", eda::Registry::from_inventory().mermaid());
+        return Ok(());
+    }
+    let url = std::env::var("EDA_URL").unwrap_or_else(|_| "memory://".into());
+    println!("checkout saga on {url}\n");
+    let run = checkout::run(&url).await?;
+    let orders = run.runtime.state::<Orders>();
+    for (scenario, envelope) in &run.orders {
+        let o = &scenario.order;
+        let items: Vec<_> = o.items.iter().map(|i| format!("{} × {}", i.quantity, i.sku)).collect();
+        let status = match orders.and_then(|s| s.status(&o.order_id)) {
+            Some(OrderStatus::Fulfilled) => "FULFILLED".to_owned(),
+            Some(OrderStatus::Cancelled(why)) => format!("CANCELLED ({why})"),
+            Some(OrderStatus::Confirmed) => "still running".to_owned(),
+            None => "unknown".to_owned(),
+        };
+        println!("{} — {} buys {} with {} [{}]", o.order_id, o.user, items.join(", "), o.payment_token, scenario.label);
+        println!("  correlation id {}", envelope.correlation_id);
+        print!("{}", render_trace(&run.runtime.trace(&envelope.correlation_id)));
+        println!("  => {status}\n");
+    }
+    let stats = run.runtime.stats();
+    println!(
+        "handled {}, duplicates absorbed {}, retried {}, dead-lettered {}",
+        stats.handled, stats.duplicates, stats.retried, stats.dead_lettered
+    );
+    run.runtime.shutdown().await;
+    Ok(())
+}
