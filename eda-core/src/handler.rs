@@ -299,3 +299,66 @@ impl<S> std::ops::Deref for Ctx<'_, S> {
         self.state
     }
 }
+
+/// Not public API: the shape of one `#[handler]` function, implemented by the macro on the
+/// type it generates beside the function. The bounds on the associated types are where a wrong
+/// argument or return type is reported, once, on the user's tokens.
+#[doc(hidden)]
+pub trait HandlerFn: 'static {
+    /// The event the function takes.
+    type Event: Event;
+    /// The state its context carries.
+    type State: Send + Sync + 'static;
+    /// What it returns.
+    type Output: crate::event::HandlerReturn;
+    /// Calls the function.
+    fn call<'a>(event: Self::Event, cx: Ctx<'a, Self::State>) -> BoxFuture<'a, Self::Output>;
+}
+
+/// Not public API: what `#[handler]` arguments say, for [`describe`].
+#[doc(hidden)]
+pub struct HandlerAttrs {
+    pub name: &'static str,
+    pub module: &'static str,
+    pub group: &'static str,
+    pub compensates: Option<fn() -> &'static HandlerDescriptor>,
+    pub idempotency: Idempotency,
+    pub concurrency: Option<usize>,
+    pub max_attempts: Option<u32>,
+}
+
+/// Not public API: the descriptor of the handler `H`, built at compile time.
+#[doc(hidden)]
+pub const fn describe<H: HandlerFn>(attrs: HandlerAttrs) -> HandlerDescriptor {
+    let HandlerAttrs { name, module, group, compensates, idempotency, concurrency, max_attempts } = attrs;
+    HandlerDescriptor {
+        name,
+        module,
+        group,
+        event: <H::Event as Event>::INFO,
+        state: StateInfo::of::<H::State>(),
+        emits: emits_of::<H::Output>,
+        compensates,
+        idempotency,
+        concurrency,
+        max_attempts,
+        invoke: invoke::<H>,
+    }
+}
+
+/// The event types a handler returning `R` emits.
+fn emits_of<R: crate::event::HandlerReturn>() -> Vec<EmittedEvent> {
+    let mut out = Vec::new();
+    <R::Emits as crate::event::Emit>::describe(&mut out, false);
+    out
+}
+
+/// Decodes the event, calls the handler with its state, and collects what it emits.
+fn invoke<'a, H: HandlerFn>(handling: &'a Handling, states: &'a States) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let event = handling.decode::<H::Event>()?;
+        let state = states.get::<H::State>().map_err(HandlerError::permanent)?;
+        let output = H::call(event, Ctx::new(state, handling)).await;
+        handling.emit(crate::event::HandlerReturn::into_result(output)?)
+    })
+}

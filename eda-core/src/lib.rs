@@ -45,10 +45,10 @@ pub use transport::{Acker, DeadLetter, DeadLetterReason, Deliveries, Delivery, P
 pub mod __private {
     pub use crate::codec::decode;
     pub use crate::envelope::Envelope;
-    pub use crate::error::{CodecError, HandlerError};
-    pub use crate::event::{Emit, EmittedEvent, Event, EventInfo, HandlerReturn};
+    pub use crate::error::CodecError;
+    pub use crate::event::{Event, EventInfo};
     pub use crate::handler::{
-        BoxFuture, Ctx, Handler, HandlerDescriptor, HandlerRegistration, Handling, Idempotency, StateInfo, States,
+        describe, BoxFuture, Ctx, Handler, HandlerAttrs, HandlerDescriptor, HandlerFn, HandlerRegistration, Idempotency,
     };
     pub use inventory;
     pub use serde;
@@ -73,24 +73,5 @@ pub mod __private {
             i += 1;
         }
         true
-    }
-
-    /// Compile-time check that a handler's argument is an event.
-    pub fn assert_event<E: Event>() {}
-
-    /// Compile-time check that a handler's return type is valid.
-    pub fn assert_return<R: HandlerReturn>() {}
-
-    /// Compile-time check that `#[compensates(step)]` names a handler.
-    pub fn assert_handler<H: Handler>() {}
-
-    /// Compile-time check that state is shareable between handler tasks.
-    pub fn assert_state<S: Send + Sync + 'static>() {}
-
-    /// The events a handler returning `R` emits.
-    pub fn emits_of<R: HandlerReturn>() -> Vec<EmittedEvent> {
-        let mut out = Vec::new();
-        <R::Emits as Emit>::describe(&mut out, false);
-        out
     }
 }

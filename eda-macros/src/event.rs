@@ -52,6 +52,10 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let impl_header =
         quote_spanned!(ident.span()=> impl #impl_generics #p::Event for #ident #ty_generics #where_clause);
     let compile_errors = errors.to_compile_errors();
+    if !parsed.generics.params.is_empty() {
+        // No impl can be right for a generic type; one would only add errors about `T`.
+        return quote!(#item #compile_errors);
+    }
     quote! {
         #item
         #compile_errors

@@ -159,8 +159,8 @@ fn check(func: &syn::ItemFn, args: &Args, errors: &mut Errors) -> Option<Signatu
     let mut inputs = sig.inputs.iter();
     let event = match inputs.next() {
         Some(syn::FnArg::Receiver(r)) => {
-            errors.spanned(r, "a handler is a free function, not a method: take the event as the first argument");
-            None
+            errors.spanned(r, "a handler is a free function, not a method: move it out of the `impl` block");
+            return None;
         }
         Some(syn::FnArg::Typed(arg)) => match &*arg.ty {
             syn::Type::Reference(r) => {
@@ -244,17 +244,14 @@ fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
     let name = args.name.as_ref().map(syn::LitStr::value).unwrap_or_else(|| fn_name.to_string());
     let group = args.group.as_ref().map(syn::LitStr::value).unwrap_or_default();
     let Signature { event, ret, .. } = sig;
+    let marker = format_ident!("{}", fn_name);
     let state: syn::Type = sig.state.clone().unwrap_or_else(|| syn::parse_quote!(()));
 
     let call = if sig.state.is_some() {
-        quote!(#fn_name(__eda_event, #p::Ctx::new(__eda_state, __eda_handling)).await)
+        quote_spanned!(fn_name.span()=> #p::Box::pin(#fn_name(event, cx)))
     } else {
-        quote!({ let _ = __eda_state; #fn_name(__eda_event).await })
+        quote_spanned!(fn_name.span()=> { let _ = cx; #p::Box::pin(#fn_name(event)) })
     };
-
-    let event_check = quote_spanned!(event.span()=> #p::assert_event::<#event>(););
-    let return_check = quote_spanned!(ret.span()=> #p::assert_return::<#ret>(););
-    let state_check = quote_spanned!(state.span()=> #p::assert_state::<#state>(););
 
     let topic_check = args.topic.as_ref().map(|topic| {
         let message = format!(
@@ -263,18 +260,15 @@ fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
             event.to_token_stream().to_string().replace(' ', ""),
         );
         quote_spanned! {topic.span()=>
-            const _: () = if !#p::str_eq(<#event as #p::Event>::INFO.topic, #topic) {
+            const _: () = if !#p::str_eq(<<#marker as #p::HandlerFn>::Event as #p::Event>::INFO.topic, #topic) {
                 #p::panic!(#message)
             };
         }
     });
 
-    let (compensates, compensates_check) = match &args.compensates {
-        Some(step) => (
-            quote!(#p::Some(<#step as #p::Handler>::descriptor)),
-            quote_spanned!(step.span()=> #p::assert_handler::<#step>();),
-        ),
-        None => (quote!(#p::None), quote!()),
+    let compensates = match &args.compensates {
+        Some(step) => quote_spanned!(step.span()=> #p::Some(<#step as #p::Handler>::descriptor)),
+        None => quote!(#p::None),
     };
 
     let (idempotency, dedupe_fn) = match (&args.idempotent, &args.dedupe_key) {
@@ -293,7 +287,10 @@ fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
     let option = |v: Option<TokenStream>| v.map_or_else(|| quote!(#p::None), |v| quote!(#p::Some(#v)));
     let concurrency = option(args.concurrency.map(|n| quote!(#n)));
     let max_attempts = option(args.max_attempts.map(|n| quote!(#n)));
-    let marker = format_ident!("{}", fn_name);
+
+    let event_type = quote_spanned!(event.span()=> type Event = #event;);
+    let state_type = quote_spanned!(state.span()=> type State = #state;);
+    let output_type = quote_spanned!(ret.span()=> type Output = #ret;);
 
     quote! {
         #[doc(hidden)]
@@ -301,42 +298,28 @@ fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
         #vis struct #marker {}
 
         const _: () = {
-            #[allow(dead_code, clippy::no_effect_underscore_binding)]
-            fn __eda_checks() {
-                #event_check
-                #return_check
-                #state_check
-                #compensates_check
-            }
-
             #topic_check
             #dedupe_fn
 
-            fn __eda_invoke<'a>(
-                __eda_handling: &'a #p::Handling,
-                __eda_states: &'a #p::States,
-            ) -> #p::BoxFuture<'a, #p::Result<(), #p::HandlerError>> {
-                #p::Box::pin(async move {
-                    let __eda_event: #event = __eda_handling.decode::<#event>()?;
-                    let __eda_state = __eda_states.get::<#state>().map_err(#p::HandlerError::permanent)?;
-                    let __eda_returned = #call;
-                    __eda_handling.emit(#p::HandlerReturn::into_result(__eda_returned)?)
-                })
+            #[automatically_derived]
+            impl #p::HandlerFn for #marker {
+                #event_type
+                #state_type
+                #output_type
+                fn call<'a>(event: Self::Event, cx: #p::Ctx<'a, Self::State>) -> #p::BoxFuture<'a, Self::Output> {
+                    #call
+                }
             }
 
-            static __EDA_HANDLER: #p::HandlerDescriptor = #p::HandlerDescriptor {
+            static __EDA_HANDLER: #p::HandlerDescriptor = #p::describe::<#marker>(#p::HandlerAttrs {
                 name: #name,
                 module: #p::module_path!(),
                 group: #group,
-                event: <#event as #p::Event>::INFO,
-                state: #p::StateInfo::of::<#state>(),
-                emits: #p::emits_of::<#ret>,
                 compensates: #compensates,
                 idempotency: #idempotency,
                 concurrency: #concurrency,
                 max_attempts: #max_attempts,
-                invoke: __eda_invoke,
-            };
+            });
 
             #[automatically_derived]
             impl #p::Handler for #marker {

@@ -9,6 +9,7 @@
 
 pub mod services;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use eda::{CorrelationId, EntryKind, Envelope, JournalEntry, Runtime};
@@ -57,12 +58,13 @@ pub struct CheckoutRun {
 /// delivers the first one a second time (a producer retry: the same envelope, the same id), and
 /// waits until every saga has settled.
 pub async fn run(url: &str) -> eda::Result<CheckoutRun> {
+    let orders = Arc::new(Orders::default());
     let runtime = Runtime::from_registry()
         .service("checkout")
         .publishes::<OrderConfirmed>()
         .state(Inventory::with_stock(initial_stock()))
         .state(Payments::default())
-        .state(Orders::default())
+        .shared_state(orders.clone())
         .state(Mailer::default())
         .state(Analytics::default())
         .transport_url(url)
@@ -70,18 +72,19 @@ pub async fn run(url: &str) -> eda::Result<CheckoutRun> {
         .start()
         .await?;
     let publisher = runtime.publisher();
-    let mut orders = Vec::new();
+    let mut placed = Vec::new();
     for scenario in scenarios() {
-        runtime.state::<Orders>().map(|o| o.confirm(&scenario.order.order_id));
+        // The order service records the order, then publishes the fact.
+        orders.confirm(&scenario.order.order_id);
         let envelope = publisher.publish(&scenario.order).await?;
-        orders.push((scenario, envelope));
+        placed.push((scenario, envelope));
     }
     // The order service's producer retries after a timeout: the very same envelope again.
-    if let Some((_, first)) = orders.first() {
+    if let Some((_, first)) = placed.first() {
         publisher.republish(first).await?;
     }
     runtime.settled(Duration::from_secs(30)).await?;
-    Ok(CheckoutRun { runtime, orders })
+    Ok(CheckoutRun { runtime, orders: placed })
 }
 
 /// The trace of one saga as readable text: each event under the event that caused it, with
