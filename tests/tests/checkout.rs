@@ -1,0 +1,118 @@
+//! The checkout saga end to end: for each order, exactly which events were emitted, and their
+//! causal chain.
+
+use std::collections::{BTreeSet, HashMap};
+
+use checkout::{Analytics, Inventory, Mailer, OrderStatus, Orders, Payments};
+use eda::{EntryKind, EventId, JournalEntry};
+
+/// The events of one saga as (type, type of its cause) pairs, after checking that every event
+/// shares the root's correlation id and names a published event as its cause.
+fn causal_chain(trace: &[JournalEntry], root: EventId) -> BTreeSet<(String, Option<String>)> {
+    let published: Vec<_> = trace.iter().filter(|e| matches!(e.kind, EntryKind::Published { .. })).collect();
+    let types: HashMap<EventId, &str> = published.iter().map(|e| (e.event_id, e.ty.as_str())).collect();
+    let correlation = &trace.first().expect("a trace").correlation_id;
+    let mut chain = BTreeSet::new();
+    for e in &published {
+        assert_eq!(&e.correlation_id, correlation, "{} left the saga", e.ty);
+        match e.causation_id {
+            None => assert_eq!(e.event_id, root, "only the confirmed order starts the saga"),
+            Some(cause) => {
+                assert!(types.contains_key(&cause), "{} names a cause that was never published", e.ty);
+            }
+        }
+        let cause = e.causation_id.map(|c| types[&c].trim_end_matches(".v1").to_owned());
+        chain.insert((e.ty.trim_end_matches(".v1").to_owned(), cause));
+    }
+    chain
+}
+
+fn pairs(expected: &[(&str, Option<&str>)]) -> BTreeSet<(String, Option<String>)> {
+    expected.iter().map(|(t, c)| ((*t).to_owned(), c.map(str::to_owned))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_orders_settle_with_the_right_events_in_the_right_causal_chain() {
+    let run = checkout::run("memory://").await.expect("the checkout runs");
+    let rt = &run.runtime;
+    let expected = [
+        pairs(&[
+            ("OrderConfirmed", None),
+            ("StockReserved", Some("OrderConfirmed")),
+            ("PaymentCollected", Some("StockReserved")),
+            ("OrderFulfilled", Some("PaymentCollected")),
+        ]),
+        pairs(&[
+            ("OrderConfirmed", None),
+            ("InventoryFailed", Some("OrderConfirmed")),
+            ("OrderCancelled", Some("InventoryFailed")),
+        ]),
+        pairs(&[
+            ("OrderConfirmed", None),
+            ("StockReserved", Some("OrderConfirmed")),
+            ("PaymentFailed", Some("StockReserved")),
+            ("StockReleased", Some("PaymentFailed")),
+            ("OrderCancelled", Some("PaymentFailed")),
+        ]),
+    ];
+    for ((scenario, envelope), expected) in run.orders.iter().zip(expected) {
+        let trace = rt.trace(&envelope.correlation_id);
+        assert_eq!(causal_chain(&trace, envelope.id), expected, "order {}", scenario.order.order_id);
+        // Each emitted event was published exactly once.
+        let emitted: Vec<_> = trace
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Published { by: Some(_) }))
+            .map(|e| e.event_id)
+            .collect();
+        assert_eq!(emitted.len(), expected.len() - 1, "order {}", scenario.order.order_id);
+    }
+
+    let orders = rt.state::<Orders>().expect("orders state");
+    assert_eq!(orders.status("order-1"), Some(OrderStatus::Fulfilled));
+    assert!(matches!(orders.status("order-2"), Some(OrderStatus::Cancelled(why)) if why.contains("monitor")));
+    assert_eq!(orders.status("order-3"), Some(OrderStatus::Cancelled("card declined".into())));
+
+    let inventory = rt.state::<Inventory>().expect("inventory state");
+    assert_eq!(inventory.available("keyboard"), 8, "order-1 reserved two, once despite the duplicate");
+    assert_eq!(inventory.available("monitor"), 1, "order-2 reserved nothing");
+    assert_eq!(inventory.available("mouse"), 3, "order-3's reservation was released");
+    assert_eq!(rt.state::<Payments>().expect("payments").charges(), vec![("order-1".to_owned(), 9_800)]);
+    assert_eq!(rt.state::<Mailer>().expect("mailer").sent().len(), 3 + 1 + 2);
+    assert_eq!(rt.state::<Analytics>().expect("analytics").count("OrderConfirmed"), 3);
+
+    let stats = rt.stats();
+    assert_eq!((stats.duplicates, stats.dead_lettered, stats.retried), (3, 0, 0));
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_duplicate_delivery_is_absorbed_by_each_groups_guard() {
+    let run = checkout::run("memory://").await.expect("the checkout runs");
+    let (_, first) = &run.orders[0];
+    let trace = run.runtime.trace(&first.correlation_id);
+    let absorbed: BTreeSet<_> = trace
+        .iter()
+        .filter(|e| e.event_id == first.id)
+        .filter_map(|e| match &e.kind {
+            EntryKind::Duplicate { handler } => Some(handler.as_str()),
+            _ => None,
+        })
+        .collect();
+    let expected: BTreeSet<_> =
+        ["analytics/count_confirmed", "email-service/email_confirmation", "inventory-service/reserve_stock"].into();
+    assert_eq!(absorbed, expected);
+    let rendered = checkout::render_trace(&trace);
+    assert!(rendered.contains("published 2 times with the same id"), "{rendered}");
+    run.runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_choreography_graph_shows_the_compensation() {
+    let registry = eda::Registry::from_inventory();
+    let names: BTreeSet<_> =
+        registry.handlers().iter().filter(|h| h.module.starts_with("checkout")).map(|h| h.name).collect();
+    assert_eq!(names.len(), 13, "every checkout handler is linked: {names:?}");
+    let graph = registry.mermaid();
+    assert!(graph.contains("h_inventory_service_release_stock -. compensates .-> h_inventory_service_reserve_stock"));
+    assert!(graph.contains("h_payment_service_charge_card -. failure .-> ev_PaymentFailed_v1"));
+}

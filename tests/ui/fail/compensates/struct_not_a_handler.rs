@@ -1,0 +1,20 @@
+use eda::{event, handler};
+use serde::{Deserialize, Serialize};
+
+#[event(topic = "users", key = id)]
+#[derive(Serialize, Deserialize)]
+struct UserRegistered {
+    id: u32,
+}
+
+struct Reservation;
+
+#[eda::compensates(Reservation)]
+#[handler(group = "mailer")]
+async fn undo(ev: UserRegistered) {
+    let _ = ev.id;
+}
+
+fn main() {
+    let _ = Reservation;
+}

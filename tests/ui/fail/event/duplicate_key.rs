@@ -1,0 +1,9 @@
+use serde::{Deserialize, Serialize};
+
+#[eda::event(topic = "users", topic = "accounts")]
+#[derive(Serialize, Deserialize)]
+struct UserRegistered {
+    id: u32,
+}
+
+fn main() {}

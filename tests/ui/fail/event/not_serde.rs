@@ -1,0 +1,6 @@
+#[eda::event(topic = "users")]
+struct UserRegistered {
+    id: u32,
+}
+
+fn main() {}

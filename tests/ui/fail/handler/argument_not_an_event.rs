@@ -1,0 +1,15 @@
+use eda::{event, handler};
+use serde::{Deserialize, Serialize};
+
+#[event(topic = "users", key = id)]
+#[derive(Serialize, Deserialize)]
+struct UserRegistered {
+    id: u32,
+}
+
+#[handler(group = "mailer")]
+async fn welcome(email: String) {
+    let _ = email;
+}
+
+fn main() {}

@@ -1,0 +1,15 @@
+use eda::{event, handler};
+use serde::{Deserialize, Serialize};
+
+#[event(topic = "users", key = id)]
+#[derive(Serialize, Deserialize)]
+struct UserRegistered {
+    id: u32,
+}
+
+#[handler(group = "mailer", topic = "accounts")]
+async fn welcome(ev: UserRegistered) {
+    let _ = ev.id;
+}
+
+fn main() {}
