@@ -177,12 +177,30 @@ pub struct Handling {
     handler: &'static str,
     attempt: u32,
     emitted: Mutex<Vec<PendingEvent>>,
+    transaction: futures_util::lock::Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 impl Handling {
     /// Starts a handling.
     pub fn new(envelope: Envelope, group: &'static str, handler: &'static str, attempt: u32) -> Self {
-        Self { envelope, group, handler, attempt, emitted: Mutex::new(Vec::new()) }
+        Self {
+            envelope,
+            group,
+            handler,
+            attempt,
+            emitted: Mutex::new(Vec::new()),
+            transaction: futures_util::lock::Mutex::new(None),
+        }
+    }
+
+    /// Lends the handler the transport's transaction.
+    pub fn with_transaction(self, transaction: Option<Box<dyn Any + Send>>) -> Self {
+        Self { transaction: futures_util::lock::Mutex::new(transaction), ..self }
+    }
+
+    /// Takes the lent transaction back once the handler has finished.
+    pub fn take_transaction(&self) -> Option<Box<dyn Any + Send>> {
+        self.transaction.try_lock().and_then(|mut slot| slot.take())
     }
 
     /// The envelope being handled.
@@ -286,10 +304,44 @@ impl<'a, S> Ctx<'a, S> {
         self.handling.attempt()
     }
 
+    /// The transaction the handling runs in, when the transport keeps its log in a database:
+    /// the handler's own writes through it commit together with the guard record, the events
+    /// it emits and the acknowledgement. `None` when the transport has no such transaction or
+    /// it is not of type `T`. Transports offer typed shortcuts (`eda::sqlite::transaction`).
+    pub async fn transaction<T: Any + Send>(&self) -> Option<Transaction<'a, T>> {
+        let slot = self.handling.transaction.lock().await;
+        if !slot.as_ref().is_some_and(|t| t.is::<T>()) {
+            return None;
+        }
+        let mapped =
+            futures_util::lock::MutexGuard::map(slot, |t| match t.as_mut().and_then(|b| b.downcast_mut::<T>()) {
+                Some(t) => t,
+                None => unreachable!("the transaction's type was checked under the same lock"),
+            });
+        Some(Transaction(mapped))
+    }
+
     /// Emits an event besides those the handler returns. Like returned events, it is published
     /// only if the handling succeeds, with this event as its cause.
     pub fn emit<E: Event>(&self, event: E) -> Result<(), HandlerError> {
         self.handling.emit(event)
+    }
+}
+
+/// The transaction a handler runs in, borrowed from its [`Ctx`]; dereferences to the
+/// transport's transaction type.
+pub struct Transaction<'a, T>(futures_util::lock::MappedMutexGuard<'a, Option<Box<dyn Any + Send>>, T>);
+
+impl<T> std::ops::Deref for Transaction<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Transaction<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
     }
 }
 

@@ -35,10 +35,15 @@ pub use eda_macros::{compensates, event, handler};
 pub use envelope::{Binding, CorrelationId, Envelope, EventId};
 pub use error::{CodecError, EnvelopeError, ErrorClass, HandlerError, StoreError, TransportError};
 pub use event::{Emit, EmittedEvent, Event, EventInfo, HandlerReturn, Never, Outcome, PendingEvent, Topic};
-pub use handler::{Ctx, Handler, HandlerDescriptor, Handling, Idempotency, MissingState, StateInfo, States};
+pub use handler::{
+    Ctx, Handler, HandlerDescriptor, Handling, Idempotency, MissingState, StateInfo, States, Transaction,
+};
 pub use registry::{Registry, RegistryBuilder, Report};
 pub use store::{Claim, GuardKey, Inbox, StepState};
-pub use transport::{Acker, DeadLetter, DeadLetterReason, Deliveries, Delivery, PartitionLag, Subscription, Transport};
+pub use transport::{
+    Acker, Commit, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Delivery, PartitionLag, Subscription,
+    Transport, UnitOfWork,
+};
 
 /// Not public API: what the macros' generated code names.
 #[doc(hidden)]

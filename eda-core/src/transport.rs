@@ -7,14 +7,16 @@
 //! comes from polling it only when there is room; acknowledging or failing a delivery consumes
 //! it, so a delivery cannot be acknowledged twice.
 
+use std::any::Any;
 use std::fmt;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use futures_core::Stream;
 
-use crate::envelope::Envelope;
-use crate::error::TransportError;
+use crate::envelope::{CorrelationId, Envelope};
+use crate::error::{StoreError, TransportError};
+use crate::store::{Claim, GuardKey, StepState};
 
 /// A broker, or anything that behaves as one.
 #[async_trait::async_trait]
@@ -88,6 +90,14 @@ impl Delivery {
         self.acker.nack(delay).await
     }
 
+    /// Starts handling this delivery in one transaction of the transport's own store, when it
+    /// has one (the SQL log): the guard record, the handler's writes, the events it emits and,
+    /// with [`UnitOfWork::commit`]`(ack = true)`, the acknowledgement then commit together.
+    /// `None` for brokers: the runtime then guards with its [`Inbox`](crate::Inbox).
+    pub async fn begin(&self) -> Result<Option<Box<dyn UnitOfWork>>, TransportError> {
+        self.acker.begin().await
+    }
+
     /// Give up on it: keep it, with why, as a dead letter of this group; later events go on.
     pub async fn dead_letter(self, reason: DeadLetterReason) -> Result<(), TransportError> {
         let Delivery { envelope, attempt, acker, .. } = self;
@@ -116,6 +126,54 @@ pub trait Acker: Send + Sync {
     async fn nack(self: Box<Self>, delay: Duration) -> Result<(), TransportError>;
     /// See [`Delivery::dead_letter`].
     async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<(), TransportError>;
+    /// See [`Delivery::begin`]; transports without a transactional store keep the default.
+    async fn begin(&self) -> Result<Option<Box<dyn UnitOfWork>>, TransportError> {
+        Ok(None)
+    }
+}
+
+/// One attempt at handling one delivery by one handler against the transport's own store.
+///
+/// Reads (the guard, saga records) happen first, outside any write lock; the handler runs, and
+/// may open the store's transaction for its own writes; [`commit`](UnitOfWork::commit) then
+/// checks the guard and the saga record again inside that transaction and writes the guard
+/// record, the emitted events, the step record and (with `ack`) the acknowledgement, so a
+/// handling either happens whole or not at all. Dropping it rolls everything back.
+#[async_trait::async_trait]
+pub trait UnitOfWork: Send {
+    /// Reads the handler's idempotency guard; [`commit`](UnitOfWork::commit) checks it again.
+    async fn claim(&mut self, key: &GuardKey) -> Result<Claim, StoreError>;
+    /// See [`Inbox::step_started`](crate::Inbox::step_started); checked again at commit.
+    async fn step_started(&mut self, group: &str, step: &str, correlation: &CorrelationId) -> Result<bool, StoreError>;
+    /// Records, at commit, whether the step's effects happened.
+    fn step_finished(&mut self, group: &str, step: &str, correlation: &CorrelationId, succeeded: bool);
+    /// See [`Inbox::compensation_started`](crate::Inbox::compensation_started).
+    async fn compensation_started(
+        &mut self,
+        group: &str,
+        step: &str,
+        correlation: &CorrelationId,
+    ) -> Result<StepState, StoreError>;
+    /// Lends the handler what opens the store's transaction (see
+    /// [`Ctx::transaction`](crate::Ctx::transaction)).
+    fn lend_transaction(&mut self) -> Option<Box<dyn Any + Send>>;
+    /// Takes it back after the handler ran.
+    fn return_transaction(&mut self, transaction: Box<dyn Any + Send>);
+    /// Events to publish at commit.
+    fn publish(&mut self, envelopes: Vec<Envelope>);
+    /// Commits the handling, or finds that it must not happen after all.
+    async fn commit(self: Box<Self>, ack: bool) -> Result<Commit, TransportError>;
+}
+
+/// What [`UnitOfWork::commit`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// Everything was written.
+    Done,
+    /// Another handling of the same event committed first: nothing was written.
+    Duplicate,
+    /// The step was compensated while it ran: nothing was written.
+    Cancelled,
 }
 
 /// Why an event was dead-lettered.
@@ -140,6 +198,13 @@ pub struct DeadLetter {
     pub reason: DeadLetterReason,
     /// When.
     pub at: SystemTime,
+}
+
+/// Where a transport keeps dead letters, for tools that list and inspect them.
+#[async_trait::async_trait]
+pub trait DeadLetterStore: Send + Sync {
+    /// The dead letters of `group`, oldest first.
+    async fn dead_letters(&self, group: &str) -> Result<Vec<DeadLetter>, TransportError>;
 }
 
 /// How far a group is behind on one partition of a topic.

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eda_core::{
-    Claim, DeadLetterReason, Deliveries, Delivery, Envelope, GuardKey, HandlerDescriptor, HandlerError, Handling,
-    Idempotency, Inbox, States, StepState, Subscription, Transport,
+    Claim, Commit, DeadLetterReason, Deliveries, Delivery, Envelope, GuardKey, HandlerDescriptor, HandlerError,
+    Handling, Idempotency, Inbox, States, StepState, Subscription, Transport, UnitOfWork,
 };
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -239,8 +239,9 @@ async fn handle_delivery(shared: &Shared, handlers: &[&'static HandlerDescriptor
         unhandled(shared, handlers, envelope)
     } else {
         let mut outcome = Disposition::Done;
-        for h in matching {
-            outcome = handle_with(shared, h, envelope, delivery.attempt).await;
+        let last = matching.len() - 1;
+        for (i, h) in matching.into_iter().enumerate() {
+            outcome = handle_with(shared, h, &delivery, i == last).await;
             if !matches!(outcome, Disposition::Done) {
                 break;
             }
@@ -298,64 +299,288 @@ fn guard_key(h: &HandlerDescriptor, envelope: &Envelope) -> Result<Option<GuardK
     Ok(Some(GuardKey { group: h.group.to_owned(), handler: h.name.to_owned(), key }))
 }
 
-/// Runs one handler on one event: guard, saga bookkeeping, attempts, publishing what it
-/// emitted, and completing the guard.
-async fn handle_with(shared: &Shared, h: &'static HandlerDescriptor, envelope: &Envelope, first: u32) -> Disposition {
-    let qualified = h.qualified_name();
-    let name = qualified.as_str();
-    let journal = |kind| shared.journal.record(envelope, kind);
-    let guard = match guard_key(h, envelope) {
-        Ok(g) => g,
-        Err(e) => {
-            journal(EntryKind::DeadLettered { handler: name.to_owned(), error: e.to_string() });
-            bump(&shared.stats.dead_lettered);
-            return Disposition::DeadLetter(reason(name, &e), first);
+/// Where a failed attempt leads.
+enum AfterFailure {
+    Retry,
+    Stop(Disposition),
+}
+
+/// One handler's view of one delivery, shared by the two ways of guarding it.
+struct Job<'a> {
+    shared: &'a Shared,
+    h: &'static HandlerDescriptor,
+    envelope: &'a Envelope,
+    name: String,
+    policy: RetryPolicy,
+}
+
+impl<'a> Job<'a> {
+    fn new(shared: &'a Shared, h: &'static HandlerDescriptor, envelope: &'a Envelope) -> Self {
+        let policy = RetryPolicy {
+            max_attempts: h.max_attempts.unwrap_or(shared.config.retry.max_attempts),
+            ..shared.config.retry.clone()
+        };
+        Self { shared, h, envelope, name: h.qualified_name(), policy }
+    }
+
+    fn journal(&self, kind: EntryKind) {
+        self.shared.journal.record(self.envelope, kind);
+    }
+
+    fn is_step(&self) -> bool {
+        self.shared.steps.contains(&(self.h.group, self.h.name))
+    }
+
+    fn store_unavailable(&self, error: &dyn std::fmt::Display) -> Disposition {
+        tracing::warn!(handler = %self.name, %error, "store unavailable; the event will be delivered again");
+        Disposition::Redeliver(self.shared.config.retry.backoff(2))
+    }
+
+    fn duplicate(&self) -> Disposition {
+        self.journal(EntryKind::Duplicate { handler: self.name.clone() });
+        bump(&self.shared.stats.duplicates);
+        Disposition::Done
+    }
+
+    /// What to do when the guard was not acquired; `None` when it was.
+    fn unclaimed(&self, claim: Result<Claim, eda_core::StoreError>) -> Option<Disposition> {
+        match claim {
+            Ok(Claim::Acquired) => None,
+            Ok(Claim::Done) => Some(self.duplicate()),
+            Ok(Claim::Busy) => Some(Disposition::Redeliver(BUSY_DELAY)),
+            Err(e) => Some(self.store_unavailable(&e)),
         }
+    }
+
+    fn skipped(&self, reason: String) {
+        self.journal(EntryKind::Skipped { handler: self.name.clone(), reason });
+        bump(&self.shared.stats.skipped);
+    }
+
+    fn step_not_run_reason(step: &HandlerDescriptor) -> String {
+        format!("`{}` had not run for this correlation id, and now will not", step.qualified_name())
+    }
+
+    fn dead(&self, error: &HandlerError, attempt: u32) -> Disposition {
+        tracing::error!(handler = %self.name, event_id = %self.envelope.id, attempt, %error, "dead-lettered");
+        self.journal(EntryKind::DeadLettered { handler: self.name.clone(), error: error.to_string() });
+        bump(&self.shared.stats.dead_lettered);
+        Disposition::DeadLetter(reason(&self.name, error), attempt)
+    }
+
+    /// Runs the handler once; on success, returns the envelopes of what it emitted and whether
+    /// it emitted one of its failure events (then its step had no effects to undo).
+    async fn attempt(
+        &self,
+        attempt: u32,
+        transaction: Option<Box<dyn std::any::Any + Send>>,
+    ) -> (Result<(Vec<Envelope>, bool), HandlerError>, Option<Box<dyn std::any::Any + Send>>) {
+        let (h, envelope) = (self.h, self.envelope);
+        let handling = Handling::new(envelope.clone(), h.group, h.name, attempt).with_transaction(transaction);
+        let span = tracing::info_span!("handle", handler = %self.name, event_id = %envelope.id, r#type = %envelope.ty,
+            correlation_id = %envelope.correlation_id, causation_id = ?envelope.causation_id, attempt);
+        let result = AssertUnwindSafe((h.invoke)(&handling, &self.shared.states)).catch_unwind().instrument(span).await;
+        let transaction = handling.take_transaction();
+        let result = match result {
+            Ok(Ok(())) => {
+                let emitted = handling.take_emitted();
+                let failures: Vec<_> = (h.emits)().into_iter().filter(|e| e.failure).map(|e| e.info.ce_type).collect();
+                let failed_step = emitted.iter().any(|e| failures.contains(&e.info.ce_type));
+                let envelopes = emitted
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| Envelope::derived(envelope, &self.shared.source, h.group, h.name, i, p))
+                    .collect();
+                Ok((envelopes, failed_step))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(panic) => Err(HandlerError::transient(Panicked(panic_message(&*panic)))),
+        };
+        (result, transaction)
+    }
+
+    fn succeeded(&self, envelopes: &[Envelope], attempt: u32) -> Disposition {
+        for e in envelopes {
+            self.shared.journal.record(e, EntryKind::Published { by: Some(self.name.clone()) });
+        }
+        self.journal(EntryKind::Handled { handler: self.name.clone(), attempt });
+        bump(&self.shared.stats.handled);
+        Disposition::Done
+    }
+
+    /// After a failed attempt: retry after a backoff, dead-letter, or (when stopping) hand the
+    /// event back to the transport.
+    async fn after_failure(&self, error: HandlerError, attempt: u32) -> AfterFailure {
+        let retry = !error.is_permanent() && self.policy.may_retry(attempt);
+        if !retry {
+            return AfterFailure::Stop(self.dead(&error, attempt));
+        }
+        if self.shared.stopping() {
+            return AfterFailure::Stop(Disposition::Redeliver(Duration::ZERO));
+        }
+        tracing::warn!(handler = %self.name, event_id = %self.envelope.id, attempt, %error, "attempt failed; retrying");
+        self.journal(EntryKind::Retrying { handler: self.name.clone(), attempt, error: error.to_string() });
+        bump(&self.shared.stats.retried);
+        let mut stop = self.shared.stop.clone();
+        if tokio::time::timeout(self.policy.backoff(attempt + 1), stop.wait_for(|s| *s)).await.is_ok() {
+            return AfterFailure::Stop(Disposition::Redeliver(Duration::ZERO));
+        }
+        AfterFailure::Retry
+    }
+}
+
+/// Runs one handler on one delivery. With a transport that handles in a transaction, every
+/// attempt is one transaction: guard, saga records, the handler's writes, emitted events and
+/// (for the last handler of the delivery) the acknowledgement. Otherwise the runtime's inbox
+/// guards the handling and emitted events are published after it.
+async fn handle_with(
+    shared: &Shared,
+    h: &'static HandlerDescriptor,
+    delivery: &Delivery,
+    ack_on_commit: bool,
+) -> Disposition {
+    let job = Job::new(shared, h, &delivery.envelope);
+    let guard = match guard_key(h, &delivery.envelope) {
+        Ok(g) => g,
+        Err(e) => return job.dead(&e, delivery.attempt),
     };
-    let inbox = &*shared.inbox;
-    if let Some(key) = &guard {
-        match inbox.claim(key).await {
-            Ok(Claim::Acquired) => {}
-            Ok(Claim::Done) => {
-                journal(EntryKind::Duplicate { handler: name.to_owned() });
-                bump(&shared.stats.duplicates);
-                return Disposition::Done;
+    let _limit = match shared.limits.get(&(h.group, h.name)) {
+        Some(s) => s.clone().acquire_owned().await.ok(),
+        None => None,
+    };
+    match delivery.begin().await {
+        Ok(Some(first)) => in_transactions(&job, guard.as_ref(), delivery, first, ack_on_commit).await,
+        Ok(None) => with_inbox(&job, guard.as_ref(), delivery.attempt).await,
+        Err(e) => job.store_unavailable(&e),
+    }
+}
+
+async fn in_transactions(
+    job: &Job<'_>,
+    guard: Option<&GuardKey>,
+    delivery: &Delivery,
+    first: Box<dyn UnitOfWork>,
+    ack_on_commit: bool,
+) -> Disposition {
+    let (h, correlation) = (job.h, &job.envelope.correlation_id);
+    let mut next = Some(first);
+    let mut attempt = delivery.attempt.max(1);
+    loop {
+        let mut uow = match next.take() {
+            Some(u) => u,
+            None => match delivery.begin().await {
+                Ok(Some(u)) => u,
+                Ok(None) => return job.store_unavailable(&"the transport stopped offering transactions"),
+                Err(e) => return job.store_unavailable(&e),
+            },
+        };
+        if let Some(key) = guard {
+            if let Some(d) = job.unclaimed(uow.claim(key).await) {
+                return d;
             }
-            Ok(Claim::Busy) => return Disposition::Redeliver(BUSY_DELAY),
+        }
+        if let Some(step) = h.compensates.map(|f| f()) {
+            match uow.compensation_started(step.group, step.name, correlation).await {
+                Ok(StepState::Done) => {}
+                Ok(StepState::NotRun) => {
+                    return match uow.commit(ack_on_commit).await {
+                        Ok(Commit::Duplicate) => job.duplicate(),
+                        Ok(_) => {
+                            job.skipped(Job::step_not_run_reason(step));
+                            Disposition::Done
+                        }
+                        Err(e) => job.store_unavailable(&e),
+                    };
+                }
+                Ok(StepState::Running) => return Disposition::Redeliver(BUSY_DELAY),
+                Err(e) => return job.store_unavailable(&e),
+            }
+        }
+        if job.is_step() {
+            match uow.step_started(h.group, h.name, correlation).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return match uow.commit(ack_on_commit).await {
+                        Ok(Commit::Duplicate) => job.duplicate(),
+                        Ok(_) => {
+                            job.skipped("compensated before it ran".into());
+                            Disposition::Done
+                        }
+                        Err(e) => job.store_unavailable(&e),
+                    };
+                }
+                Err(e) => return job.store_unavailable(&e),
+            }
+        }
+        let lent = uow.lend_transaction();
+        let (result, returned) = job.attempt(attempt, lent).await;
+        if let Some(tx) = returned {
+            uow.return_transaction(tx);
+        }
+        let error = match result {
+            Ok((envelopes, failed_step)) => {
+                if job.is_step() {
+                    uow.step_finished(h.group, h.name, correlation, !failed_step);
+                }
+                uow.publish(envelopes.clone());
+                match uow.commit(ack_on_commit).await {
+                    Ok(Commit::Done) => return job.succeeded(&envelopes, attempt),
+                    Ok(Commit::Duplicate) => return job.duplicate(),
+                    Ok(Commit::Cancelled) => {
+                        job.skipped("compensated while it ran; its writes were rolled back".into());
+                        return Disposition::Done;
+                    }
+                    // The whole attempt rolled back: nothing of it happened; try it again.
+                    Err(e) => HandlerError::transient(e),
+                }
+            }
             Err(e) => {
-                tracing::warn!(handler = %name, error = %e, "inbox unavailable; the event will be delivered again");
-                return Disposition::Redeliver(shared.config.retry.backoff(2));
+                drop(uow); // rolls back the handler's writes
+                e
             }
+        };
+        match job.after_failure(error, attempt).await {
+            AfterFailure::Retry => attempt += 1,
+            AfterFailure::Stop(d) => return d,
+        }
+    }
+}
+
+async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>, first: u32) -> Disposition {
+    let (shared, h, correlation) = (job.shared, job.h, &job.envelope.correlation_id);
+    let inbox = &*shared.inbox;
+    if let Some(key) = guard {
+        if let Some(d) = job.unclaimed(inbox.claim(key).await) {
+            return d;
         }
     }
     let release = || async {
-        if let Some(key) = &guard {
+        if let Some(key) = guard {
             if let Err(e) = inbox.release(key).await {
-                tracing::warn!(handler = %name, error = %e, "could not release an idempotency guard");
+                tracing::warn!(handler = %job.name, error = %e, "could not release an idempotency guard");
             }
         }
     };
     let complete = || async {
-        if let Some(key) = &guard {
+        if let Some(key) = guard {
             if let Err(e) = inbox.complete(key).await {
-                tracing::warn!(handler = %name, error = %e, "could not record a handled event; a redelivery would run it again");
+                tracing::warn!(handler = %job.name, error = %e, "could not record a handled event; a redelivery would run it again");
             }
         }
     };
-    let correlation = &envelope.correlation_id;
+    let step_finished = |succeeded| async move {
+        if job.is_step() {
+            if let Err(e) = inbox.step_finished(h.group, h.name, correlation, succeeded).await {
+                tracing::warn!(handler = %job.name, error = %e, "could not record a saga step");
+            }
+        }
+    };
 
     if let Some(step) = h.compensates.map(|f| f()) {
         match inbox.compensation_started(step.group, step.name, correlation).await {
             Ok(StepState::Done) => {}
             Ok(StepState::NotRun) => {
-                journal(EntryKind::Skipped {
-                    handler: name.to_owned(),
-                    reason: format!(
-                        "`{}` had not run for this correlation id, and now will not",
-                        step.qualified_name()
-                    ),
-                });
-                bump(&shared.stats.skipped);
+                job.skipped(Job::step_not_run_reason(step));
                 complete().await;
                 return Disposition::Done;
             }
@@ -364,104 +589,51 @@ async fn handle_with(shared: &Shared, h: &'static HandlerDescriptor, envelope: &
                 return Disposition::Redeliver(BUSY_DELAY);
             }
             Err(e) => {
-                tracing::warn!(handler = %name, error = %e, "inbox unavailable; the event will be delivered again");
                 release().await;
-                return Disposition::Redeliver(shared.config.retry.backoff(2));
+                return job.store_unavailable(&e);
             }
         }
     }
-    let is_step = shared.steps.contains(&(h.group, h.name));
-    if is_step {
+    if job.is_step() {
         match inbox.step_started(h.group, h.name, correlation).await {
             Ok(true) => {}
             Ok(false) => {
-                journal(EntryKind::Skipped { handler: name.to_owned(), reason: "compensated before it ran".into() });
-                bump(&shared.stats.skipped);
+                job.skipped("compensated before it ran".into());
                 complete().await;
                 return Disposition::Done;
             }
             Err(e) => {
-                tracing::warn!(handler = %name, error = %e, "inbox unavailable; the event will be delivered again");
                 release().await;
-                return Disposition::Redeliver(shared.config.retry.backoff(2));
+                return job.store_unavailable(&e);
             }
         }
     }
-    let step_finished = |succeeded| async move {
-        if is_step {
-            if let Err(e) = inbox.step_finished(h.group, h.name, correlation, succeeded).await {
-                tracing::warn!(handler = %name, error = %e, "could not record a saga step");
-            }
-        }
-    };
 
-    let _limit = match shared.limits.get(&(h.group, h.name)) {
-        Some(s) => s.clone().acquire_owned().await.ok(),
-        None => None,
-    };
-    let policy = RetryPolicy {
-        max_attempts: h.max_attempts.unwrap_or(shared.config.retry.max_attempts),
-        ..shared.config.retry.clone()
-    };
     let mut attempt = first.max(1);
     loop {
-        let handling = Handling::new(envelope.clone(), h.group, h.name, attempt);
-        let span = tracing::info_span!("handle", handler = %name, event_id = %envelope.id, r#type = %envelope.ty,
-            correlation_id = %envelope.correlation_id, causation_id = ?envelope.causation_id, attempt);
-        let result = AssertUnwindSafe((h.invoke)(&handling, &shared.states)).catch_unwind().instrument(span).await;
-        let error = match result {
-            Ok(Ok(())) => {
-                let emitted = handling.take_emitted();
-                let failures: Vec<_> = (h.emits)().into_iter().filter(|e| e.failure).map(|e| e.info.ce_type).collect();
-                let failed_step = emitted.iter().any(|e| failures.contains(&e.info.ce_type));
-                let envelopes: Vec<_> = emitted
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, p)| Envelope::derived(envelope, &shared.source, h.group, h.name, i, p))
-                    .collect();
-                if let Err(e) = publish_all(shared, &envelopes, &policy).await {
+        let error = match job.attempt(attempt, None).await.0 {
+            Ok((envelopes, failed_step)) => {
+                if let Err(e) = publish_all(shared, &envelopes, &job.policy).await {
                     // The handler's own effects happened; its events did not get out. Deliver the
                     // event again so they do (the guard is released for that).
-                    tracing::error!(handler = %name, error = %e, "could not publish emitted events; the event will be handled again");
+                    tracing::error!(handler = %job.name, error = %e, "could not publish emitted events; the event will be handled again");
                     release().await;
-                    return Disposition::Redeliver(policy.backoff(attempt + 1));
-                }
-                for e in &envelopes {
-                    shared.journal.record(e, EntryKind::Published { by: Some(name.to_owned()) });
+                    return Disposition::Redeliver(job.policy.backoff(attempt + 1));
                 }
                 step_finished(!failed_step).await;
                 complete().await;
-                journal(EntryKind::Handled { handler: name.to_owned(), attempt });
-                bump(&shared.stats.handled);
-                return Disposition::Done;
+                return job.succeeded(&envelopes, attempt);
             }
-            Ok(Err(e)) => e,
-            Err(panic) => HandlerError::transient(Panicked(panic_message(&*panic))),
+            Err(e) => e,
         };
-        let retry = !error.is_permanent() && policy.may_retry(attempt);
-        if retry && shared.stopping() {
-            release().await;
-            step_finished(false).await;
-            return Disposition::Redeliver(Duration::ZERO);
+        match job.after_failure(error, attempt).await {
+            AfterFailure::Retry => attempt += 1,
+            AfterFailure::Stop(d) => {
+                release().await;
+                step_finished(false).await;
+                return d;
+            }
         }
-        if !retry {
-            tracing::error!(handler = %name, event_id = %envelope.id, attempt, error = %error, "dead-lettered");
-            journal(EntryKind::DeadLettered { handler: name.to_owned(), error: error.to_string() });
-            bump(&shared.stats.dead_lettered);
-            release().await;
-            step_finished(false).await;
-            return Disposition::DeadLetter(reason(name, &error), attempt);
-        }
-        tracing::warn!(handler = %name, event_id = %envelope.id, attempt, error = %error, "attempt failed; retrying");
-        journal(EntryKind::Retrying { handler: name.to_owned(), attempt, error: error.to_string() });
-        bump(&shared.stats.retried);
-        let mut stop = shared.stop.clone();
-        if tokio::time::timeout(policy.backoff(attempt + 1), stop.wait_for(|s| *s)).await.is_ok() {
-            release().await;
-            step_finished(false).await;
-            return Disposition::Redeliver(Duration::ZERO);
-        }
-        attempt += 1;
     }
 }
 

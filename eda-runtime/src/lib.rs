@@ -59,3 +59,8 @@ pub use inbox::MemoryInbox;
 pub use journal::{EntryKind, JournalEntry};
 pub use retry::RetryPolicy;
 pub use runtime::{Publisher, Runtime, RuntimeBuilder};
+
+/// The SQLite transport and the transaction its handlers run in.
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use transport::sqlite;

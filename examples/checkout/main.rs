@@ -1,8 +1,8 @@
 //! Runs the checkout saga: three orders (fulfilled, stock short, card declined) and one
 //! duplicate delivery, then prints each saga's trace.
 //!
-//! `checkout` runs it on `EDA_URL` (default `memory://`); `checkout graph` prints the
-//! choreography as Mermaid.
+//! `checkout` runs it on `EDA_URL` (default `sqlite://checkout.db`, the embedded durable log);
+//! `checkout graph` prints the choreography as Mermaid.
 
 use checkout::{render_trace, OrderStatus, Orders};
 
@@ -15,7 +15,7 @@ async fn main() -> eda::Result<()> {
         print!("{}", eda::Registry::from_inventory().mermaid());
         return Ok(());
     }
-    let url = std::env::var("EDA_URL").unwrap_or_else(|_| "memory://".into());
+    let url = std::env::var("EDA_URL").unwrap_or_else(|_| "sqlite://checkout.db".into());
     println!("checkout saga on {url}\n");
     let run = checkout::run(&url).await?;
     let orders = run.runtime.state::<Orders>();

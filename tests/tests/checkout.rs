@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use checkout::{Analytics, Inventory, Mailer, OrderStatus, Orders, Payments};
 use eda::{EntryKind, EventId, JournalEntry};
+use eda_tests::{on_every_transport, Bus};
 
 /// The events of one saga as (type, type of its cause) pairs, after checking that every event
 /// shares the root's correlation id and names a published event as its cause.
@@ -31,9 +32,13 @@ fn pairs(expected: &[(&str, Option<&str>)]) -> BTreeSet<(String, Option<String>)
     expected.iter().map(|(t, c)| ((*t).to_owned(), c.map(str::to_owned))).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_orders_settle_with_the_right_events_in_the_right_causal_chain() {
-    let run = checkout::run("memory://").await.expect("the checkout runs");
+on_every_transport! {
+    three_orders_settle_with_the_right_events_in_the_right_causal_chain,
+    the_duplicate_delivery_is_absorbed_by_each_groups_guard,
+}
+
+async fn three_orders_settle_with_the_right_events_in_the_right_causal_chain(bus: Bus) {
+    let run = checkout::run(bus.url().unwrap_or("memory://")).await.expect("the checkout runs");
     let rt = &run.runtime;
     let expected = [
         pairs(&[
@@ -85,9 +90,8 @@ async fn three_orders_settle_with_the_right_events_in_the_right_causal_chain() {
     rt.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_duplicate_delivery_is_absorbed_by_each_groups_guard() {
-    let run = checkout::run("memory://").await.expect("the checkout runs");
+async fn the_duplicate_delivery_is_absorbed_by_each_groups_guard(bus: Bus) {
+    let run = checkout::run(bus.url().unwrap_or("memory://")).await.expect("the checkout runs");
     let (_, first) = &run.orders[0];
     let trace = run.runtime.trace(&first.correlation_id);
     let absorbed: BTreeSet<_> = trace

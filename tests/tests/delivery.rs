@@ -1,15 +1,13 @@
-//! Delivery semantics on the in-memory transport: guards, groups, competing consumers,
-//! retries, dead letters, per-key order, compensation bookkeeping and start-up checks.
+//! Delivery semantics, on every transport: guards, groups, competing consumers, retries, dead
+//! letters, per-key order, compensation bookkeeping, shutdown, and the start-up checks.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use eda::transport::MemoryTransport;
-use eda::{
-    event, handler, CorrelationId, Ctx, Error, HandlerError, Outcome, Registry, RetryPolicy, Runtime, Transport,
-};
+use eda::{event, handler, CorrelationId, Ctx, Error, HandlerError, Outcome, Registry, RetryPolicy, Runtime};
+use eda_tests::{on_every_transport, Bus};
 use serde::{Deserialize, Serialize};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -66,11 +64,26 @@ fn deposit(account: &str, seq: u32) -> Deposited {
     Deposited { account: account.into(), seq, cents: 100 }
 }
 
-#[tokio::test]
-async fn the_same_envelope_delivered_twice_has_one_effect() {
+on_every_transport! {
+    the_same_envelope_delivered_twice_has_one_effect,
+    every_group_gets_every_event_and_instances_of_a_group_share_them,
+    transient_failures_and_panics_are_retried_until_they_succeed,
+    exhausted_and_permanent_failures_are_dead_lettered_with_their_reason,
+    an_undecodable_payload_is_dead_lettered_at_once,
+    an_unknown_version_is_dead_lettered_and_other_types_are_acknowledged,
+    events_of_one_key_are_handled_in_order_while_keys_run_concurrently,
+    a_compensator_undoes_its_step_and_one_arriving_first_cancels_the_step,
+    shutdown_mid_stream_leaves_unhandled_events_with_the_transport,
+}
+
+async fn the_same_envelope_delivered_twice_has_one_effect(bus: Bus) {
     let registry = Registry::builder().handler::<credit>().publishes::<Deposited>().build();
-    let rt =
-        Runtime::builder(registry).state(Ledger::default()).transport_url("memory://").start().await.expect("start");
+    let rt = Runtime::builder(registry)
+        .state(Ledger::default())
+        .shared_transport(bus.transport())
+        .start()
+        .await
+        .expect("start");
     let envelope = rt.publisher().publish(&deposit("acc-1", 1)).await.expect("publish");
     rt.publisher().republish(&envelope).await.expect("republish");
     rt.settled(SETTLE).await.expect("settled");
@@ -80,9 +93,8 @@ async fn the_same_envelope_delivered_twice_has_one_effect() {
     rt.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_group_gets_every_event_and_instances_of_a_group_share_them() {
-    let bus: Arc<dyn eda::Transport> = Arc::new(MemoryTransport::new());
+async fn every_group_gets_every_event_and_instances_of_a_group_share_them(bus: Bus) {
+    let bus = bus.transport();
     let registry = || Registry::builder().handler::<credit>().handler::<audit>().publishes::<Deposited>().build();
     let start = |groups: &[&str]| {
         Runtime::builder(registry())
@@ -95,6 +107,8 @@ async fn every_group_gets_every_event_and_instances_of_a_group_share_them() {
     };
     let a = start(&["ledger", "audit"]).await.expect("start a");
     let b = start(&["ledger"]).await.expect("start b");
+    // Let the instances agree on who takes what (the SQL log leases partitions).
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let n = 200u32;
     for seq in 0..n {
         a.publisher().publish(&deposit(&format!("acc-{seq}"), seq)).await.expect("publish");
@@ -154,20 +168,18 @@ async fn work(job: Job, attempts: Ctx<'_, Attempts>) -> Result<(), HandlerError>
     Ok(())
 }
 
-async fn jobs_runtime(bus: &MemoryTransport) -> Runtime {
+async fn jobs_runtime(bus: &Bus) -> Runtime {
     let registry = Registry::builder().handler::<work>().publishes::<Job>().build();
     Runtime::builder(registry)
         .state(Attempts::default())
-        .transport(bus.clone())
+        .shared_transport(bus.transport())
         .retry(fast_retries(10))
         .start()
         .await
         .expect("start")
 }
 
-#[tokio::test]
-async fn transient_failures_and_panics_are_retried_until_they_succeed() {
-    let bus = MemoryTransport::new();
+async fn transient_failures_and_panics_are_retried_until_they_succeed(bus: Bus) {
     let rt = jobs_runtime(&bus).await;
     let p = rt.publisher();
     p.publish(&Job { id: 1, fail_times: 2, permanent: false, panic: false }).await.expect("publish");
@@ -177,20 +189,18 @@ async fn transient_failures_and_panics_are_retried_until_they_succeed() {
     assert_eq!(attempts.0.lock().expect("lock").clone(), HashMap::from([(1, 3), (2, 2)]));
     assert_eq!(attempts.1.load(Ordering::SeqCst), 2, "each job succeeded once");
     assert_eq!(rt.stats().retried, 3);
-    assert!(bus.dead_letters("workers").is_empty());
+    assert!(bus.dead_letters("workers").await.is_empty());
     rt.shutdown().await;
 }
 
-#[tokio::test]
-async fn exhausted_and_permanent_failures_are_dead_lettered_with_their_reason() {
-    let bus = MemoryTransport::new();
+async fn exhausted_and_permanent_failures_are_dead_lettered_with_their_reason(bus: Bus) {
     let rt = jobs_runtime(&bus).await;
     let p = rt.publisher();
     let hopeless = p.publish(&Job { id: 1, fail_times: 99, permanent: false, panic: false }).await.expect("publish");
     let invalid = p.publish(&Job { id: 2, fail_times: 99, permanent: true, panic: false }).await.expect("publish");
     p.publish(&Job { id: 3, fail_times: 0, permanent: false, panic: false }).await.expect("publish");
     rt.settled(SETTLE).await.expect("settled");
-    let dead = bus.dead_letters("workers");
+    let dead = bus.dead_letters("workers").await;
     assert_eq!(dead.len(), 2);
     let by_id: BTreeMap<_, _> = dead.iter().map(|d| (d.envelope.id, d)).collect();
     let h = by_id[&hopeless.id];
@@ -205,9 +215,7 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_with_their_reason() 
     rt.shutdown().await;
 }
 
-#[tokio::test]
-async fn an_undecodable_payload_is_dead_lettered_at_once() {
-    let bus = MemoryTransport::new();
+async fn an_undecodable_payload_is_dead_lettered_at_once(bus: Bus) {
     let rt = jobs_runtime(&bus).await;
     let mut envelope =
         rt.publisher().publish(&Job { id: 7, fail_times: 0, permanent: false, panic: false }).await.expect("publish");
@@ -215,7 +223,7 @@ async fn an_undecodable_payload_is_dead_lettered_at_once() {
     envelope.data = b"{\"id\": \"seven\"}".to_vec();
     rt.publisher().republish(&envelope).await.expect("republish");
     rt.settled(SETTLE).await.expect("settled");
-    let dead = bus.dead_letters("workers");
+    let dead = bus.dead_letters("workers").await;
     assert_eq!(dead.len(), 1);
     assert!(
         dead[0].reason.permanent && dead[0].reason.error.contains("cannot decode `Job.v1`"),
@@ -231,18 +239,16 @@ struct JobV2 {
     id: u32,
 }
 
-#[tokio::test]
-async fn an_unknown_version_is_dead_lettered_and_other_types_are_acknowledged() {
-    #[event(topic = "jobs")]
-    #[derive(Serialize, Deserialize)]
-    struct Unrelated {}
+#[event(topic = "jobs")]
+#[derive(Serialize, Deserialize)]
+struct Unrelated {}
 
-    let bus = MemoryTransport::new();
+async fn an_unknown_version_is_dead_lettered_and_other_types_are_acknowledged(bus: Bus) {
     let rt = jobs_runtime(&bus).await;
     let newer = rt.publisher().publish(&JobV2 { id: 1 }).await.expect("publish");
     rt.publisher().publish(&Unrelated {}).await.expect("publish");
     rt.settled(SETTLE).await.expect("settled");
-    let dead = bus.dead_letters("workers");
+    let dead = bus.dead_letters("workers").await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].envelope.id, newer.id);
     assert!(dead[0].reason.error.contains("version 2 of `Job` is unknown"), "{}", dead[0].reason.error);
@@ -250,8 +256,7 @@ async fn an_unknown_version_is_dead_lettered_and_other_types_are_acknowledged() 
     rt.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_of_one_key_are_handled_in_order_while_keys_run_concurrently() {
+async fn events_of_one_key_are_handled_in_order_while_keys_run_concurrently(bus: Bus) {
     #[event(topic = "ordered", key = key)]
     #[derive(Serialize, Deserialize)]
     struct Step {
@@ -279,7 +284,7 @@ async fn events_of_one_key_are_handled_in_order_while_keys_run_concurrently() {
     let registry = Registry::builder().handler::<sequence>().publishes::<Step>().build();
     let rt = Runtime::builder(registry)
         .state(Seen::default())
-        .transport_url("memory://")
+        .shared_transport(bus.transport())
         .max_in_flight(16)
         .retry(fast_retries(3))
         .start()
@@ -299,7 +304,7 @@ async fn events_of_one_key_are_handled_in_order_while_keys_run_concurrently() {
         let order: Vec<_> = log.iter().filter(|(k, _)| *k == key).map(|(_, s)| *s).collect();
         assert_eq!(order, (0..40).collect::<Vec<_>>(), "key {key} out of order");
     }
-    assert!(seen.3.load(Ordering::SeqCst) > 1, "different keys ran concurrently");
+    assert!(seen.3.load(Ordering::SeqCst) > 1, "different keys ran concurrently ({:?})", bus.kind);
     rt.shutdown().await;
 }
 
@@ -351,16 +356,19 @@ async fn lift_hold(ev: CheckFailed, holds: Ctx<'_, Holds>) -> Unheld {
     Unheld { hold: ev.hold }
 }
 
-#[tokio::test]
-async fn a_compensator_undoes_its_step_and_one_arriving_first_cancels_the_step() {
+async fn a_compensator_undoes_its_step_and_one_arriving_first_cancels_the_step(bus: Bus) {
     let registry = Registry::builder()
         .handler::<place_hold>()
         .handler::<check>()
         .handler::<lift_hold>()
         .publishes::<HoldRequested>()
         .build();
-    let rt =
-        Runtime::builder(registry).state(Holds::default()).transport_url("memory://").start().await.expect("start");
+    let rt = Runtime::builder(registry)
+        .state(Holds::default())
+        .shared_transport(bus.transport())
+        .start()
+        .await
+        .expect("start");
     let p = rt.publisher();
 
     // The normal saga: placed, check fails, lifted.
@@ -417,8 +425,7 @@ async fn start_up_refuses_missing_state_and_unknown_transports() {
     assert!(err.err().map(|e| e.to_string()).expect("unknown group").contains("`nobody`"));
 }
 
-#[tokio::test]
-async fn shutdown_mid_stream_leaves_unhandled_events_with_the_transport() {
+async fn shutdown_mid_stream_leaves_unhandled_events_with_the_transport(bus: Bus) {
     #[event(topic = "slow", key = id)]
     #[derive(Serialize, Deserialize)]
     struct Slow {
@@ -432,11 +439,10 @@ async fn shutdown_mid_stream_leaves_unhandled_events_with_the_transport() {
         done.0.lock().expect("lock").push(ev.id);
     }
 
-    let bus = MemoryTransport::new();
     let registry = || Registry::builder().handler::<slow>().publishes::<Slow>().build();
     let first = Runtime::builder(registry())
         .state(Done::default())
-        .transport(bus.clone())
+        .shared_transport(bus.transport())
         .max_in_flight(2)
         .start()
         .await
@@ -444,15 +450,23 @@ async fn shutdown_mid_stream_leaves_unhandled_events_with_the_transport() {
     for id in 0..50 {
         first.publisher().publish(&Slow { id }).await.expect("publish");
     }
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    let done = || first.state::<Done>().map_or(0, |d| d.0.lock().expect("lock").len());
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while done() < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     first.shutdown().await;
     let before: Vec<u32> = first.state::<Done>().expect("state").0.lock().expect("lock").clone();
     assert!(!before.is_empty() && before.len() < 50, "stopped mid-stream after {}", before.len());
-    let lag: u64 = bus.lag("slowpoke", "slow").await.expect("lag").iter().map(|p| p.lag).sum();
+    let lag = bus.lag("slowpoke", "slow").await;
     assert_eq!(lag as usize, 50 - before.len(), "exactly the unhandled events are left");
 
-    let second =
-        Runtime::builder(registry()).state(Done::default()).transport(bus.clone()).start().await.expect("restart");
+    let second = Runtime::builder(registry())
+        .state(Done::default())
+        .shared_transport(bus.transport())
+        .start()
+        .await
+        .expect("restart");
     second.settled(SETTLE).await.expect("settled");
     let after: Vec<u32> = second.state::<Done>().expect("state").0.lock().expect("lock").clone();
     let mut all: Vec<_> = before.iter().chain(&after).copied().collect();

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eda_core::{
-    Acker, DeadLetter, Deliveries, Delivery, Envelope, PartitionLag, Subscription, Transport, TransportError,
+    Acker, DeadLetter, DeadLetterStore, Deliveries, Delivery, Envelope, PartitionLag, Subscription, Transport,
+    TransportError,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -140,12 +141,6 @@ impl MemoryTransport {
         self.inner.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The dead letters of `group`, oldest first.
-    pub fn dead_letters(&self, group: &str) -> Vec<DeadLetter> {
-        let dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
-        dead.iter().filter(|(g, _)| g == group).map(|(_, d)| d.clone()).collect()
-    }
-
     /// How many events `topic` holds.
     pub fn len(&self, topic: &str) -> usize {
         self.topics().get(topic).map_or(0, |t| t.events.len())
@@ -255,6 +250,14 @@ impl Transport for MemoryTransport {
             log.events.len() as u64 - committed
         });
         Ok(vec![PartitionLag { partition: 0, lag }])
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for MemoryTransport {
+    async fn dead_letters(&self, group: &str) -> Result<Vec<DeadLetter>, TransportError> {
+        let dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(dead.iter().filter(|(g, _)| g == group).map(|(_, d)| d.clone()).collect())
     }
 }
 
