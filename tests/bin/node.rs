@@ -1,0 +1,115 @@
+//! A service process for the process-level tests: it publishes work, or consumes it with
+//! handlers whose side effects are rows in the same SQLite file, written in the handling's
+//! transaction. Tests stop it, kill it and restart it, then count the rows.
+//!
+//! `eda-test-node publish <url> <count> <first>` publishes `Work { n }` for n in first..first+count.
+//! `eda-test-node consume <url> <expected>` handles work until `expected` tallies exist, then exits;
+//! SIGTERM (or ctrl-c) stops it gracefully before that.
+
+use std::time::Duration;
+
+use eda::sqlite::{sqlx, SqliteOptions};
+use eda::{event, handler, Ctx, HandlerError, Registry, Runtime};
+use serde::{Deserialize, Serialize};
+
+#[event(topic = "work", key = key)]
+#[derive(Serialize, Deserialize)]
+struct Work {
+    n: u32,
+    key: u32,
+}
+
+#[event(topic = "applied", key = key)]
+#[derive(Serialize, Deserialize)]
+struct Applied {
+    n: u32,
+    key: u32,
+}
+
+/// Applies the work: one row per handling, so a handling that happened twice shows.
+#[handler(group = "workers")]
+async fn apply(work: Work, cx: Ctx<'_>) -> Result<Applied, HandlerError> {
+    let mut tx = eda::sqlite::transaction(&cx).await?;
+    sqlx::query("INSERT INTO effects (event_id, n) VALUES (?1, ?2)")
+        .bind(cx.event_id().to_string())
+        .bind(work.n)
+        .execute(&mut **tx)
+        .await?;
+    Ok(Applied { n: work.n, key: work.key })
+}
+
+/// Counts what was applied: the emitted events must arrive exactly once in effect too.
+#[handler(group = "tally")]
+async fn tally(applied: Applied, cx: Ctx<'_>) -> Result<(), HandlerError> {
+    let mut tx = eda::sqlite::transaction(&cx).await?;
+    sqlx::query("INSERT INTO tallies (n) VALUES (?1)").bind(applied.n).execute(&mut **tx).await?;
+    Ok(())
+}
+
+fn registry() -> Registry {
+    Registry::builder().handler::<apply>().handler::<tally>().publishes::<Work>().build()
+}
+
+async fn transport(url: &str) -> eda::Result<eda::sqlite::SqliteTransport> {
+    // A stable instance name: a restarted node takes its partitions back at once.
+    let transport = SqliteOptions::new(url).instance_id("node").lease_ttl(Duration::from_secs(2)).connect().await?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS effects (event_id TEXT NOT NULL, n INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS tallies (n INTEGER NOT NULL);",
+    )
+    .execute(transport.pool())
+    .await
+    .map_err(|e| eda::Error::Config(format!("cannot create the test tables: {e}")))?;
+    Ok(transport)
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> eda::Result<T> {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| eda::Error::Config(format!("argument {i} must be {what}; see the usage at the top of node.rs")))
+}
+
+#[tokio::main]
+async fn main() -> eda::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let mode: String = arg(&args, 1, "`publish` or `consume`")?;
+    let url: String = arg(&args, 2, "a sqlite:// URL")?;
+    let transport = transport(&url).await?;
+    match mode.as_str() {
+        "publish" => {
+            let (count, first): (u32, u32) = (arg(&args, 3, "a count")?, arg(&args, 4, "the first number")?);
+            let runtime = Runtime::builder(Registry::default()).transport(transport).start().await?;
+            let publisher = runtime.publisher();
+            for n in first..first + count {
+                publisher.publish(&Work { n, key: n % 50 }).await?;
+            }
+            runtime.shutdown().await;
+            Ok(())
+        }
+        "consume" => {
+            let expected: i64 = arg(&args, 3, "the number of tallies to wait for")?;
+            let pool = transport.pool().clone();
+            let runtime = Runtime::builder(registry()).transport(transport).max_in_flight(16).start().await?;
+            let done = async {
+                loop {
+                    let tallies: i64 =
+                        sqlx::query_scalar("SELECT COUNT(*) FROM tallies").fetch_one(&pool).await.unwrap_or(0);
+                    if tallies >= expected {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(eda::Error::Signal)?;
+            tokio::select! {
+                _ = done => {}
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            runtime.shutdown().await;
+            Ok(())
+        }
+        other => Err(eda::Error::Config(format!("unknown mode `{other}`: use `publish` or `consume`"))),
+    }
+}
