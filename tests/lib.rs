@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use eda::transport::sqlite::{SqliteOptions, SqliteTransport};
+use eda::sql::{SqlOptions, SqlTransport};
 use eda::transport::MemoryTransport;
 use eda::{DeadLetter, DeadLetterStore, Transport};
 
@@ -16,6 +16,8 @@ pub enum Kind {
     Memory,
     /// `sqlite://` in a fresh temporary file
     Sqlite,
+    /// `postgres://` with tables of its own (a fresh prefix) in the test database
+    Postgres,
 }
 
 /// One transport under test, with what the tests need to look into it.
@@ -25,6 +27,7 @@ pub struct Bus {
     transport: Arc<dyn Transport>,
     dead: Arc<dyn DeadLetterStore>,
     url: Option<String>,
+    prefix: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -34,15 +37,44 @@ impl Bus {
         match kind {
             Kind::Memory => {
                 let t = MemoryTransport::new();
-                Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), url: None, _dir: None }
+                Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), url: None, prefix: None, _dir: None }
             }
             Kind::Sqlite => {
                 let dir = tempfile::tempdir().expect("a temporary directory");
                 let url = format!("sqlite://{}", dir.path().join("eda.db").display());
-                let t = sqlite_options(&url).connect().await.expect("the SQLite transport opens");
-                Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), url: Some(url), _dir: Some(dir) }
+                let t = sql_options(&url).connect().await.expect("the SQLite transport opens");
+                Self {
+                    kind,
+                    transport: Arc::new(t.clone()),
+                    dead: Arc::new(t),
+                    url: Some(url),
+                    prefix: None,
+                    _dir: Some(dir),
+                }
+            }
+            Kind::Postgres => {
+                let url = postgres_url().await;
+                let prefix = fresh_prefix();
+                let t = sql_options(&url)
+                    .table_prefix(&prefix)
+                    .connect()
+                    .await
+                    .unwrap_or_else(|e| panic!("PostgreSQL is needed at {url} (set EDA_TEST_POSTGRES_URL): {e}"));
+                Self {
+                    kind,
+                    transport: Arc::new(t.clone()),
+                    dead: Arc::new(t),
+                    url: Some(url),
+                    prefix: Some(prefix),
+                    _dir: None,
+                }
             }
         }
+    }
+
+    /// The table prefix, where the test picked one.
+    pub fn prefix(&self) -> Option<&str> {
+        self.prefix.as_deref()
     }
 
     /// The transport, to give to runtimes.
@@ -66,14 +98,52 @@ impl Bus {
     }
 }
 
-/// SQLite settings for tests: short leases so instances rebalance quickly.
-pub fn sqlite_options(url: &str) -> SqliteOptions {
-    SqliteOptions::new(url).lease_ttl(Duration::from_millis(600)).poll_interval(Duration::from_millis(20))
+/// SQL log settings for tests: short leases so instances rebalance quickly.
+pub fn sql_options(url: &str) -> SqlOptions {
+    SqlOptions::new(url).lease_ttl(Duration::from_millis(600)).poll_interval(Duration::from_millis(20))
 }
 
-/// Opens a second handle on the same SQLite file, as another process would.
-pub async fn reopen(url: &str) -> SqliteTransport {
-    sqlite_options(url).connect().await.expect("the SQLite transport opens")
+/// Opens a second handle on the same database, as another process would.
+pub async fn reopen(url: &str, prefix: Option<&str>) -> SqlTransport {
+    let options = sql_options(url);
+    let options = match prefix {
+        Some(p) => options.table_prefix(p),
+        None => options,
+    };
+    options.connect().await.expect("the SQL transport opens")
+}
+
+/// A table prefix no other test uses.
+pub fn fresh_prefix() -> String {
+    format!("t{}_", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The PostgreSQL database the tests use: `EDA_TEST_POSTGRES_URL`, or the `eda_test` database
+/// on 127.0.0.1, created on first use.
+pub async fn postgres_url() -> String {
+    static CREATED: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    CREATED
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("EDA_TEST_POSTGRES_URL") {
+                return url;
+            }
+            let admin = "postgres://postgres@127.0.0.1:5432/postgres";
+            let mut conn = <eda::sql::sqlx::PgConnection as eda::sql::sqlx::Connection>::connect(admin)
+                .await
+                .unwrap_or_else(|e| panic!("PostgreSQL is needed at {admin} (tests/run.sh starts it): {e}"));
+            let exists: Option<i32> =
+                eda::sql::sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = 'eda_test'")
+                    .fetch_optional(&mut conn)
+                    .await
+                    .expect("pg_database can be read");
+            if exists.is_none() {
+                // Another test binary may create it at the same moment; either way it exists.
+                let _ = eda::sql::sqlx::query("CREATE DATABASE eda_test").execute(&mut conn).await;
+            }
+            "postgres://postgres@127.0.0.1:5432/eda_test".to_owned()
+        })
+        .await
+        .clone()
 }
 
 /// Runs each named `async fn(Bus)` as a test on every transport.
@@ -93,6 +163,14 @@ macro_rules! on_every_transport {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test($crate::Bus::new($crate::Kind::Sqlite).await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::Bus::new($crate::Kind::Postgres).await).await
                 }
             )*
         }

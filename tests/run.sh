@@ -1,11 +1,30 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit, doc, UI (trybuild) and end-to-end tests.
-# It starts or installs whatever the tests need; today they need only the Rust toolchain,
-# because the one transport that exists is in-process.
+# The whole test suite: formatting, lints, unit, doc, UI (trybuild), end-to-end and process
+# tests. It starts what the tests need and fails loudly when it cannot: PostgreSQL on
+# 127.0.0.1:5432 (trust auth), for the PostgreSQL log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
+
+step "PostgreSQL on 127.0.0.1:5432"
+if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    echo "PostgreSQL is not accepting connections; starting it"
+    for version in /etc/postgresql/*; do
+        pg_ctlcluster --skip-systemctl-redirect "$(basename "$version")" main start || true
+    done
+    for _ in $(seq 1 30); do
+        pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && break
+        sleep 1
+    done
+fi
+if ! pg_isready -h 127.0.0.1 -p 5432; then
+    echo "PostgreSQL is needed on 127.0.0.1:5432 with trust auth for user postgres; start it and run again" >&2
+    exit 1
+fi
+# A fresh database for every run: each test makes its own tables in it, under its own prefix.
+psql -h 127.0.0.1 -U postgres -d postgres -v ON_ERROR_STOP=1 -q \
+    -c "DROP DATABASE IF EXISTS eda_test WITH (FORCE)" -c "CREATE DATABASE eda_test"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -60,7 +60,7 @@ pub use journal::{EntryKind, JournalEntry};
 pub use retry::RetryPolicy;
 pub use runtime::{Publisher, Runtime, RuntimeBuilder};
 
-/// The SQLite transport and the transaction its handlers run in.
-#[cfg(feature = "sqlite")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub use transport::sqlite;
+/// The SQL log transport (SQLite, PostgreSQL) and the transaction its handlers run in.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub use transport::sql;

@@ -58,6 +58,11 @@ pub struct CheckoutRun {
 /// delivers the first one a second time (a producer retry: the same envelope, the same id), and
 /// waits until every saga has settled.
 pub async fn run(url: &str) -> eda::Result<CheckoutRun> {
+    run_on(eda::transport::connect(url).await?).await
+}
+
+/// [`run`] on a transport that is already connected.
+pub async fn run_on(transport: Arc<dyn eda::Transport>) -> eda::Result<CheckoutRun> {
     let orders = Arc::new(Orders::default());
     let runtime = Runtime::from_registry()
         .service("checkout")
@@ -67,7 +72,7 @@ pub async fn run(url: &str) -> eda::Result<CheckoutRun> {
         .shared_state(orders.clone())
         .state(Mailer::default())
         .state(Analytics::default())
-        .transport_url(url)
+        .shared_transport(transport)
         .retry(eda::RetryPolicy { initial_backoff: Duration::from_millis(20), ..Default::default() })
         .start()
         .await?;

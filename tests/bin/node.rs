@@ -1,14 +1,15 @@
 //! A service process for the process-level tests: it publishes work, or consumes it with
-//! handlers whose side effects are rows in the same SQLite file, written in the handling's
+//! handlers whose side effects are rows in the same database as the log, written in the handling's
 //! transaction. Tests stop it, kill it and restart it, then count the rows.
 //!
-//! `eda-test-node publish <url> <count> <first>` publishes `Work { n }` for n in first..first+count.
-//! `eda-test-node consume <url> <expected>` handles work until `expected` tallies exist, then exits;
-//! SIGTERM (or ctrl-c) stops it gracefully before that.
+//! `eda-test-node publish <url> <prefix> <count> <first>` publishes `Work { n }` for n in
+//! first..first+count. `eda-test-node consume <url> <prefix> <expected>` handles work until
+//! `expected` tallies exist, then exits; SIGTERM (or ctrl-c) stops it gracefully before that.
+//! `<prefix>` prefixes every table, eda's and the test's, so tests can share a database.
 
 use std::time::Duration;
 
-use eda::sqlite::{sqlx, SqliteOptions};
+use eda::sql::{sqlx, SqlOptions};
 use eda::{event, handler, Ctx, HandlerError, Registry, Runtime};
 use serde::{Deserialize, Serialize};
 
@@ -26,23 +27,26 @@ struct Applied {
     key: u32,
 }
 
+/// The test's own tables, under the test's prefix.
+struct Tables {
+    insert_effect: String,
+    insert_tally: String,
+    count_tallies: String,
+}
+
 /// Applies the work: one row per handling, so a handling that happened twice shows.
 #[handler(group = "workers")]
-async fn apply(work: Work, cx: Ctx<'_>) -> Result<Applied, HandlerError> {
-    let mut tx = eda::sqlite::transaction(&cx).await?;
-    sqlx::query("INSERT INTO effects (event_id, n) VALUES (?1, ?2)")
-        .bind(cx.event_id().to_string())
-        .bind(work.n)
-        .execute(&mut **tx)
-        .await?;
+async fn apply(work: Work, cx: Ctx<'_, Tables>) -> Result<Applied, HandlerError> {
+    let mut tx = eda::sql::transaction(&cx).await?;
+    sqlx::query(&cx.insert_effect).bind(cx.event_id().to_string()).bind(i64::from(work.n)).execute(&mut **tx).await?;
     Ok(Applied { n: work.n, key: work.key })
 }
 
 /// Counts what was applied: the emitted events must arrive exactly once in effect too.
 #[handler(group = "tally")]
-async fn tally(applied: Applied, cx: Ctx<'_>) -> Result<(), HandlerError> {
-    let mut tx = eda::sqlite::transaction(&cx).await?;
-    sqlx::query("INSERT INTO tallies (n) VALUES (?1)").bind(applied.n).execute(&mut **tx).await?;
+async fn tally(applied: Applied, cx: Ctx<'_, Tables>) -> Result<(), HandlerError> {
+    let mut tx = eda::sql::transaction(&cx).await?;
+    sqlx::query(&cx.insert_tally).bind(i64::from(applied.n)).execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -50,17 +54,29 @@ fn registry() -> Registry {
     Registry::builder().handler::<apply>().handler::<tally>().publishes::<Work>().build()
 }
 
-async fn transport(url: &str) -> eda::Result<eda::sqlite::SqliteTransport> {
+async fn transport(url: &str, prefix: &str) -> eda::Result<(eda::sql::SqlTransport, Tables)> {
     // A stable instance name: a restarted node takes its partitions back at once.
-    let transport = SqliteOptions::new(url).instance_id("node").lease_ttl(Duration::from_secs(2)).connect().await?;
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS effects (event_id TEXT NOT NULL, n INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS tallies (n INTEGER NOT NULL);",
-    )
-    .execute(transport.pool())
-    .await
-    .map_err(|e| eda::Error::Config(format!("cannot create the test tables: {e}")))?;
-    Ok(transport)
+    let transport = SqlOptions::new(url)
+        .table_prefix(prefix)
+        .instance_id("node")
+        .lease_ttl(Duration::from_secs(2))
+        .connect()
+        .await?;
+    for ddl in [
+        format!("CREATE TABLE IF NOT EXISTS {prefix}effects (event_id TEXT NOT NULL, n BIGINT NOT NULL)"),
+        format!("CREATE TABLE IF NOT EXISTS {prefix}tallies (n BIGINT NOT NULL)"),
+    ] {
+        sqlx::query(&ddl)
+            .execute(transport.pool())
+            .await
+            .map_err(|e| eda::Error::Config(format!("cannot create the test tables: {e}")))?;
+    }
+    let tables = Tables {
+        insert_effect: format!("INSERT INTO {prefix}effects (event_id, n) VALUES ($1, $2)"),
+        insert_tally: format!("INSERT INTO {prefix}tallies (n) VALUES ($1)"),
+        count_tallies: format!("SELECT COUNT(*) FROM {prefix}tallies"),
+    };
+    Ok((transport, tables))
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> eda::Result<T> {
@@ -73,11 +89,12 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> eda::Resu
 async fn main() -> eda::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode: String = arg(&args, 1, "`publish` or `consume`")?;
-    let url: String = arg(&args, 2, "a sqlite:// URL")?;
-    let transport = transport(&url).await?;
+    let url: String = arg(&args, 2, "a sqlite:// or postgres:// URL")?;
+    let prefix: String = arg(&args, 3, "a table prefix")?;
+    let (transport, tables) = transport(&url, &prefix).await?;
     match mode.as_str() {
         "publish" => {
-            let (count, first): (u32, u32) = (arg(&args, 3, "a count")?, arg(&args, 4, "the first number")?);
+            let (count, first): (u32, u32) = (arg(&args, 4, "a count")?, arg(&args, 5, "the first number")?);
             let runtime = Runtime::builder(Registry::default()).transport(transport).start().await?;
             let publisher = runtime.publisher();
             for n in first..first + count {
@@ -87,13 +104,14 @@ async fn main() -> eda::Result<()> {
             Ok(())
         }
         "consume" => {
-            let expected: i64 = arg(&args, 3, "the number of tallies to wait for")?;
+            let expected: i64 = arg(&args, 4, "the number of tallies to wait for")?;
             let pool = transport.pool().clone();
-            let runtime = Runtime::builder(registry()).transport(transport).max_in_flight(16).start().await?;
+            let count = tables.count_tallies.clone();
+            let runtime =
+                Runtime::builder(registry()).state(tables).transport(transport).max_in_flight(16).start().await?;
             let done = async {
                 loop {
-                    let tallies: i64 =
-                        sqlx::query_scalar("SELECT COUNT(*) FROM tallies").fetch_one(&pool).await.unwrap_or(0);
+                    let tallies: i64 = sqlx::query_scalar(&count).fetch_one(&pool).await.unwrap_or(0);
                     if tallies >= expected {
                         return;
                     }

@@ -38,7 +38,7 @@ on_every_transport! {
 }
 
 async fn three_orders_settle_with_the_right_events_in_the_right_causal_chain(bus: Bus) {
-    let run = checkout::run(bus.url().unwrap_or("memory://")).await.expect("the checkout runs");
+    let run = checkout::run_on(bus.transport()).await.expect("the checkout runs");
     let rt = &run.runtime;
     let expected = [
         pairs(&[
@@ -91,7 +91,7 @@ async fn three_orders_settle_with_the_right_events_in_the_right_causal_chain(bus
 }
 
 async fn the_duplicate_delivery_is_absorbed_by_each_groups_guard(bus: Bus) {
-    let run = checkout::run(bus.url().unwrap_or("memory://")).await.expect("the checkout runs");
+    let run = checkout::run_on(bus.transport()).await.expect("the checkout runs");
     let (_, first) = &run.orders[0];
     let trace = run.runtime.trace(&first.correlation_id);
     let absorbed: BTreeSet<_> = trace

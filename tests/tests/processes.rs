@@ -1,21 +1,61 @@
-//! Durability across processes on the SQLite log: a consumer that was down catches up from its
-//! stored offset, and a consumer killed with SIGKILL again and again still applies every event's
-//! effects exactly once, its emitted events included.
+//! Durability across processes on the SQL log, SQLite and PostgreSQL alike: a consumer that was
+//! down catches up from its stored offset, a consumer stopped by SIGTERM mid-stream finishes
+//! later, and a consumer killed with SIGKILL again and again still applies every event's effects
+//! exactly once, its emitted events included.
 
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use eda::sqlite::sqlx;
+use eda::sql::sqlx;
 use eda::Transport;
 
 const NODE: &str = env!("CARGO_BIN_EXE_eda-test-node");
 
-fn node(args: &[&str]) -> Child {
-    Command::new(NODE).args(args).spawn().expect("the test node starts")
+/// A database for one test: a SQLite file in a temporary directory, or a fresh table prefix in
+/// the PostgreSQL test database.
+struct Target {
+    url: String,
+    prefix: String,
+    _dir: Option<tempfile::TempDir>,
 }
 
-fn run_node(args: &[&str]) -> ExitStatus {
-    node(args).wait().expect("the test node runs")
+impl Target {
+    async fn new(postgres: bool) -> Self {
+        if postgres {
+            Self { url: eda_tests::postgres_url().await, prefix: eda_tests::fresh_prefix(), _dir: None }
+        } else {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let url = format!("sqlite://{}", dir.path().join("eda.db").display());
+            Self { url, prefix: "eda_".into(), _dir: Some(dir) }
+        }
+    }
+
+    fn node(&self, args: &[&str]) -> Child {
+        let (mode, rest) = args.split_first().expect("a mode");
+        Command::new(NODE).arg(mode).arg(&self.url).arg(&self.prefix).args(rest).spawn().expect("the test node starts")
+    }
+
+    fn run(&self, args: &[&str]) -> ExitStatus {
+        self.node(args).wait().expect("the test node runs")
+    }
+
+    async fn counts(&self) -> Counts {
+        let transport = eda_tests::reopen(&self.url, Some(&self.prefix)).await;
+        let pool = transport.pool();
+        let p = &self.prefix;
+        let one = |sql: String| async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await.expect("count") };
+        Counts {
+            effects: one(format!("SELECT COUNT(*) FROM {p}effects")).await,
+            distinct_effects: one(format!("SELECT COUNT(DISTINCT n) FROM {p}effects")).await,
+            tallies: one(format!("SELECT COUNT(*) FROM {p}tallies")).await,
+            distinct_tallies: one(format!("SELECT COUNT(DISTINCT n) FROM {p}tallies")).await,
+        }
+    }
+
+    async fn lag(&self, group: &str, topic: &str) -> u64 {
+        let transport = eda_tests::reopen(&self.url, Some(&self.prefix)).await;
+        transport.lag(group, topic).await.expect("lag").iter().map(|p| p.lag).sum()
+    }
 }
 
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
@@ -32,6 +72,7 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+#[derive(Debug)]
 struct Counts {
     effects: i64,
     distinct_effects: i64,
@@ -39,81 +80,57 @@ struct Counts {
     distinct_tallies: i64,
 }
 
-async fn counts(url: &str) -> Counts {
-    let transport = eda_tests::reopen(url).await;
-    let pool = transport.pool();
-    let one = |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.expect(sql) };
-    Counts {
-        effects: one("SELECT COUNT(*) FROM effects").await,
-        distinct_effects: one("SELECT COUNT(DISTINCT n) FROM effects").await,
-        tallies: one("SELECT COUNT(*) FROM tallies").await,
-        distinct_tallies: one("SELECT COUNT(DISTINCT n) FROM tallies").await,
-    }
-}
-
-async fn lag(url: &str, group: &str, topic: &str) -> u64 {
-    let transport = eda_tests::reopen(url).await;
-    transport.lag(group, topic).await.expect("lag").iter().map(|p| p.lag).sum()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_that_was_down_catches_up_from_its_stored_offset() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("eda.db").display());
-
-    assert!(run_node(&["publish", &url, "100", "0"]).success());
-    let mut consumer = node(&["consume", &url, "100"]);
+async fn a_consumer_that_was_down_catches_up_from_its_stored_offset(postgres: bool) {
+    let db = Target::new(postgres).await;
+    assert!(db.run(&["publish", "100", "0"]).success());
+    let mut consumer = db.node(&["consume", "100"]);
     assert!(wait_with_timeout(&mut consumer, Duration::from_secs(60)).success());
 
     // The consumer is down while 100 more events are published.
-    assert!(run_node(&["publish", &url, "100", "100"]).success());
-    assert_eq!(lag(&url, "workers", "work").await, 100, "the new events wait for the consumer");
+    assert!(db.run(&["publish", "100", "100"]).success());
+    assert_eq!(db.lag("workers", "work").await, 100, "the new events wait for the consumer");
 
-    let mut consumer = node(&["consume", &url, "200"]);
+    let mut consumer = db.node(&["consume", "200"]);
     assert!(wait_with_timeout(&mut consumer, Duration::from_secs(60)).success());
-    let c = counts(&url).await;
+    let c = db.counts().await;
     assert_eq!((c.effects, c.distinct_effects), (200, 200), "every event applied once");
     assert_eq!((c.tallies, c.distinct_tallies), (200, 200), "every emitted event applied once");
-    assert_eq!(lag(&url, "workers", "work").await, 0);
+    assert_eq!(db.lag("workers", "work").await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_mid_stream_loses_nothing_and_applies_nothing_twice() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("eda.db").display());
-    assert!(run_node(&["publish", &url, "2000", "0"]).success());
+async fn sigterm_mid_stream_loses_nothing_and_applies_nothing_twice(postgres: bool) {
+    let db = Target::new(postgres).await;
+    assert!(db.run(&["publish", "2000", "0"]).success());
 
-    let mut consumer = node(&["consume", &url, "2000"]);
+    let mut consumer = db.node(&["consume", "2000"]);
     std::thread::sleep(Duration::from_millis(700));
     let pid = consumer.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
     assert!(wait_with_timeout(&mut consumer, Duration::from_secs(30)).success(), "a graceful stop exits 0");
-    let stopped = counts(&url).await;
+    let stopped = db.counts().await;
     assert!(stopped.tallies < 2000, "stopped mid-stream ({} of 2000 done)", stopped.tallies);
 
-    let mut consumer = node(&["consume", &url, "2000"]);
+    let mut consumer = db.node(&["consume", "2000"]);
     assert!(wait_with_timeout(&mut consumer, Duration::from_secs(120)).success());
-    let c = counts(&url).await;
+    let c = db.counts().await;
     assert_eq!((c.effects, c.distinct_effects), (2000, 2000));
     assert_eq!((c.tallies, c.distinct_tallies), (2000, 2000));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_still_applies_every_effect_exactly_once() {
+async fn sigkill_at_random_moments_still_applies_every_effect_exactly_once(postgres: bool) {
     const EVENTS: u32 = 10_000;
     const KILLS: usize = 20;
     let seed = std::env::var("EDA_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
     println!("crash test seed {seed} (set EDA_CRASH_SEED to repeat it)");
     let mut rng = fastrand::Rng::with_seed(seed);
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("eda.db").display());
-    assert!(run_node(&["publish", &url, &EVENTS.to_string(), "0"]).success());
+    let db = Target::new(postgres).await;
+    assert!(db.run(&["publish", &EVENTS.to_string(), "0"]).success());
 
     let expected = EVENTS.to_string();
     let mut kills = 0;
     while kills < KILLS {
-        let mut consumer = node(&["consume", &url, &expected]);
+        let mut consumer = db.node(&["consume", &expected]);
         std::thread::sleep(Duration::from_millis(rng.u64(150..900)));
         if consumer.try_wait().expect("try_wait").is_some() {
             break; // finished before this kill: nothing left to interrupt
@@ -122,20 +139,40 @@ async fn sigkill_at_random_moments_still_applies_every_effect_exactly_once() {
         consumer.wait().expect("reaped");
         kills += 1;
     }
-    let mut consumer = node(&["consume", &url, &expected]);
+    let mut consumer = db.node(&["consume", &expected]);
     assert!(wait_with_timeout(&mut consumer, Duration::from_secs(300)).success());
 
-    let c = counts(&url).await;
-    println!("{kills} kills; {} effects, {} tallies", c.effects, c.tallies);
+    let c = db.counts().await;
+    println!("{kills} kills; {c:?}");
     assert!(kills >= KILLS, "only {kills} kills happened before the work was done: make the work longer");
-    assert_eq!(
-        (c.effects, c.distinct_effects),
-        (i64::from(EVENTS), i64::from(EVENTS)),
-        "each event's effect exactly once"
-    );
-    assert_eq!(
-        (c.tallies, c.distinct_tallies),
-        (i64::from(EVENTS), i64::from(EVENTS)),
-        "each emitted event's effect exactly once"
-    );
+    let all = i64::from(EVENTS);
+    assert_eq!((c.effects, c.distinct_effects), (all, all), "each event's effect exactly once");
+    assert_eq!((c.tallies, c.distinct_tallies), (all, all), "each emitted event's effect exactly once");
+}
+
+macro_rules! on_sqlite_and_postgres {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(false).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(true).await
+                }
+            )*
+        }
+    };
+}
+
+on_sqlite_and_postgres! {
+    a_consumer_that_was_down_catches_up_from_its_stored_offset,
+    sigterm_mid_stream_loses_nothing_and_applies_nothing_twice,
+    sigkill_at_random_moments_still_applies_every_effect_exactly_once,
 }

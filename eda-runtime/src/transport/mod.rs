@@ -1,9 +1,9 @@
 //! Transports, one module per broker, each behind its cargo feature.
 
 mod memory;
-#[cfg(feature = "sqlite")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub mod sql;
 
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ pub use memory::MemoryTransport;
 use crate::{Error, Result};
 
 /// Connects the transport a URL names: `memory://` (always available), `sqlite://path`
-/// (feature `sqlite`, on by default).
+/// (feature `sqlite`, on by default), `postgres://user@host/database` (feature `postgres`).
 ///
 /// A URL whose transport is not in this build fails with an error that says so.
 ///
@@ -28,18 +28,25 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
     let missing = |name: &str| {
         Error::Config(format!(
-            "`{scheme}://` URLs need the {name} transport, which this version of eda does not have yet; use `memory://` or `sqlite://`"
+            "`{scheme}://` URLs need the {name} transport, which this version of eda does not have yet; use `memory://`, `sqlite://` or `postgres://`"
+        ))
+    };
+    #[allow(unused_variables)] // every feature may be on
+    let not_built = |feature: &str| {
+        Error::Config(format!(
+            "`{scheme}://` needs the cargo feature `{feature}` of eda-runtime, which this build lacks"
         ))
     };
     match scheme {
         "memory" => Ok(Arc::new(MemoryTransport::new())),
         #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Arc::new(sqlite::SqliteTransport::connect(url).await?)),
+        "sqlite" => Ok(Arc::new(sql::SqlTransport::connect(url).await?)),
         #[cfg(not(feature = "sqlite"))]
-        "sqlite" => Err(Error::Config(format!(
-            "`{url}` needs the SQLite transport: enable the cargo feature `sqlite` of eda-runtime (on by default)"
-        ))),
-        "postgres" | "postgresql" => Err(missing("PostgreSQL")),
+        "sqlite" => Err(not_built("sqlite")),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Arc::new(sql::SqlTransport::connect(url).await?)),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" | "postgresql" => Err(not_built("postgres")),
         "kafka" => Err(missing("Kafka")),
         "amqp" | "amqps" => Err(missing("RabbitMQ")),
         "nats" | "tls" => Err(missing("NATS JetStream")),
@@ -47,7 +54,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
             Err(Error::Config(format!("`{url}` is not a transport URL: write it as `<scheme>://…`, e.g. `memory://`")))
         }
         other => Err(Error::Config(format!(
-            "unknown transport scheme `{other}://` in `{url}`: eda knows `memory://` and `sqlite://`"
+            "unknown transport scheme `{other}://` in `{url}`: eda knows `memory://`, `sqlite://` and `postgres://`"
         ))),
     }
 }

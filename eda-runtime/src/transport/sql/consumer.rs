@@ -1,0 +1,325 @@
+//! One subscription on the SQL log: partition leases, and the next event of each partition
+//! that has nothing in flight.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use eda_core::{Acker, DeadLetter, DeadLetterReason, Delivery, TransportError, UnitOfWork};
+use sqlx::{AnyConnection, Row};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::unit::SqlUnit;
+use super::{envelope_of, fnv1a, lock, now_ms, other, LazyTransaction, SqlTransport};
+
+/// What one partition of a subscription is doing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Slot {
+    Idle,
+    InFlight,
+    WaitUntil(Instant),
+}
+
+pub(super) struct ConsumerShared {
+    pub(super) transport: SqlTransport,
+    pub(super) group: String,
+    pub(super) topic: String,
+    pub(super) slots: Mutex<HashMap<u32, Slot>>,
+    pub(super) wake: Notify,
+}
+
+impl ConsumerShared {
+    pub(super) fn set(&self, partition: u32, slot: Slot) {
+        if let Some(s) = lock(&self.slots).get_mut(&partition) {
+            *s = slot;
+        }
+        self.wake.notify_waiters();
+    }
+
+    pub(super) async fn ack(&self, conn: &mut AnyConnection, partition: u32, seq: i64) -> Result<(), sqlx::Error> {
+        let sql = &self.transport.inner.sql;
+        sqlx::query(&sql.ack)
+            .bind(&self.group)
+            .bind(&self.topic)
+            .bind(i64::from(partition))
+            .bind(seq)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(&sql.clear_attempts).bind(&self.group).bind(&self.topic).bind(seq).execute(&mut *conn).await?;
+        Ok(())
+    }
+}
+
+/// One subscription: holds leases on a fair share of the partitions, hands out the next event
+/// of each partition that has nothing in flight.
+pub(super) struct Consumer {
+    pub(super) shared: Arc<ConsumerShared>,
+    pub(super) owner: String,
+    pub(super) partitions: u32,
+    pub(super) next_rebalance: Instant,
+    pub(super) cursor: u32,
+}
+
+impl Consumer {
+    pub(super) async fn next(&mut self) -> Result<Delivery, TransportError> {
+        let inner = self.shared.transport.inner.clone();
+        let shared = self.shared.clone();
+        loop {
+            if Instant::now() >= self.next_rebalance {
+                self.rebalance().await?;
+                self.next_rebalance = Instant::now() + inner.options.lease_ttl / 3;
+            }
+            let published = inner.published.notified();
+            let woken = shared.wake.notified();
+            tokio::pin!(published, woken);
+            published.as_mut().enable();
+            woken.as_mut().enable();
+
+            let now = Instant::now();
+            let (ready, earliest) = {
+                let slots = lock(&self.shared.slots);
+                let mut ready: Vec<u32> = slots
+                    .iter()
+                    .filter(|(_, s)| match s {
+                        Slot::Idle => true,
+                        Slot::WaitUntil(t) => *t <= now,
+                        Slot::InFlight => false,
+                    })
+                    .map(|(p, _)| *p)
+                    .collect();
+                ready.sort_unstable();
+                let earliest =
+                    slots.values().filter_map(|s| if let Slot::WaitUntil(t) = s { Some(*t) } else { None }).min();
+                (ready, earliest)
+            };
+            // Start where the last call stopped, so no partition starves the others.
+            let start = ready.iter().position(|p| *p >= self.cursor).unwrap_or(0);
+            for &partition in ready[start..].iter().chain(&ready[..start]) {
+                if let Some(delivery) = self.fetch(partition).await? {
+                    self.cursor = partition + 1;
+                    return Ok(delivery);
+                }
+            }
+            let mut wait =
+                inner.options.poll_interval.min(self.next_rebalance.saturating_duration_since(Instant::now()));
+            if let Some(t) = earliest {
+                wait = wait.min(t.saturating_duration_since(Instant::now()));
+            }
+            tokio::select! {
+                _ = published => {}
+                _ = woken => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn fetch(&self, partition: u32) -> Result<Option<Delivery>, TransportError> {
+        let shared = &self.shared;
+        let inner = &shared.transport.inner;
+        let row = sqlx::query(&inner.sql.next_event)
+            .bind(&shared.group)
+            .bind(&shared.topic)
+            .bind(i64::from(partition))
+            .fetch_optional(&inner.pool)
+            .await
+            .map_err(other)?;
+        let Some(row) = row else {
+            shared.set(partition, Slot::Idle);
+            return Ok(None);
+        };
+        let seq: i64 = row.try_get(0).map_err(other)?;
+        let attempts: i64 = row.try_get(11).map_err(other)?;
+        shared.set(partition, Slot::InFlight);
+        let acker = SqlAcker { shared: shared.clone(), partition, seq, settled: Arc::new(AtomicBool::new(false)) };
+        match envelope_of(&row, &shared.topic) {
+            (envelope, None) => Ok(Some(Delivery::new(envelope, attempts as u32 + 1, partition, Box::new(acker)))),
+            (envelope, Some(error)) => {
+                // A corrupt row must not block its partition: set it aside with the reason.
+                tracing::error!(group = %shared.group, topic = %shared.topic, seq, %error, "dead-lettering a corrupt stored event");
+                let reason = DeadLetterReason { handler: None, error, permanent: true };
+                let letter = DeadLetter { envelope, attempts: attempts as u32 + 1, reason, at: SystemTime::now() };
+                Box::new(acker).dead_letter(letter).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Renews this consumer's leases, and takes or gives up partitions towards a fair share
+    /// among the live members of the group.
+    async fn rebalance(&mut self) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        let inner = &shared.transport.inner;
+        let sql = &inner.sql;
+        let (g, t, me) = (&shared.group, &shared.topic, &self.owner);
+        let now = now_ms();
+        let ttl = inner.options.lease_ttl.as_millis() as i64;
+        let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
+        if let Some(lock) = inner.dialect.lock() {
+            // One rebalance per group and topic at a time: claims never interleave.
+            let key = fnv1a(&[&inner.options.prefix, "leases", g, t]) as i64;
+            sqlx::query(lock).bind(key).execute(&mut *tx).await.map_err(other)?;
+        }
+        sqlx::query(&sql.member_upsert).bind(g).bind(t).bind(me).bind(now).execute(&mut *tx).await.map_err(other)?;
+        sqlx::query(&sql.members_expire).bind(g).bind(t).bind(now - ttl).execute(&mut *tx).await.map_err(other)?;
+        let members: i64 =
+            sqlx::query_scalar(&sql.members_count).bind(g).bind(t).fetch_one(&mut *tx).await.map_err(other)?;
+        let fair = self.partitions.div_ceil(u32::try_from(members.max(1)).unwrap_or(1)) as usize;
+        sqlx::query(&sql.leases_renew)
+            .bind(g)
+            .bind(t)
+            .bind(me)
+            .bind(now + ttl)
+            .execute(&mut *tx)
+            .await
+            .map_err(other)?;
+        let mut mine: Vec<u32> = sqlx::query_scalar::<_, i64>(&sql.leases_mine)
+            .bind(g)
+            .bind(t)
+            .bind(me)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(other)?
+            .into_iter()
+            .map(|p| p as u32)
+            .collect();
+        if mine.len() > fair {
+            // Give up idle partitions beyond the fair share; busy ones go at a later round.
+            let idle: Vec<u32> = {
+                let slots = lock(&shared.slots);
+                mine.iter().rev().copied().filter(|p| !matches!(slots.get(p), Some(Slot::InFlight))).collect()
+            };
+            for p in idle.into_iter().take(mine.len() - fair) {
+                sqlx::query(&sql.lease_release)
+                    .bind(g)
+                    .bind(t)
+                    .bind(i64::from(p))
+                    .bind(me)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(other)?;
+                mine.retain(|m| *m != p);
+            }
+        }
+        let mut p = 0;
+        while mine.len() < fair && p < self.partitions {
+            if !mine.contains(&p) {
+                let claimed = sqlx::query(&sql.lease_claim)
+                    .bind(g)
+                    .bind(t)
+                    .bind(i64::from(p))
+                    .bind(me)
+                    .bind(now + ttl)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(other)?;
+                if claimed.rows_affected() == 1 {
+                    mine.push(p);
+                }
+            }
+            p += 1;
+        }
+        tx.commit().await.map_err(other)?;
+        let mut slots = lock(&shared.slots);
+        slots.retain(|p, s| mine.contains(p) || *s == Slot::InFlight);
+        for p in mine {
+            slots.entry(p).or_insert(Slot::Idle);
+        }
+        Ok(())
+    }
+}
+
+struct SqlAcker {
+    shared: Arc<ConsumerShared>,
+    partition: u32,
+    seq: i64,
+    settled: Arc<AtomicBool>,
+}
+
+impl SqlAcker {
+    fn finish(&self, slot: Slot) {
+        self.settled.store(true, Ordering::SeqCst);
+        self.shared.set(self.partition, slot);
+    }
+}
+
+#[async_trait]
+impl Acker for SqlAcker {
+    async fn ack(self: Box<Self>) -> Result<(), TransportError> {
+        if self.settled.load(Ordering::SeqCst) {
+            return Ok(()); // acknowledged in the handling's own transaction
+        }
+        let mut conn = self.shared.transport.inner.pool.acquire().await.map_err(other)?;
+        self.shared.ack(&mut conn, self.partition, self.seq).await.map_err(other)?;
+        self.finish(Slot::Idle);
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
+        let s = &self.shared;
+        sqlx::query(&s.transport.inner.sql.nack)
+            .bind(&s.group)
+            .bind(&s.topic)
+            .bind(self.seq)
+            .execute(&s.transport.inner.pool)
+            .await
+            .map_err(other)?;
+        self.finish(Slot::WaitUntil(Instant::now() + delay));
+        Ok(())
+    }
+
+    async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<(), TransportError> {
+        let s = &self.shared;
+        let inner = &s.transport.inner;
+        let envelope = serde_json::to_string(&letter.envelope).map_err(other)?;
+        let at = letter.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
+        sqlx::query(&inner.sql.dead_insert)
+            .bind(&s.group)
+            .bind(&s.topic)
+            .bind(self.seq)
+            .bind(envelope)
+            .bind(i64::from(letter.attempts))
+            .bind(&letter.reason.handler)
+            .bind(&letter.reason.error)
+            .bind(i64::from(letter.reason.permanent))
+            .bind(at)
+            .execute(&mut *tx)
+            .await
+            .map_err(other)?;
+        s.ack(&mut tx, self.partition, self.seq).await.map_err(other)?;
+        tx.commit().await.map_err(other)?;
+        self.finish(Slot::Idle);
+        Ok(())
+    }
+
+    async fn begin(&self) -> Result<Option<Box<dyn UnitOfWork>>, TransportError> {
+        Ok(Some(Box::new(SqlUnit {
+            shared: self.shared.clone(),
+            partition: self.partition,
+            seq: self.seq,
+            settled: self.settled.clone(),
+            lazy: Some(Box::new(LazyTransaction {
+                pool: self.shared.transport.inner.pool.clone(),
+                dialect: self.shared.transport.inner.dialect,
+                tx: None,
+            })),
+            claim: None,
+            step: None,
+            step_succeeded: None,
+            envelopes: Vec::new(),
+        })))
+    }
+}
+
+impl Drop for SqlAcker {
+    fn drop(&mut self) {
+        if !self.settled.load(Ordering::SeqCst) {
+            // Not settled: the event stays at the head of its partition and goes again.
+            self.shared.set(self.partition, Slot::Idle);
+        }
+    }
+}

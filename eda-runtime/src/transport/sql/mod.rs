@@ -1,0 +1,567 @@
+//! The durable log in a SQL database: one SQLite file (the embedded default, `sqlite://…`) or a
+//! PostgreSQL database (`postgres://…`) holds the log of every topic, each consumer group's
+//! offsets, partition leases, the inbox, saga records and dead letters.
+//!
+//! A topic's events are spread over a fixed number of partitions by key, so events of one key
+//! stay in one partition, in order. Each consumer instance holds leases on a fair share of the
+//! partitions of its group (instances may live in several processes sharing the database),
+//! handles one event at a time per partition, and commits each handling — the guard record,
+//! the handler's own writes through [`transaction`], the events it emits and the new offset —
+//! in one transaction. Delivery is at least once; effects are exactly once.
+//!
+//! Both dialects run the same code through sqlx's `Any` driver; where they differ (how a write
+//! transaction starts, which locks keep the log's order equal to its commit order) the
+//! [`Dialect`] says so.
+
+mod consumer;
+mod schema;
+mod unit;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use eda_core::{
+    CorrelationId, Ctx, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Envelope, EventId, HandlerError,
+    PartitionLag, StoreError, Subscription, Transport, TransportError,
+};
+pub use schema::Dialect;
+pub use sqlx;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, Row};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use consumer::{Consumer, ConsumerShared};
+use schema::{fnv1a, partition_of, Sql};
+
+/// The transaction type behind [`transaction`]: run queries on `&mut **tx`.
+pub type SqlTransaction = sqlx::Transaction<'static, sqlx::Any>;
+
+/// The database transaction of the current handling, opened on first use: the handler's writes
+/// through it commit together with the guard record, the emitted events and the offset, or not
+/// at all. A handler that never asks for it holds no write lock while it runs. Placeholders are
+/// the database's own (`$1` works on both PostgreSQL and SQLite).
+///
+/// ```no_run
+/// # use eda::{event, handler, Ctx, HandlerError};
+/// # #[event(topic = "orders")]
+/// # #[derive(serde::Serialize, serde::Deserialize)]
+/// # struct OrderPlaced { id: String }
+/// #[handler(group = "orders-db")]
+/// async fn store_order(ev: OrderPlaced, cx: Ctx<'_>) -> Result<(), HandlerError> {
+///     let mut tx = eda::sql::transaction(&cx).await?;
+///     eda::sql::sqlx::query("INSERT INTO orders (id) VALUES ($1)").bind(&ev.id).execute(&mut **tx).await?;
+///     Ok(())
+/// }
+/// ```
+pub async fn transaction<'a, S>(cx: &Ctx<'a, S>) -> Result<HandlerTransaction<'a>, HandlerError> {
+    let mut lazy = cx.transaction::<LazyTransaction>().await.ok_or_else(|| {
+        HandlerError::permanent(
+            "this handler runs without a database transaction: run it on a `sqlite://` or `postgres://` transport",
+        )
+    })?;
+    if lazy.tx.is_none() {
+        let begin = lazy.dialect.begin();
+        let tx = lazy.pool.begin_with(begin).await.map_err(HandlerError::transient)?;
+        lazy.tx = Some(tx);
+    }
+    Ok(HandlerTransaction(lazy))
+}
+
+/// A handler's borrow of its database transaction; dereferences to [`SqlTransaction`], so
+/// `&mut **tx` is the connection to run queries on.
+pub struct HandlerTransaction<'a>(eda_core::Transaction<'a, LazyTransaction>);
+
+impl std::ops::Deref for HandlerTransaction<'_> {
+    type Target = SqlTransaction;
+    fn deref(&self) -> &SqlTransaction {
+        match self.0.tx.as_ref() {
+            Some(tx) => tx,
+            None => unreachable!("opened before the borrow was handed out"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for HandlerTransaction<'_> {
+    fn deref_mut(&mut self) -> &mut SqlTransaction {
+        match self.0.tx.as_mut() {
+            Some(tx) => tx,
+            None => unreachable!("opened before the borrow was handed out"),
+        }
+    }
+}
+
+/// The transaction of one handling, opened when first needed.
+struct LazyTransaction {
+    pool: AnyPool,
+    dialect: Dialect,
+    tx: Option<SqlTransaction>,
+}
+
+impl LazyTransaction {
+    async fn conn(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
+        if self.tx.is_none() {
+            self.tx = Some(self.pool.begin_with(self.dialect.begin()).await?);
+        }
+        match self.tx.as_deref_mut() {
+            Some(conn) => Ok(conn),
+            None => Err(sqlx::Error::PoolClosed),
+        }
+    }
+}
+
+/// Settings of a [`SqlTransport`].
+#[derive(Clone, Debug)]
+pub struct SqlOptions {
+    url: String,
+    prefix: String,
+    partitions: u32,
+    lease_ttl: Duration,
+    poll_interval: Duration,
+    instance: Option<String>,
+    max_connections: u32,
+}
+
+impl SqlOptions {
+    /// Options for the database at `url`: `sqlite://path/to/file.db` (created if missing) or
+    /// `postgres://user@host/database`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "eda_".into(),
+            partitions: 8,
+            lease_ttl: Duration::from_secs(6),
+            poll_interval: Duration::from_millis(50),
+            instance: None,
+            max_connections: 8,
+        }
+    }
+
+    /// The prefix of eda's tables (`eda_` by default): letters, digits and `_`, and on PostgreSQL
+    /// a schema (`eda.` or `app.eda_`) that exists.
+    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How many partitions a new topic gets (8 by default). A topic keeps the count it was
+    /// created with; it bounds how many events of one group run at once.
+    pub fn partitions(mut self, n: u32) -> Self {
+        self.partitions = n.max(1);
+        self
+    }
+
+    /// How long a consumer's claim on a partition lasts without renewal (6 s by default): after
+    /// a crash, another instance takes the partition over within this time.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl.max(Duration::from_millis(300));
+        self
+    }
+
+    /// How often to look for events published by other processes (50 ms by default; events
+    /// published in this process wake consumers at once).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// A stable name for this instance: a restarted process with the same name takes its
+    /// partitions back at once instead of waiting for its old leases to expire.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance = Some(id.into());
+        self
+    }
+
+    /// Opens (or creates) the database and brings its schema up to date.
+    pub async fn connect(self) -> Result<SqlTransport, TransportError> {
+        SqlTransport::open(self).await
+    }
+}
+
+/// The SQL log transport. Clones share one connection pool.
+#[derive(Clone)]
+pub struct SqlTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: AnyPool,
+    dialect: Dialect,
+    sql: Sql,
+    options: SqlOptions,
+    instance: String,
+    published: Notify,
+    topics: Mutex<HashMap<String, u32>>,
+    owners: Mutex<Vec<(String, String, String)>>,
+}
+
+fn unreachable(reason: impl std::fmt::Display) -> TransportError {
+    TransportError::Unreachable { transport: "sql", reason: reason.to_string() }
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> TransportError {
+    TransportError::Other { transport: "sql", source: Box::new(e) }
+}
+
+fn store(e: sqlx::Error) -> StoreError {
+    StoreError { store: "sql", source: Box::new(e) }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The advisory lock key of one partition of one topic under one prefix.
+fn partition_lock(prefix: &str, topic: &str, partition: u32) -> i64 {
+    fnv1a(&[prefix, "partition", topic, &partition.to_string()]) as i64
+}
+
+impl SqlTransport {
+    /// Opens the database at `url` with default options.
+    pub async fn connect(url: &str) -> Result<Self, TransportError> {
+        SqlOptions::new(url).connect().await
+    }
+
+    async fn open(options: SqlOptions) -> Result<Self, TransportError> {
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+        if options.prefix.is_empty() || !options.prefix.chars().all(valid) {
+            return Err(unreachable(format!(
+                "table prefix `{}` is not valid: use letters, digits and `_` (and `schema.` on PostgreSQL)",
+                options.prefix
+            )));
+        }
+        let Some(dialect) = Dialect::of(&options.url) else {
+            return Err(unreachable(format!(
+                "`{}` is not a database URL this build supports: write `sqlite://path/to/file.db` (feature `sqlite`) or `postgres://user@host/database` (feature `postgres`)",
+                redact(&options.url)
+            )));
+        };
+        if dialect == Dialect::Sqlite && (options.url.contains(":memory:") || options.url.contains("mode=memory")) {
+            return Err(unreachable(
+                "an in-memory SQLite database is private to each connection and cannot hold a shared log; use a file (`sqlite://eda.db`) or `memory://`",
+            ));
+        }
+        install_drivers();
+        let url = match dialect {
+            // Create the file when it does not exist yet, unless the URL says otherwise.
+            Dialect::Sqlite if !options.url.contains("mode=") => {
+                let sep = if options.url.contains('?') { '&' } else { '?' };
+                format!("{}{sep}mode=rwc", options.url)
+            }
+            _ => options.url.clone(),
+        };
+        let connect = AnyConnectOptions::from_str(&url)
+            .map_err(|e| unreachable(format!("`{}` is not a valid database URL: {e}", redact(&options.url))))?;
+        let mut pool = AnyPoolOptions::new().max_connections(options.max_connections);
+        if dialect == Dialect::Sqlite {
+            pool = pool.after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)));
+        }
+        let pool = pool
+            .connect_with(connect)
+            .await
+            .map_err(|e| unreachable(format!("cannot open `{}`: {e}", redact(&options.url))))?;
+        let instance = options.instance.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let inner = Inner {
+            pool,
+            dialect,
+            sql: Sql::new(dialect, &options.prefix),
+            options,
+            instance,
+            published: Notify::new(),
+            topics: Mutex::default(),
+            owners: Mutex::default(),
+        };
+        let transport = Self { inner: Arc::new(inner) };
+        transport.migrate().await?;
+        Ok(transport)
+    }
+
+    /// Creates eda's tables, or brings them to the current version. Safe to run from several
+    /// processes at once: it runs in one write transaction (under an advisory lock on
+    /// PostgreSQL, whose `CREATE … IF NOT EXISTS` is not safe against a concurrent twin).
+    async fn migrate(&self) -> Result<(), TransportError> {
+        let (inner, sql) = (&self.inner, &self.inner.sql);
+        let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
+        if let Some(lock) = inner.dialect.lock() {
+            let key = fnv1a(&[&inner.options.prefix, "schema"]) as i64;
+            sqlx::query(lock).bind(key).execute(&mut *tx).await.map_err(other)?;
+        }
+        sqlx::raw_sql(&sql.schema_table).execute(&mut *tx).await.map_err(other)?;
+        let current: i64 = sqlx::query_scalar(&sql.schema_version).fetch_one(&mut *tx).await.map_err(other)?;
+        let known = sql.migrate.len() as i64;
+        if current > known {
+            return Err(unreachable(format!(
+                "the database's eda schema is version {current}, newer than this build knows ({known}): upgrade eda"
+            )));
+        }
+        for (i, step) in sql.migrate.iter().enumerate().skip(current as usize) {
+            sqlx::raw_sql(step).execute(&mut *tx).await.map_err(other)?;
+            sqlx::query(&sql.schema_insert).bind(i as i64 + 1).execute(&mut *tx).await.map_err(other)?;
+        }
+        tx.commit().await.map_err(other)
+    }
+
+    /// The connection pool, for the application's own tables in the same database.
+    pub fn pool(&self) -> &AnyPool {
+        &self.inner.pool
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for SqlTransport {
+    async fn dead_letters(&self, group: &str) -> Result<Vec<DeadLetter>, TransportError> {
+        let rows =
+            sqlx::query(&self.inner.sql.dead_select).bind(group).fetch_all(&self.inner.pool).await.map_err(other)?;
+        rows.iter()
+            .map(|row| {
+                let envelope: String = row.try_get(0).map_err(other)?;
+                let envelope = serde_json::from_str(&envelope).map_err(other)?;
+                let at: i64 = row.try_get(5).map_err(other)?;
+                Ok(DeadLetter {
+                    envelope,
+                    attempts: row.try_get::<i64, _>(1).map_err(other)? as u32,
+                    reason: DeadLetterReason {
+                        handler: row.try_get(2).map_err(other)?,
+                        error: row.try_get(3).map_err(other)?,
+                        permanent: row.try_get::<i64, _>(4).map_err(other)? != 0,
+                    },
+                    at: UNIX_EPOCH + Duration::from_millis(at.max(0) as u64),
+                })
+            })
+            .collect()
+    }
+}
+
+impl SqlTransport {
+    /// The partition count of `topic`, fixed when the topic is first used. Runs on `conn` so it
+    /// can take part in a transaction that already holds the write lock.
+    async fn partitions(&self, conn: &mut AnyConnection, topic: &str) -> Result<u32, TransportError> {
+        if let Some(n) = lock(&self.inner.topics).get(topic) {
+            return Ok(*n);
+        }
+        let sql = &self.inner.sql;
+        sqlx::query(&sql.topic_insert)
+            .bind(topic)
+            .bind(i64::from(self.inner.options.partitions))
+            .execute(&mut *conn)
+            .await
+            .map_err(other)?;
+        let n: i64 = sqlx::query_scalar(&sql.topic_select).bind(topic).fetch_one(&mut *conn).await.map_err(other)?;
+        let n = u32::try_from(n).unwrap_or(1).max(1);
+        lock(&self.inner.topics).insert(topic.to_owned(), n);
+        Ok(n)
+    }
+
+    /// Appends events to the log on `conn`, inside the caller's transaction. On PostgreSQL the
+    /// partitions written to are locked first, in one order, so that sequence order equals
+    /// commit order within a partition: a consumer that has read past a sequence number never
+    /// sees an earlier one commit later.
+    async fn insert(&self, conn: &mut AnyConnection, envelopes: &[Envelope]) -> Result<(), TransportError> {
+        let mut placed = Vec::with_capacity(envelopes.len());
+        for e in envelopes {
+            let partitions = self.partitions(conn, &e.topic).await?;
+            let key = e.subject.clone().unwrap_or_else(|| e.id.to_string());
+            placed.push((e, partition_of(&key, partitions)));
+        }
+        if let Some(lock) = self.inner.dialect.lock() {
+            let mut keys: Vec<i64> =
+                placed.iter().map(|(e, p)| partition_lock(&self.inner.options.prefix, &e.topic, *p)).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            for key in keys {
+                sqlx::query(lock).bind(key).execute(&mut *conn).await.map_err(other)?;
+            }
+        }
+        for (e, partition) in placed {
+            sqlx::query(&self.inner.sql.insert_event)
+                .bind(&e.topic)
+                .bind(i64::from(partition))
+                .bind(e.id.to_string())
+                .bind(&e.source)
+                .bind(&e.ty)
+                .bind(humantime::format_rfc3339_micros(e.time).to_string())
+                .bind(&e.subject)
+                .bind(&e.datacontenttype)
+                .bind(&e.correlation_id.0)
+                .bind(e.causation_id.map(|c| c.to_string()))
+                .bind(&e.traceparent)
+                .bind(&e.data)
+                .execute(&mut *conn)
+                .await
+                .map_err(|err| TransportError::PublishRejected {
+                    transport: self.inner.dialect.name(),
+                    topic: e.topic.clone(),
+                    reason: err.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Hides the password of a database URL in messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// WAL lets readers run beside the one writer; the busy timeout makes other connections and
+/// processes wait for the write lock instead of failing.
+async fn sqlite_pragmas(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    for pragma in ["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 10000"] {
+        sqlx::query(pragma).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Makes sqlx's `Any` driver know the databases this build supports. An application that
+/// installed its own set first keeps it.
+fn install_drivers() {
+    let _ = sqlx::any::install_drivers(&[
+        #[cfg(feature = "postgres")]
+        sqlx::postgres::any::DRIVER,
+        #[cfg(feature = "sqlite")]
+        sqlx::sqlite::any::DRIVER,
+    ]);
+}
+
+/// Reads a stored event: the envelope, as much of it as could be read, and what is wrong with
+/// the row when it is not a valid envelope.
+fn envelope_of(row: &AnyRow, topic: &str) -> (Envelope, Option<String>) {
+    let text = |i: usize| row.try_get::<String, _>(i).unwrap_or_default();
+    let opt = |i: usize| row.try_get::<Option<String>, _>(i).ok().flatten();
+    let mut problems = Vec::new();
+    let id = text(1).parse::<EventId>().unwrap_or_else(|e| {
+        problems.push(format!("id: {e}"));
+        EventId(uuid::Uuid::nil())
+    });
+    let time = humantime::parse_rfc3339_weak(&text(4)).unwrap_or_else(|e| {
+        problems.push(format!("time: {e}"));
+        SystemTime::now()
+    });
+    let causation_id = opt(8).and_then(|c| match c.parse() {
+        Ok(id) => Some(id),
+        Err(e) => {
+            problems.push(format!("causation_id: {e}"));
+            None
+        }
+    });
+    let envelope = Envelope {
+        id,
+        source: text(2),
+        ty: text(3),
+        time,
+        subject: opt(5),
+        topic: topic.to_owned(),
+        datacontenttype: text(6),
+        correlation_id: CorrelationId(text(7)),
+        causation_id,
+        traceparent: opt(9),
+        data: row.try_get::<Vec<u8>, _>(10).unwrap_or_default(),
+    };
+    let problem = (!problems.is_empty()).then(|| format!("the stored event is corrupt ({})", problems.join("; ")));
+    (envelope, problem)
+}
+
+#[async_trait]
+impl Transport for SqlTransport {
+    fn kind(&self) -> &'static str {
+        self.inner.dialect.name()
+    }
+
+    async fn publish(&self, envelope: &Envelope) -> Result<(), TransportError> {
+        self.publish_all(std::slice::from_ref(envelope)).await
+    }
+
+    async fn publish_all(&self, envelopes: &[Envelope]) -> Result<(), TransportError> {
+        let mut tx = self.inner.pool.begin_with(self.inner.dialect.begin()).await.map_err(other)?;
+        self.insert(&mut tx, envelopes).await?;
+        tx.commit().await.map_err(other)?;
+        self.inner.published.notify_waiters();
+        Ok(())
+    }
+
+    async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
+        let mut conn = self.inner.pool.acquire().await.map_err(other)?;
+        let partitions = self.partitions(&mut conn, &subscription.topic).await?;
+        drop(conn);
+        let owner = {
+            let mut owners = lock(&self.inner.owners);
+            let n = owners.iter().filter(|(g, t, _)| *g == subscription.group && *t == subscription.topic).count();
+            let owner = format!("{}#{n}", self.inner.instance);
+            owners.push((subscription.group.clone(), subscription.topic.clone(), owner.clone()));
+            owner
+        };
+        let consumer = Consumer {
+            shared: Arc::new(ConsumerShared {
+                transport: self.clone(),
+                group: subscription.group.clone(),
+                topic: subscription.topic.clone(),
+                slots: Mutex::default(),
+                wake: Notify::new(),
+            }),
+            owner,
+            partitions,
+            next_rebalance: Instant::now(),
+            cursor: 0,
+        };
+        let stream = futures_util::stream::unfold(consumer, |mut c| async move {
+            let item = c.next().await;
+            Some((item, c))
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
+        let rows = sqlx::query(&self.inner.sql.lag)
+            .bind(group)
+            .bind(topic)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(other)?;
+        let mut lags = rows
+            .iter()
+            .map(|r| {
+                Ok(PartitionLag {
+                    partition: r.try_get::<i64, _>(0).map_err(other)? as u32,
+                    lag: r.try_get::<i64, _>(1).map_err(other)? as u64,
+                })
+            })
+            .collect::<Result<Vec<_>, TransportError>>()?;
+        if lags.is_empty() {
+            lags.push(PartitionLag { partition: 0, lag: 0 });
+        }
+        Ok(lags)
+    }
+
+    async fn close(&self) -> Result<(), TransportError> {
+        // Hand this instance's partitions over now rather than when the leases expire.
+        let owners = std::mem::take(&mut *lock(&self.inner.owners));
+        for (group, topic, owner) in owners {
+            for sql in [&self.inner.sql.leases_release_owner, &self.inner.sql.members_release_owner] {
+                sqlx::query(sql)
+                    .bind(&group)
+                    .bind(&topic)
+                    .bind(&owner)
+                    .execute(&self.inner.pool)
+                    .await
+                    .map_err(other)?;
+            }
+        }
+        Ok(())
+    }
+}

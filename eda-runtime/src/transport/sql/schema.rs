@@ -1,0 +1,237 @@
+//! The two SQL dialects and eda's statements in them, with the table prefix filled in once.
+//!
+//! Statements use `$N` placeholders, numbered in order of first use: PostgreSQL reads them as
+//! positions and SQLite as names bound in that same order, so one text serves both.
+
+/// Which database holds the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite: one writer at a time (`BEGIN IMMEDIATE`), which also orders the log.
+    Sqlite,
+    /// PostgreSQL: row locks, plus advisory locks where commit order must match log order.
+    Postgres,
+}
+
+impl Dialect {
+    /// The dialect a URL names, if it names one this build supports.
+    pub fn of(url: &str) -> Option<Self> {
+        let scheme = url.split_once(':').map(|(s, _)| s)?;
+        match scheme {
+            #[cfg(feature = "sqlite")]
+            "sqlite" => Some(Dialect::Sqlite),
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => Some(Dialect::Postgres),
+            _ => None,
+        }
+    }
+
+    /// How a write transaction starts: SQLite takes the write lock at once, so two writers
+    /// never deadlock upgrading a read lock.
+    pub fn begin(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "BEGIN IMMEDIATE",
+            Dialect::Postgres => "BEGIN",
+        }
+    }
+
+    /// The name transports and errors use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+        }
+    }
+
+    /// Takes a transaction-scoped lock on a 64-bit key (PostgreSQL only; SQLite's single writer
+    /// already excludes everyone).
+    pub fn lock(self) -> Option<&'static str> {
+        match self {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => Some("SELECT 1 FROM pg_advisory_xact_lock($1)"),
+        }
+    }
+}
+
+/// FNV-1a: stable across processes and versions, unlike `std`'s hasher.
+pub fn fnv1a(parts: &[&str]) -> u64 {
+    parts
+        .iter()
+        .flat_map(|p| p.bytes().chain([0]))
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The partition of a key.
+pub fn partition_of(key: &str, partitions: u32) -> u32 {
+    (fnv1a(&[key]) % u64::from(partitions.max(1))) as u32
+}
+
+/// eda's SQL for one dialect and table prefix.
+pub struct Sql {
+    pub migrate: Vec<String>,
+    pub schema_table: String,
+    pub schema_version: String,
+    pub schema_insert: String,
+    pub insert_event: String,
+    pub topic_insert: String,
+    pub topic_select: String,
+    pub next_event: String,
+    pub ack: String,
+    pub clear_attempts: String,
+    pub nack: String,
+    pub member_upsert: String,
+    pub members_expire: String,
+    pub members_count: String,
+    pub leases_renew: String,
+    pub leases_mine: String,
+    pub lease_claim: String,
+    pub lease_release: String,
+    pub leases_release_owner: String,
+    pub members_release_owner: String,
+    pub lag: String,
+    pub inbox_seen: String,
+    pub inbox_claim: String,
+    pub step_select: String,
+    pub step_upsert: String,
+    pub step_delete: String,
+    pub dead_insert: String,
+    pub dead_select: String,
+}
+
+impl Sql {
+    pub fn new(dialect: Dialect, p: &str) -> Self {
+        let (serial, blob, int) = match dialect {
+            Dialect::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB", "INTEGER"),
+            Dialect::Postgres => ("BIGSERIAL PRIMARY KEY", "BYTEA", "BIGINT"),
+        };
+        // An index is named without its schema.
+        let ix = p.replace('.', "_");
+        let v1 = format!(
+            "CREATE TABLE IF NOT EXISTS {p}topics (topic TEXT PRIMARY KEY, partitions {int} NOT NULL);
+             CREATE TABLE IF NOT EXISTS {p}log (
+                 seq {serial}, topic TEXT NOT NULL, partition {int} NOT NULL,
+                 id TEXT NOT NULL, source TEXT NOT NULL, type TEXT NOT NULL, time TEXT NOT NULL, subject TEXT,
+                 datacontenttype TEXT NOT NULL, correlation_id TEXT NOT NULL, causation_id TEXT, traceparent TEXT,
+                 data {blob} NOT NULL);
+             CREATE INDEX IF NOT EXISTS {ix}log_by_partition ON {p}log (topic, partition, seq);
+             CREATE TABLE IF NOT EXISTS {p}offsets (grp TEXT NOT NULL, topic TEXT NOT NULL, partition {int} NOT NULL,
+                 position {int} NOT NULL, PRIMARY KEY (grp, topic, partition));
+             CREATE TABLE IF NOT EXISTS {p}attempts (grp TEXT NOT NULL, topic TEXT NOT NULL, seq {int} NOT NULL,
+                 attempts {int} NOT NULL, PRIMARY KEY (grp, topic, seq));
+             CREATE TABLE IF NOT EXISTS {p}leases (grp TEXT NOT NULL, topic TEXT NOT NULL, partition {int} NOT NULL,
+                 owner TEXT NOT NULL, expires_at {int} NOT NULL, PRIMARY KEY (grp, topic, partition));
+             CREATE TABLE IF NOT EXISTS {p}members (grp TEXT NOT NULL, topic TEXT NOT NULL, owner TEXT NOT NULL,
+                 seen_at {int} NOT NULL, PRIMARY KEY (grp, topic, owner));
+             CREATE TABLE IF NOT EXISTS {p}inbox (grp TEXT NOT NULL, handler TEXT NOT NULL, key TEXT NOT NULL,
+                 handled_at {int} NOT NULL, PRIMARY KEY (grp, handler, key));
+             CREATE TABLE IF NOT EXISTS {p}steps (grp TEXT NOT NULL, step TEXT NOT NULL, correlation_id TEXT NOT NULL,
+                 state TEXT NOT NULL, updated_at {int} NOT NULL, PRIMARY KEY (grp, step, correlation_id));
+             CREATE TABLE IF NOT EXISTS {p}dead_letters (id {serial}, grp TEXT NOT NULL,
+                 topic TEXT NOT NULL, seq {int} NOT NULL, envelope TEXT NOT NULL, attempts {int} NOT NULL,
+                 handler TEXT, error TEXT NOT NULL, permanent {int} NOT NULL, at {int} NOT NULL);"
+        );
+        let columns =
+            "id, source, type, time, subject, datacontenttype, correlation_id, causation_id, traceparent, data";
+        Self {
+            migrate: vec![v1],
+            schema_table: format!("CREATE TABLE IF NOT EXISTS {p}schema (version {int} NOT NULL)"),
+            schema_version: format!("SELECT COALESCE(MAX(version), 0) FROM {p}schema"),
+            schema_insert: format!("INSERT INTO {p}schema (version) VALUES ($1)"),
+            insert_event: format!(
+                "INSERT INTO {p}log (topic, partition, {columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ),
+            topic_insert: format!("INSERT INTO {p}topics (topic, partitions) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
+            topic_select: format!("SELECT partitions FROM {p}topics WHERE topic = $1"),
+            next_event: format!(
+                "SELECT l.seq, {columns},
+                    COALESCE((SELECT attempts FROM {p}attempts a WHERE a.grp = $1 AND a.topic = $2 AND a.seq = l.seq), 0) AS attempts
+                 FROM {p}log l
+                 WHERE l.topic = $2 AND l.partition = $3
+                   AND l.seq > COALESCE((SELECT position FROM {p}offsets o
+                                         WHERE o.grp = $1 AND o.topic = $2 AND o.partition = $3), 0)
+                 ORDER BY l.seq LIMIT 1"
+            ),
+            ack: format!(
+                "INSERT INTO {p}offsets (grp, topic, partition, position) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (grp, topic, partition) DO UPDATE SET position = excluded.position
+                 WHERE excluded.position > {p}offsets.position"
+            ),
+            clear_attempts: format!("DELETE FROM {p}attempts WHERE grp = $1 AND topic = $2 AND seq = $3"),
+            nack: format!(
+                "INSERT INTO {p}attempts (grp, topic, seq, attempts) VALUES ($1, $2, $3, 1)
+                 ON CONFLICT (grp, topic, seq) DO UPDATE SET attempts = {p}attempts.attempts + 1"
+            ),
+            member_upsert: format!(
+                "INSERT INTO {p}members (grp, topic, owner, seen_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (grp, topic, owner) DO UPDATE SET seen_at = excluded.seen_at"
+            ),
+            members_expire: format!("DELETE FROM {p}members WHERE grp = $1 AND topic = $2 AND seen_at < $3"),
+            members_count: format!("SELECT COUNT(*) FROM {p}members WHERE grp = $1 AND topic = $2"),
+            leases_renew: format!("UPDATE {p}leases SET expires_at = $4 WHERE grp = $1 AND topic = $2 AND owner = $3"),
+            leases_mine: format!("SELECT partition FROM {p}leases WHERE grp = $1 AND topic = $2 AND owner = $3"),
+            lease_claim: format!(
+                "INSERT INTO {p}leases (grp, topic, partition, owner, expires_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (grp, topic, partition) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+                 WHERE {p}leases.expires_at < $6 OR {p}leases.owner = excluded.owner"
+            ),
+            lease_release: format!("DELETE FROM {p}leases WHERE grp = $1 AND topic = $2 AND partition = $3 AND owner = $4"),
+            leases_release_owner: format!("DELETE FROM {p}leases WHERE grp = $1 AND topic = $2 AND owner = $3"),
+            members_release_owner: format!("DELETE FROM {p}members WHERE grp = $1 AND topic = $2 AND owner = $3"),
+            lag: format!(
+                "SELECT l.partition, COUNT(*) FROM {p}log l
+                 LEFT JOIN {p}offsets o ON o.grp = $1 AND o.topic = l.topic AND o.partition = l.partition
+                 WHERE l.topic = $2 AND l.seq > COALESCE(o.position, 0)
+                 GROUP BY l.partition"
+            ),
+            inbox_seen: format!("SELECT COUNT(*) FROM {p}inbox WHERE grp = $1 AND handler = $2 AND key = $3"),
+            inbox_claim: format!(
+                "INSERT INTO {p}inbox (grp, handler, key, handled_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
+            ),
+            step_select: format!("SELECT state FROM {p}steps WHERE grp = $1 AND step = $2 AND correlation_id = $3"),
+            step_upsert: format!(
+                "INSERT INTO {p}steps (grp, step, correlation_id, state, updated_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (grp, step, correlation_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
+            ),
+            step_delete: format!("DELETE FROM {p}steps WHERE grp = $1 AND step = $2 AND correlation_id = $3"),
+            dead_insert: format!(
+                "INSERT INTO {p}dead_letters (grp, topic, seq, envelope, attempts, handler, error, permanent, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ),
+            dead_select: format!(
+                "SELECT envelope, attempts, handler, error, permanent, at FROM {p}dead_letters WHERE grp = $1 ORDER BY id"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        assert_eq!(partition_of("order-1", 8), partition_of("order-1", 8));
+        let used: std::collections::HashSet<_> = (0..100).map(|i| partition_of(&format!("k{i}"), 8)).collect();
+        assert_eq!(used.len(), 8);
+        assert_eq!(partition_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn the_prefix_reaches_every_statement_and_placeholders_are_numbered_in_order() {
+        for dialect in [Dialect::Sqlite, Dialect::Postgres] {
+            let sql = Sql::new(dialect, "app.eda_");
+            for s in [&sql.insert_event, &sql.next_event, &sql.ack, &sql.lag, &sql.lease_claim, &sql.dead_insert] {
+                assert!(!s.contains(" eda_"), "{s}");
+                // First uses of $N appear in increasing order, as SQLite binds names by first use.
+                let mut highest = 0;
+                for (i, _) in s.match_indices('$') {
+                    let n: usize =
+                        s[i + 1..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap_or(0);
+                    assert!(n <= highest + 1, "${n} is used before ${} in {s}", highest + 1);
+                    highest = highest.max(n);
+                }
+            }
+            assert!(sql.migrate[0].contains("app.eda_log ("));
+            assert!(sql.migrate[0].contains("INDEX IF NOT EXISTS app_eda_log_by_partition"));
+        }
+    }
+}
