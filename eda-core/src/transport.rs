@@ -165,6 +165,16 @@ pub trait UnitOfWork: Send {
     async fn commit(self: Box<Self>, ack: bool) -> Result<Commit, TransportError>;
 }
 
+/// A database beside a broker: each handling keeps its guard record, its writes and the events
+/// it emits (an outbox) there, in one transaction, and a relay carries the outbox to the broker.
+/// Transports whose log is itself a database do this without one (see [`Delivery::begin`]).
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Starts one attempt of one handling. `commit(ack)` ignores `ack`: the delivery is
+    /// acknowledged to its broker after the commit.
+    async fn begin(&self) -> Result<Box<dyn UnitOfWork>, StoreError>;
+}
+
 /// What [`UnitOfWork::commit`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Commit {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use eda_core::{
     Claim, Commit, DeadLetterReason, Deliveries, Delivery, Envelope, GuardKey, HandlerDescriptor, HandlerError,
-    Handling, Idempotency, Inbox, States, StepState, Subscription, Transport, UnitOfWork,
+    Handling, Idempotency, Inbox, States, StepState, Store, Subscription, Transport, UnitOfWork,
 };
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     pub steps: HashSet<(&'static str, &'static str)>,
     /// Per-handler concurrency limits (`#[handler(concurrency = N)]`).
     pub limits: HashMap<(&'static str, &'static str), Arc<Semaphore>>,
+    /// The database beside the broker, when handlings keep their records and outbox there.
+    pub store: Option<Arc<dyn Store>>,
     pub stop: watch::Receiver<bool>,
 }
 
@@ -448,27 +450,55 @@ async fn handle_with(
         Some(s) => s.clone().acquire_owned().await.ok(),
         None => None,
     };
-    match delivery.begin().await {
-        Ok(Some(first)) => in_transactions(&job, guard.as_ref(), delivery, first, ack_on_commit).await,
-        Ok(None) => with_inbox(&job, guard.as_ref(), delivery.attempt).await,
-        Err(e) => job.store_unavailable(&e),
+    let from_store = |store: &Arc<dyn Store>| Source::Store(store.clone());
+    let (source, first) = match delivery.begin().await {
+        Ok(Some(first)) => (Source::Delivery(delivery), first),
+        Ok(None) => match shared.store.as_ref().map(from_store) {
+            Some(source) => match source.begin().await {
+                Ok(Some(first)) => (source, first),
+                Ok(None) => return with_inbox(&job, guard.as_ref(), delivery.attempt).await,
+                Err(e) => return job.store_unavailable(&e),
+            },
+            None => return with_inbox(&job, guard.as_ref(), delivery.attempt).await,
+        },
+        Err(e) => return job.store_unavailable(&e),
+    };
+    // The acknowledgement rides in the last handler's transaction only on the log's own store.
+    let ack_on_commit = ack_on_commit && matches!(source, Source::Delivery(_));
+    in_transactions(&job, guard.as_ref(), &source, first, delivery.attempt, ack_on_commit).await
+}
+
+/// Where the transactions of a handling come from: the log the delivery came from, or the
+/// database beside the broker.
+enum Source<'a> {
+    Delivery(&'a Delivery),
+    Store(Arc<dyn Store>),
+}
+
+impl Source<'_> {
+    async fn begin(&self) -> Result<Option<Box<dyn UnitOfWork>>, String> {
+        match self {
+            Source::Delivery(d) => d.begin().await.map_err(|e| e.to_string()),
+            Source::Store(s) => s.begin().await.map(Some).map_err(|e| e.to_string()),
+        }
     }
 }
 
 async fn in_transactions(
     job: &Job<'_>,
     guard: Option<&GuardKey>,
-    delivery: &Delivery,
+    source: &Source<'_>,
     first: Box<dyn UnitOfWork>,
+    first_attempt: u32,
     ack_on_commit: bool,
 ) -> Disposition {
     let (h, correlation) = (job.h, &job.envelope.correlation_id);
     let mut next = Some(first);
-    let mut attempt = delivery.attempt.max(1);
+    let mut attempt = first_attempt.max(1);
     loop {
         let mut uow = match next.take() {
             Some(u) => u,
-            None => match delivery.begin().await {
+            None => match source.begin().await {
                 Ok(Some(u)) => u,
                 Ok(None) => return job.store_unavailable(&"the transport stopped offering transactions"),
                 Err(e) => return job.store_unavailable(&e),

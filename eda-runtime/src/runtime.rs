@@ -55,6 +55,8 @@ pub struct RuntimeBuilder {
     transport: Option<Arc<dyn Transport>>,
     url: Option<String>,
     inbox: Option<Arc<dyn Inbox>>,
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    outbox: Option<crate::sql::SqlTransport>,
     source: String,
     config: ConsumerConfig,
     journal_capacity: usize,
@@ -69,6 +71,8 @@ impl RuntimeBuilder {
             transport: None,
             url: None,
             inbox: None,
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
+            outbox: None,
             source: default_source(),
             config: ConsumerConfig {
                 max_in_flight: 64,
@@ -112,6 +116,17 @@ impl RuntimeBuilder {
     /// The inbox behind idempotency guards (in memory unless given).
     pub fn inbox(mut self, inbox: impl Inbox) -> Self {
         self.inbox = Some(Arc::new(inbox));
+        self
+    }
+
+    /// Keeps every handling's guard record, its own writes (through
+    /// [`eda::sql::transaction`](crate::sql::transaction)) and the events it emits in this
+    /// database, in one transaction, and runs a [`Relay`](crate::sql::Relay) that carries the
+    /// emitted events to the transport: the inbox and the transactional outbox beside a broker.
+    /// (With a SQL log as the transport, handlings do this without an outbox.)
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub fn outbox(mut self, database: crate::sql::SqlTransport) -> Self {
+        self.outbox = Some(database);
         self
     }
 
@@ -159,8 +174,19 @@ impl RuntimeBuilder {
 
     /// Checks the registry and the configuration, connects, and starts every consumer.
     pub async fn start(self) -> Result<Runtime> {
-        let RuntimeBuilder { mut registry, groups, states, transport, url, inbox, source, config, journal_capacity } =
-            self;
+        let RuntimeBuilder {
+            mut registry,
+            groups,
+            states,
+            transport,
+            url,
+            inbox,
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
+            outbox,
+            source,
+            config,
+            journal_capacity,
+        } = self;
         // The choreography is checked whole, before narrowing to this service's groups.
         let report = registry.validate();
         for w in &report.warnings {
@@ -197,6 +223,16 @@ impl RuntimeBuilder {
             .iter()
             .filter_map(|h| h.concurrency.map(|n| ((h.group, h.name), Arc::new(Semaphore::new(n)))))
             .collect();
+        #[cfg(any(feature = "sqlite", feature = "postgres"))]
+        let (store, relay) = match &outbox {
+            Some(db) => {
+                let relay = crate::sql::Relay::new(db.clone(), transport.clone()).spawn();
+                (Some(Arc::new(db.clone()) as Arc<dyn eda_core::Store>), Some(relay))
+            }
+            None => (None, None),
+        };
+        #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+        let store = None;
         let (stop_tx, stop) = watch::channel(false);
         let shared = Arc::new(Shared {
             transport,
@@ -209,6 +245,7 @@ impl RuntimeBuilder {
             in_flight: Default::default(),
             steps,
             limits,
+            store,
             stop,
         });
         let mut by_subscription: BTreeMap<(&'static str, &'static str), Vec<&'static HandlerDescriptor>> =
@@ -222,7 +259,17 @@ impl RuntimeBuilder {
             tasks.spawn(consumer::consume(shared.clone(), group, topic, handlers.clone().into()));
         }
         let subscriptions = by_subscription.into_keys().collect();
-        Ok(Runtime { shared, registry, subscriptions, stop: stop_tx, tasks: Mutex::new(Some(tasks)) })
+        Ok(Runtime {
+            shared,
+            registry,
+            subscriptions,
+            stop: stop_tx,
+            tasks: Mutex::new(Some(tasks)),
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
+            relay: Mutex::new(relay),
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
+            outbox,
+        })
     }
 
     /// Starts, runs until ctrl-c (or SIGTERM on Unix), then shuts down gracefully.
@@ -284,6 +331,10 @@ pub struct Runtime {
     subscriptions: Vec<(&'static str, &'static str)>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Option<JoinSet<()>>>,
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    relay: Mutex<Option<crate::sql::RelayHandle>>,
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    outbox: Option<crate::sql::SqlTransport>,
 }
 
 impl Runtime {
@@ -332,12 +383,20 @@ impl Runtime {
         self.shared.stats.snapshot()
     }
 
-    /// Lag of every subscription of this runtime: `(group, topic) → events not yet settled`.
+    /// Lag of every subscription of this runtime: `(group, topic) → events not yet settled`,
+    /// and with an outbox, of its relay (group `eda-relay`): events not yet relayed.
     pub async fn lag(&self) -> Result<BTreeMap<(String, String), u64>> {
         let mut out = BTreeMap::new();
         for (group, topic) in &self.subscriptions {
             let lag = self.shared.transport.lag(group, topic).await?.iter().map(|p| p.lag).sum();
             out.insert(((*group).to_owned(), (*topic).to_owned()), lag);
+        }
+        #[cfg(any(feature = "sqlite", feature = "postgres"))]
+        if let Some(outbox) = &self.outbox {
+            for topic in outbox.topics().await? {
+                let lag = outbox.lag("eda-relay", &topic).await?.iter().map(|p| p.lag).sum();
+                out.insert(("eda-relay".to_owned(), topic), lag);
+            }
         }
         Ok(out)
     }
@@ -375,6 +434,14 @@ impl Runtime {
         let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut tasks) = tasks {
             while tasks.join_next().await.is_some() {}
+        }
+        // The relay goes last: what the handlers emitted before stopping still gets out.
+        #[cfg(any(feature = "sqlite", feature = "postgres"))]
+        {
+            let relay = self.relay.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(relay) = relay {
+                relay.stop().await;
+            }
         }
         if let Err(e) = self.shared.transport.close().await {
             tracing::warn!(error = %e, "closing the transport failed");

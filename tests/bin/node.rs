@@ -5,11 +5,15 @@
 //! `eda-test-node publish <url> <prefix> <count> <first>` publishes `Work { n }` for n in
 //! first..first+count. `eda-test-node consume <url> <prefix> <expected>` handles work until
 //! `expected` tallies exist, then exits; SIGTERM (or ctrl-c) stops it gracefully before that.
+//! `eda-test-node relay <url> <prefix> <target-url> <target-prefix>` relays the log at `url`,
+//! used as an outbox, into the log at `target-url` until everything is relayed; it pauses after
+//! each event the target accepted, before recording it, so that a kill often lands in between.
 //! `<prefix>` prefixes every table, eda's and the test's, so tests can share a database.
 
 use std::time::Duration;
 
 use eda::sql::{sqlx, SqlOptions};
+use eda::Transport as _;
 use eda::{event, handler, Ctx, HandlerError, Registry, Runtime};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +52,28 @@ async fn tally(applied: Applied, cx: Ctx<'_, Tables>) -> Result<(), HandlerError
     let mut tx = eda::sql::transaction(&cx).await?;
     sqlx::query(&cx.insert_tally).bind(i64::from(applied.n)).execute(&mut **tx).await?;
     Ok(())
+}
+
+/// A target that lingers after accepting each event: it widens the window between the
+/// target's acknowledgement and the relay recording it, where a crash makes a duplicate.
+struct Lingering(eda::sql::SqlTransport);
+
+#[async_trait::async_trait]
+impl eda::Transport for Lingering {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    async fn publish(&self, envelope: &eda::Envelope) -> Result<(), eda::TransportError> {
+        self.0.publish(envelope).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(())
+    }
+    async fn subscribe(&self, subscription: &eda::Subscription) -> Result<eda::Deliveries, eda::TransportError> {
+        self.0.subscribe(subscription).await
+    }
+    async fn lag(&self, group: &str, topic: &str) -> Result<Vec<eda::PartitionLag>, eda::TransportError> {
+        self.0.lag(group, topic).await
+    }
 }
 
 fn registry() -> Registry {
@@ -128,6 +154,21 @@ async fn main() -> eda::Result<()> {
             runtime.shutdown().await;
             Ok(())
         }
-        other => Err(eda::Error::Config(format!("unknown mode `{other}`: use `publish` or `consume`"))),
+        "relay" => {
+            let target_url: String = arg(&args, 4, "the target's URL")?;
+            let target_prefix: String = arg(&args, 5, "the target's table prefix")?;
+            let (target, _) = self::transport(&target_url, &target_prefix).await?;
+            let relay = eda::sql::Relay::new(transport.clone(), std::sync::Arc::new(Lingering(target))).spawn();
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let lag: u64 = transport.lag("eda-relay", "work").await?.iter().map(|p| p.lag).sum();
+                if lag == 0 {
+                    break;
+                }
+            }
+            relay.stop().await;
+            Ok(())
+        }
+        other => Err(eda::Error::Config(format!("unknown mode `{other}`: use `publish`, `consume` or `relay`"))),
     }
 }

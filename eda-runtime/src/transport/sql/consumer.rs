@@ -12,8 +12,8 @@ use sqlx::{AnyConnection, Row};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::unit::SqlUnit;
-use super::{envelope_of, fnv1a, lock, now_ms, other, LazyTransaction, SqlTransport};
+use super::unit::{LogDelivery, SqlUnit};
+use super::{envelope_of, fnv1a, lock, now_ms, other, SqlTransport};
 
 /// What one partition of a subscription is doing.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,6 +70,7 @@ impl Consumer {
         loop {
             if Instant::now() >= self.next_rebalance {
                 self.rebalance().await?;
+                self.shared.transport.clean_up_now_and_then().await;
                 self.next_rebalance = Instant::now() + inner.options.lease_ttl / 3;
             }
             let published = inner.published.notified();
@@ -297,21 +298,13 @@ impl Acker for SqlAcker {
     }
 
     async fn begin(&self) -> Result<Option<Box<dyn UnitOfWork>>, TransportError> {
-        Ok(Some(Box::new(SqlUnit {
+        let delivery = LogDelivery {
             shared: self.shared.clone(),
             partition: self.partition,
             seq: self.seq,
             settled: self.settled.clone(),
-            lazy: Some(Box::new(LazyTransaction {
-                pool: self.shared.transport.inner.pool.clone(),
-                dialect: self.shared.transport.inner.dialect,
-                tx: None,
-            })),
-            claim: None,
-            step: None,
-            step_succeeded: None,
-            envelopes: Vec::new(),
-        })))
+        };
+        Ok(Some(Box::new(SqlUnit::new(self.shared.transport.clone(), Some(delivery)))))
     }
 }
 

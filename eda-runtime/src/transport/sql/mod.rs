@@ -14,6 +14,7 @@
 //! [`Dialect`] says so.
 
 mod consumer;
+mod relay;
 mod schema;
 mod unit;
 
@@ -27,6 +28,7 @@ use eda_core::{
     CorrelationId, Ctx, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Envelope, EventId, HandlerError,
     PartitionLag, StoreError, Subscription, Transport, TransportError,
 };
+pub use relay::{Relay, RelayHandle};
 pub use schema::Dialect;
 pub use sqlx;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
@@ -123,6 +125,7 @@ pub struct SqlOptions {
     poll_interval: Duration,
     instance: Option<String>,
     max_connections: u32,
+    retention: Option<Duration>,
 }
 
 impl SqlOptions {
@@ -137,6 +140,7 @@ impl SqlOptions {
             poll_interval: Duration::from_millis(50),
             instance: None,
             max_connections: 8,
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 
@@ -168,6 +172,14 @@ impl SqlOptions {
         self
     }
 
+    /// How long handled log entries, guard records and saga records are kept (7 days by
+    /// default; `None` keeps everything). A duplicate arriving later than this is no longer
+    /// recognised, so keep it longer than any redelivery or replay can take.
+    pub fn retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
     /// A stable name for this instance: a restarted process with the same name takes its
     /// partitions back at once instead of waiting for its old leases to expire.
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
@@ -196,6 +208,7 @@ struct Inner {
     published: Notify,
     topics: Mutex<HashMap<String, u32>>,
     owners: Mutex<Vec<(String, String, String)>>,
+    last_clean_up: Mutex<Option<Instant>>,
 }
 
 fn unreachable(reason: impl std::fmt::Display) -> TransportError {
@@ -277,6 +290,7 @@ impl SqlTransport {
             published: Notify::new(),
             topics: Mutex::default(),
             owners: Mutex::default(),
+            last_clean_up: Mutex::default(),
         };
         let transport = Self { inner: Arc::new(inner) };
         transport.migrate().await?;
@@ -312,6 +326,95 @@ impl SqlTransport {
     pub fn pool(&self) -> &AnyPool {
         &self.inner.pool
     }
+
+    /// Publishes an event from application code inside the application's own transaction on
+    /// this database: it becomes visible, and is relayed, only if that transaction commits —
+    /// the transactional outbox (`BEGIN; INSERT INTO orders …; <publish_in>; COMMIT`).
+    ///
+    /// ```no_run
+    /// # async fn place(outbox: &eda::sql::SqlTransport, order: &impl eda::Event) -> eda::Result<()> {
+    /// use eda::sql::sqlx;
+    /// let mut tx = outbox.pool().begin().await.map_err(|e| eda::Error::Config(e.to_string()))?;
+    /// sqlx::query("INSERT INTO orders (id) VALUES ($1)").bind("o-1").execute(&mut *tx).await.ok();
+    /// outbox.publish_in(&mut tx, "shop", order).await?;
+    /// tx.commit().await.map_err(|e| eda::Error::Config(e.to_string()))?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_in<E: eda_core::Event>(
+        &self,
+        conn: &mut AnyConnection,
+        source: &str,
+        event: &E,
+    ) -> Result<Envelope, TransportError> {
+        let pending = eda_core::PendingEvent::new(event).map_err(other)?;
+        let envelope = Envelope::root(source, pending, None);
+        self.insert(conn, std::slice::from_ref(&envelope)).await?;
+        // Consumers in this process look at once; the commit may still be pending, in which
+        // case they find nothing yet and the poll picks it up.
+        self.inner.published.notify_waiters();
+        Ok(envelope)
+    }
+
+    /// The topics the log has seen.
+    pub async fn topics(&self) -> Result<Vec<String>, TransportError> {
+        sqlx::query_scalar(&self.inner.sql.topics_all).fetch_all(&self.inner.pool).await.map_err(other)
+    }
+
+    /// Deletes what the retention period (see [`SqlOptions::retention`]) has made old: log
+    /// entries every consumer group has passed, guard records and saga records. Dead letters
+    /// stay until they are replayed or purged. Consumers run it now and then by themselves.
+    pub async fn clean_up(&self) -> Result<CleanUp, TransportError> {
+        let Some(retention) = self.inner.options.retention else { return Ok(CleanUp::default()) };
+        let cutoff = SystemTime::now().checked_sub(retention).unwrap_or(UNIX_EPOCH);
+        let cutoff_ms = cutoff.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let cutoff_text = humantime::format_rfc3339_micros(cutoff).to_string();
+        let sql = &self.inner.sql;
+        let pool = &self.inner.pool;
+        let log = sqlx::query(&sql.clean_log).bind(&cutoff_text).execute(pool).await.map_err(other)?;
+        let inbox = sqlx::query(&sql.clean_inbox).bind(cutoff_ms).execute(pool).await.map_err(other)?;
+        let steps = sqlx::query(&sql.clean_steps).bind(cutoff_ms).execute(pool).await.map_err(other)?;
+        Ok(CleanUp { log: log.rows_affected(), inbox: inbox.rows_affected(), steps: steps.rows_affected() })
+    }
+
+    /// Runs [`clean_up`](Self::clean_up) when it last ran long enough ago.
+    async fn clean_up_now_and_then(&self) {
+        let due = {
+            let mut last = lock(&self.inner.last_clean_up);
+            let due = last.is_none_or(|t| t.elapsed() >= CLEAN_UP_EVERY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            match self.clean_up().await {
+                Ok(done) if done != CleanUp::default() => tracing::debug!(?done, "retention clean-up"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "retention clean-up failed; it will be tried again"),
+            }
+        }
+    }
+}
+
+/// How often consumers run the retention clean-up.
+const CLEAN_UP_EVERY: Duration = Duration::from_secs(60);
+
+/// What [`SqlTransport::clean_up`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CleanUp {
+    /// Log entries.
+    pub log: u64,
+    /// Guard records.
+    pub inbox: u64,
+    /// Saga step records.
+    pub steps: u64,
+}
+
+#[async_trait]
+impl eda_core::Store for SqlTransport {
+    async fn begin(&self) -> Result<Box<dyn eda_core::UnitOfWork>, StoreError> {
+        Ok(Box::new(unit::SqlUnit::new(self.clone(), None)))
+    }
 }
 
 #[async_trait]
@@ -342,6 +445,9 @@ impl DeadLetterStore for SqlTransport {
 impl SqlTransport {
     /// The partition count of `topic`, fixed when the topic is first used. Runs on `conn` so it
     /// can take part in a transaction that already holds the write lock.
+    ///
+    /// The count is cached only once the topic is known to be committed (see
+    /// [`remember_topics`](Self::remember_topics)): a transaction that created it may still roll back.
     async fn partitions(&self, conn: &mut AnyConnection, topic: &str) -> Result<u32, TransportError> {
         if let Some(n) = lock(&self.inner.topics).get(topic) {
             return Ok(*n);
@@ -354,19 +460,43 @@ impl SqlTransport {
             .await
             .map_err(other)?;
         let n: i64 = sqlx::query_scalar(&sql.topic_select).bind(topic).fetch_one(&mut *conn).await.map_err(other)?;
-        let n = u32::try_from(n).unwrap_or(1).max(1);
-        lock(&self.inner.topics).insert(topic.to_owned(), n);
-        Ok(n)
+        Ok(u32::try_from(n).unwrap_or(1).max(1))
+    }
+
+    /// Caches the partition counts of topics whose creation has committed.
+    fn remember_topics<'a>(&self, committed: impl IntoIterator<Item = (&'a str, u32)>) {
+        let mut topics = lock(&self.inner.topics);
+        for (topic, n) in committed {
+            topics.entry(topic.to_owned()).or_insert(n);
+        }
+    }
+
+    /// Appends events in one transaction of their own, and caches what it created.
+    async fn insert_committed(&self, envelopes: &[Envelope]) -> Result<(), TransportError> {
+        let mut tx = self.inner.pool.begin_with(self.inner.dialect.begin()).await.map_err(other)?;
+        let placed = self.insert(&mut tx, envelopes).await?;
+        tx.commit().await.map_err(other)?;
+        self.remember_topics(placed.iter().map(|(t, n)| (t.as_str(), *n)));
+        Ok(())
     }
 
     /// Appends events to the log on `conn`, inside the caller's transaction. On PostgreSQL the
     /// partitions written to are locked first, in one order, so that sequence order equals
     /// commit order within a partition: a consumer that has read past a sequence number never
     /// sees an earlier one commit later.
-    async fn insert(&self, conn: &mut AnyConnection, envelopes: &[Envelope]) -> Result<(), TransportError> {
+    /// Returns each topic written to with its partition count.
+    async fn insert(
+        &self,
+        conn: &mut AnyConnection,
+        envelopes: &[Envelope],
+    ) -> Result<Vec<(String, u32)>, TransportError> {
         let mut placed = Vec::with_capacity(envelopes.len());
+        let mut topics: Vec<(String, u32)> = Vec::new();
         for e in envelopes {
             let partitions = self.partitions(conn, &e.topic).await?;
+            if !topics.iter().any(|(t, _)| *t == e.topic) {
+                topics.push((e.topic.clone(), partitions));
+            }
             let key = e.subject.clone().unwrap_or_else(|| e.id.to_string());
             placed.push((e, partition_of(&key, partitions)));
         }
@@ -401,7 +531,7 @@ impl SqlTransport {
                     reason: err.to_string(),
                 })?;
         }
-        Ok(())
+        Ok(topics)
     }
 }
 
@@ -488,17 +618,17 @@ impl Transport for SqlTransport {
     }
 
     async fn publish_all(&self, envelopes: &[Envelope]) -> Result<(), TransportError> {
-        let mut tx = self.inner.pool.begin_with(self.inner.dialect.begin()).await.map_err(other)?;
-        self.insert(&mut tx, envelopes).await?;
-        tx.commit().await.map_err(other)?;
+        self.insert_committed(envelopes).await?;
         self.inner.published.notify_waiters();
         Ok(())
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
         let mut conn = self.inner.pool.acquire().await.map_err(other)?;
+        // Outside any transaction: the topic is committed once this returns.
         let partitions = self.partitions(&mut conn, &subscription.topic).await?;
         drop(conn);
+        self.remember_topics([(subscription.topic.as_str(), partitions)]);
         let owner = {
             let mut owners = lock(&self.inner.owners);
             let n = owners.iter().filter(|(g, t, _)| *g == subscription.group && *t == subscription.topic).count();

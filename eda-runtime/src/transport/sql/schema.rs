@@ -95,6 +95,10 @@ pub struct Sql {
     pub step_delete: String,
     pub dead_insert: String,
     pub dead_select: String,
+    pub topics_all: String,
+    pub clean_log: String,
+    pub clean_inbox: String,
+    pub clean_steps: String,
 }
 
 impl Sql {
@@ -199,6 +203,15 @@ impl Sql {
             dead_select: format!(
                 "SELECT envelope, attempts, handler, error, permanent, at FROM {p}dead_letters WHERE grp = $1 ORDER BY id"
             ),
+            topics_all: format!("SELECT topic FROM {p}topics ORDER BY topic"),
+            // Old, and passed by every group that reads its partition.
+            clean_log: format!(
+                "DELETE FROM {p}log WHERE time < $1 AND NOT EXISTS (
+                     SELECT 1 FROM {p}offsets o
+                     WHERE o.topic = {p}log.topic AND o.partition = {p}log.partition AND o.position < {p}log.seq)"
+            ),
+            clean_inbox: format!("DELETE FROM {p}inbox WHERE handled_at < $1"),
+            clean_steps: format!("DELETE FROM {p}steps WHERE updated_at < $1"),
         }
     }
 }

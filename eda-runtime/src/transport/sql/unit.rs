@@ -8,26 +8,52 @@ use eda_core::{Claim, Commit, CorrelationId, Envelope, GuardKey, StepState, Stor
 
 use super::consumer::{ConsumerShared, Slot};
 use super::schema::Sql;
-use super::{fnv1a, now_ms, other, store, LazyTransaction};
+use super::{fnv1a, now_ms, other, store, LazyTransaction, SqlTransport};
 
-/// One attempt of one handler: reads first, then one `BEGIN IMMEDIATE` transaction that the
-/// handler may open early for its own writes.
-pub(super) struct SqlUnit {
+/// The log delivery a unit settles when it commits with `ack`.
+pub(super) struct LogDelivery {
     pub(super) shared: Arc<ConsumerShared>,
     pub(super) partition: u32,
     pub(super) seq: i64,
     pub(super) settled: Arc<AtomicBool>,
+}
+
+/// One attempt of one handler: reads first, then one write transaction that the handler may
+/// open early for its own writes. It handles a delivery of this log, or (as a [`Store`]) one
+/// of a broker, whose emitted events then wait in this log for the relay.
+///
+/// [`Store`]: eda_core::Store
+pub(super) struct SqlUnit {
+    pub(super) transport: SqlTransport,
+    pub(super) delivery: Option<LogDelivery>,
     /// `None` while lent to the handler.
     pub(super) lazy: Option<Box<LazyTransaction>>,
     pub(super) claim: Option<GuardKey>,
     pub(super) step: Option<(String, String, CorrelationId)>,
     pub(super) step_succeeded: Option<bool>,
     pub(super) envelopes: Vec<Envelope>,
+    /// Topics written to, to cache once committed.
+    pub(super) topics: Vec<(String, u32)>,
 }
 
 impl SqlUnit {
+    /// A unit for a handling whose delivery, if any, is settled elsewhere.
+    pub(super) fn new(transport: SqlTransport, delivery: Option<LogDelivery>) -> Self {
+        let lazy = LazyTransaction { pool: transport.inner.pool.clone(), dialect: transport.inner.dialect, tx: None };
+        Self {
+            transport,
+            delivery,
+            lazy: Some(Box::new(lazy)),
+            claim: None,
+            step: None,
+            step_succeeded: None,
+            envelopes: Vec::new(),
+            topics: Vec::new(),
+        }
+    }
+
     fn sql(&self) -> &Sql {
-        &self.shared.transport.inner.sql
+        &self.transport.inner.sql
     }
 
     fn lazy(&mut self) -> Result<&mut LazyTransaction, sqlx::Error> {
@@ -66,7 +92,7 @@ impl SqlUnit {
     /// Serializes everything that decides about one saga step (PostgreSQL; SQLite's single
     /// writer already does), so a step and its compensator never both think they went first.
     async fn lock_step(&mut self, group: &str, step: &str, correlation: &CorrelationId) -> Result<(), sqlx::Error> {
-        let inner = &self.shared.transport.inner;
+        let inner = &self.transport.inner;
         let Some(lock) = inner.dialect.lock() else { return Ok(()) };
         let key = fnv1a(&[&inner.options.prefix, "step", group, step, &correlation.0]) as i64;
         let conn = self.lazy()?.conn().await?;
@@ -104,11 +130,11 @@ impl SqlUnit {
             }
         }
         let envelopes = std::mem::take(&mut self.envelopes);
-        let transport = self.shared.transport.clone();
+        let transport = self.transport.clone();
         let conn = self.lazy()?.conn().await?;
-        transport.insert(conn, &envelopes).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-        if ack {
-            let (shared, partition, seq) = (self.shared.clone(), self.partition, self.seq);
+        self.topics = transport.insert(conn, &envelopes).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        if let (true, Some(d)) = (ack, &self.delivery) {
+            let (shared, partition, seq) = (d.shared.clone(), d.partition, d.seq);
             shared.ack(self.lazy()?.conn().await?, partition, seq).await?;
         }
         Ok(Commit::Done)
@@ -183,10 +209,11 @@ impl UnitOfWork for SqlUnit {
         if let Some(tx) = tx {
             tx.commit().await.map_err(other)?;
         }
-        self.shared.transport.inner.published.notify_waiters();
-        if ack {
-            self.settled.store(true, Ordering::SeqCst);
-            self.shared.set(self.partition, Slot::Idle);
+        self.transport.remember_topics(self.topics.iter().map(|(t, n)| (t.as_str(), *n)));
+        self.transport.inner.published.notify_waiters();
+        if let (true, Some(d)) = (ack, &self.delivery) {
+            d.settled.store(true, Ordering::SeqCst);
+            d.shared.set(d.partition, Slot::Idle);
         }
         Ok(Commit::Done)
     }

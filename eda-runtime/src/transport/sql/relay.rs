@@ -1,0 +1,189 @@
+//! The outbox relay: carries the events that handlings and application code wrote to the SQL
+//! log (used as an outbox beside a broker) to another transport, in order per key.
+//!
+//! It is a consumer group of the log like any other, so what holds for consumers holds for it:
+//! one event per partition in flight (per-key order), partitions shared by relay instances in
+//! any number of processes, and the position stored only after the target accepted the event.
+//! A relay that dies between the target's acknowledgement and storing its position publishes
+//! that event again; consumers' idempotency guards absorb the repeat (the event keeps its id).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use eda_core::{Subscription, Transport, TransportError};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::SqlTransport;
+use crate::retry::RetryPolicy;
+
+/// Carries events from a SQL log to a target transport.
+///
+/// ```no_run
+/// # async fn relay(outbox: eda::sql::SqlTransport, broker: std::sync::Arc<dyn eda::Transport>) {
+/// let relay = eda::sql::Relay::new(outbox, broker).spawn();
+/// // … until the service stops:
+/// relay.stop().await;
+/// # }
+/// ```
+pub struct Relay {
+    source: SqlTransport,
+    target: Arc<dyn Transport>,
+    group: String,
+    in_flight: usize,
+    retry: RetryPolicy,
+    relayed: Arc<AtomicU64>,
+}
+
+impl Relay {
+    /// A relay from `source` to `target`.
+    pub fn new(source: SqlTransport, target: Arc<dyn Transport>) -> Self {
+        Self {
+            source,
+            target,
+            group: "eda-relay".into(),
+            in_flight: 16,
+            retry: RetryPolicy { max_attempts: u32::MAX, ..RetryPolicy::default() },
+            relayed: Arc::default(),
+        }
+    }
+
+    /// The consumer group the relay reads the log as (`eda-relay` by default). Relays that
+    /// share a name share the work; relays with different names each carry every event.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = group.into();
+        self
+    }
+
+    /// How many events may be on their way to the target at once (16 by default; at most one
+    /// per partition of a topic).
+    pub fn in_flight(mut self, n: usize) -> Self {
+        self.in_flight = n.max(1);
+        self
+    }
+
+    /// Runs the relay in the background.
+    pub fn spawn(self) -> RelayHandle {
+        let (stop, stopped) = watch::channel(false);
+        let relayed = self.relayed.clone();
+        let task = tokio::spawn(self.run(stopped));
+        RelayHandle { stop, task, relayed }
+    }
+
+    /// Relays until `stop` turns true: every topic of the log, including topics that appear
+    /// while it runs.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let mut started = HashSet::new();
+        let mut forwarders = JoinSet::new();
+        while !*stop.borrow() {
+            match this.source.topics().await {
+                Ok(topics) => {
+                    for topic in topics {
+                        if started.insert(topic.clone()) {
+                            forwarders.spawn(this.clone().forward(topic, stop.clone()));
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "the relay cannot list the outbox's topics; trying again"),
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), stop.wait_for(|s| *s)).await;
+        }
+        while forwarders.join_next().await.is_some() {}
+    }
+
+    async fn forward(self: Arc<Self>, topic: String, mut stop: watch::Receiver<bool>) {
+        let subscription = Subscription { group: self.group.clone(), topic: topic.clone(), prefetch: self.in_flight };
+        let deliveries = loop {
+            match self.source.subscribe(&subscription).await {
+                Ok(d) => break d,
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "the relay cannot read the outbox; trying again");
+                    if tokio::time::timeout(Duration::from_secs(1), stop.wait_for(|s| *s)).await.is_ok() {
+                        return;
+                    }
+                }
+            }
+        };
+        let stopped = {
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        };
+        deliveries
+            .take_until(stopped)
+            .for_each_concurrent(self.in_flight, |item| {
+                let this = self.clone();
+                let stop = stop.clone();
+                async move {
+                    match item {
+                        Ok(delivery) => {
+                            if this.publish(&delivery.envelope, stop).await.is_ok() {
+                                if let Err(e) = delivery.ack().await {
+                                    // Published but not recorded: it goes again; guards absorb it.
+                                    tracing::warn!(error = %e, "the relay could not record a relayed event");
+                                } else {
+                                    this.relayed.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            // Not published (stopping): dropping the delivery leaves it for later.
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the relay cannot read the outbox; trying again");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            })
+            .await;
+        let _ = stop.changed().await;
+    }
+
+    /// Publishes to the target, retrying with backoff until it is accepted or the relay stops.
+    async fn publish(
+        &self,
+        envelope: &eda_core::Envelope,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), TransportError> {
+        let mut attempt = 1;
+        loop {
+            match self.target.publish(envelope).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    attempt += 1;
+                    let wait = self.retry.backoff(attempt);
+                    tracing::warn!(event_id = %envelope.id, error = %e, ?wait, "the relay's target refused an event; retrying");
+                    if tokio::time::timeout(wait, stop.wait_for(|s| *s)).await.is_ok() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A relay running in the background.
+pub struct RelayHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    relayed: Arc<AtomicU64>,
+}
+
+impl RelayHandle {
+    /// How many events it has relayed so far.
+    pub fn relayed(&self) -> u64 {
+        self.relayed.load(Ordering::Relaxed)
+    }
+
+    /// Stops it: events on their way finish, the rest stay in the outbox.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "the relay task ended abnormally");
+        }
+    }
+}
