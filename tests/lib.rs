@@ -176,3 +176,26 @@ macro_rules! on_every_transport {
         }
     };
 }
+
+/// Runs each named `async fn(postgres: bool)` as a test on SQLite and on PostgreSQL.
+#[macro_export]
+macro_rules! on_sql_databases {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(false).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(true).await
+                }
+            )*
+        }
+    };
+}

@@ -212,28 +212,7 @@ async fn a_relay_killed_between_publish_and_record_makes_duplicates_that_guards_
     assert_eq!(effects, i64::from(EVENTS), "the guards absorbed all {inbox_skips} duplicates");
 }
 
-macro_rules! on_sqlite_and_postgres {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(false).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(true).await
-                }
-            )*
-        }
-    };
-}
-
-on_sqlite_and_postgres! {
+eda_tests::on_sql_databases! {
     emitted_events_leave_through_the_outbox_once_and_in_order_per_key,
     application_code_publishes_in_its_own_transaction,
     a_relay_killed_between_publish_and_record_makes_duplicates_that_guards_absorb,

@@ -150,28 +150,7 @@ async fn sigkill_at_random_moments_still_applies_every_effect_exactly_once(postg
     assert_eq!((c.tallies, c.distinct_tallies), (all, all), "each emitted event's effect exactly once");
 }
 
-macro_rules! on_sqlite_and_postgres {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(false).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(true).await
-                }
-            )*
-        }
-    };
-}
-
-on_sqlite_and_postgres! {
+eda_tests::on_sql_databases! {
     a_consumer_that_was_down_catches_up_from_its_stored_offset,
     sigterm_mid_stream_loses_nothing_and_applies_nothing_twice,
     sigkill_at_random_moments_still_applies_every_effect_exactly_once,
