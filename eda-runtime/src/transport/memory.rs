@@ -6,7 +6,7 @@
 //! so per-key order holds across competing consumers and redeliveries; a delivery that is
 //! nacked, or dropped unsettled, is delivered again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -60,8 +60,12 @@ struct GroupCursor {
     settled_ahead: BTreeSet<u64>,
     /// The next offset never looked at.
     next: u64,
-    /// Offsets passed over because their key was held.
-    held_back: BTreeSet<u64>,
+    /// Offsets passed over because their key was held, queued per key in log order.
+    held_back: HashMap<String, VecDeque<u64>>,
+    /// How many offsets `held_back` holds.
+    held_count: usize,
+    /// Offsets whose key was released: deliverable, oldest first.
+    released: BTreeSet<u64>,
     /// Nacked offsets: when they may go again, and their next attempt number.
     retry: BTreeMap<u64, (Instant, u32)>,
     /// Offsets handed out and not yet settled, with their attempt number.
@@ -71,31 +75,35 @@ struct GroupCursor {
 }
 
 impl GroupCursor {
-    fn may_go(&self, offset: u64, key: Option<&String>) -> bool {
-        key.is_none_or(|k| self.key_holder.get(k).is_none_or(|h| *h == offset))
-    }
-
-    /// The next deliverable offset and its attempt number, or when to look again.
+    /// The next deliverable offset and its attempt number, or when to look again. Every step
+    /// is logarithmic in the backlog: no scan over what waits.
     fn take_next(&mut self, events: &[Arc<Envelope>], now: Instant) -> Result<(u64, u32), Option<Instant>> {
         let ready = self.retry.iter().find(|(_, (at, _))| *at <= now).map(|(o, (_, attempt))| (*o, *attempt));
         if let Some((offset, attempt)) = ready {
             self.retry.remove(&offset);
             return Ok(self.hand_out(offset, attempt, events));
         }
-        let free = self.held_back.iter().copied().find(|o| self.may_go(*o, key_of(events, *o)));
-        if let Some(offset) = free {
-            self.held_back.remove(&offset);
+        if let Some(offset) = self.released.pop_first() {
             return Ok(self.hand_out(offset, 1, events));
         }
-        while (self.next as usize) < events.len() && self.held_back.len() < MAX_HELD_BACK {
+        while (self.next as usize) < events.len() && self.held_count < MAX_HELD_BACK {
             let offset = self.next;
             self.next += 1;
-            if self.may_go(offset, key_of(events, offset)) {
-                return Ok(self.hand_out(offset, 1, events));
+            match key_of(events, offset) {
+                Some(k) if self.key_holder.contains_key(k) => {
+                    self.held_back.entry(k.clone()).or_default().push_back(offset);
+                    self.held_count += 1;
+                }
+                _ => return Ok(self.hand_out(offset, 1, events)),
             }
-            self.held_back.insert(offset);
         }
         Err(self.retry.values().map(|(at, _)| *at).min())
+    }
+
+    fn has_work(&self, events: &[Arc<Envelope>], now: Instant) -> bool {
+        (self.next as usize) < events.len() && self.held_count < MAX_HELD_BACK
+            || !self.released.is_empty()
+            || self.retry.values().any(|(at, _)| *at <= now)
     }
 
     fn hand_out(&mut self, offset: u64, attempt: u32, events: &[Arc<Envelope>]) -> (u64, u32) {
@@ -110,7 +118,21 @@ impl GroupCursor {
         self.in_flight.remove(&offset);
         if let Some(k) = key_of(events, offset) {
             if self.key_holder.get(k) == Some(&offset) {
-                self.key_holder.remove(k);
+                // The key passes to the oldest event waiting for it, if any.
+                let next = self.held_back.get_mut(k).and_then(VecDeque::pop_front);
+                match next {
+                    Some(waiting) => {
+                        self.held_count -= 1;
+                        self.key_holder.insert(k.clone(), waiting);
+                        self.released.insert(waiting);
+                    }
+                    None => {
+                        self.key_holder.remove(k);
+                    }
+                }
+                if self.held_back.get(k).is_some_and(VecDeque::is_empty) {
+                    self.held_back.remove(k);
+                }
             }
         }
         self.settled_ahead.insert(offset);
@@ -173,7 +195,7 @@ impl MemoryTransport {
                 let cursor = log.groups.entry(group.to_owned()).or_default();
                 match cursor.take_next(&log.events, Instant::now()) {
                     Ok((offset, attempt)) => {
-                        let envelope = (*log.events[offset as usize]).clone();
+                        let envelope = log.events[offset as usize].clone();
                         let acker = MemoryAcker {
                             transport: self.clone(),
                             topic: topic.to_owned(),
@@ -205,11 +227,7 @@ impl MemoryTransport {
     fn has_work(&self, topic: &str, group: &str) -> bool {
         let topics = self.topics();
         let Some(log) = topics.get(topic) else { return false };
-        let Some(c) = log.groups.get(group) else { return false };
-        let now = Instant::now();
-        (c.next as usize) < log.events.len() && c.held_back.len() < MAX_HELD_BACK
-            || c.retry.values().any(|(at, _)| *at <= now)
-            || c.held_back.iter().any(|o| c.may_go(*o, key_of(&log.events, *o)))
+        log.groups.get(group).is_some_and(|c| c.has_work(&log.events, Instant::now()))
     }
 }
 
