@@ -172,7 +172,7 @@ impl States {
 /// One handling of one delivered event by one handler: what the generated code reads, and
 /// where the events it emits are collected until the runtime makes them durable.
 pub struct Handling {
-    envelope: Envelope,
+    envelope: Arc<Envelope>,
     group: &'static str,
     handler: &'static str,
     attempt: u32,
@@ -182,7 +182,7 @@ pub struct Handling {
 
 impl Handling {
     /// Starts a handling.
-    pub fn new(envelope: Envelope, group: &'static str, handler: &'static str, attempt: u32) -> Self {
+    pub fn new(envelope: Arc<Envelope>, group: &'static str, handler: &'static str, attempt: u32) -> Self {
         Self {
             envelope,
             group,

@@ -10,6 +10,7 @@
 use std::any::Any;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_core::Stream;
@@ -64,8 +65,8 @@ pub type Deliveries = Pin<Box<dyn Stream<Item = Result<Delivery, TransportError>
 
 /// One delivery of one event to one consumer group.
 pub struct Delivery {
-    /// The event.
-    pub envelope: Envelope,
+    /// The event (shared: handlers and the transport read the same copy).
+    pub envelope: Arc<Envelope>,
     /// Which delivery of this event to this group this is, 1 for the first. Survives restarts
     /// where the broker keeps a delivery count.
     pub attempt: u32,
@@ -76,8 +77,8 @@ pub struct Delivery {
 
 impl Delivery {
     /// A delivery that `acker` settles.
-    pub fn new(envelope: Envelope, attempt: u32, partition: u32, acker: Box<dyn Acker>) -> Self {
-        Self { envelope, attempt, partition, acker }
+    pub fn new(envelope: impl Into<Arc<Envelope>>, attempt: u32, partition: u32, acker: Box<dyn Acker>) -> Self {
+        Self { envelope: envelope.into(), attempt, partition, acker }
     }
 
     /// Done: the broker may forget this event for this group.
@@ -101,6 +102,7 @@ impl Delivery {
     /// Give up on it: keep it, with why, as a dead letter of this group; later events go on.
     pub async fn dead_letter(self, reason: DeadLetterReason) -> Result<(), TransportError> {
         let Delivery { envelope, attempt, acker, .. } = self;
+        let envelope = Arc::unwrap_or_clone(envelope);
         acker.dead_letter(DeadLetter { envelope, attempts: attempt, reason, at: SystemTime::now() }).await
     }
 }

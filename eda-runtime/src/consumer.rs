@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     pub steps: HashSet<(&'static str, &'static str)>,
     /// Per-handler concurrency limits (`#[handler(concurrency = N)]`).
     pub limits: HashMap<(&'static str, &'static str), Arc<Semaphore>>,
+    /// The failure events of each saga step (the failure side of its `Outcome`).
+    pub failures: HashMap<(&'static str, &'static str), Vec<&'static str>>,
     /// The database beside the broker, when handlings keep their records and outbox there.
     pub store: Option<Arc<dyn Store>>,
     pub stop: watch::Receiver<bool>,
@@ -311,13 +313,13 @@ enum AfterFailure {
 struct Job<'a> {
     shared: &'a Shared,
     h: &'static HandlerDescriptor,
-    envelope: &'a Envelope,
+    envelope: &'a Arc<Envelope>,
     name: String,
     policy: RetryPolicy,
 }
 
 impl<'a> Job<'a> {
-    fn new(shared: &'a Shared, h: &'static HandlerDescriptor, envelope: &'a Envelope) -> Self {
+    fn new(shared: &'a Shared, h: &'static HandlerDescriptor, envelope: &'a Arc<Envelope>) -> Self {
         let policy = RetryPolicy {
             max_attempts: h.max_attempts.unwrap_or(shared.config.retry.max_attempts),
             ..shared.config.retry.clone()
@@ -378,7 +380,7 @@ impl<'a> Job<'a> {
         transaction: Option<Box<dyn std::any::Any + Send>>,
     ) -> (Result<(Vec<Envelope>, bool), HandlerError>, Option<Box<dyn std::any::Any + Send>>) {
         let (h, envelope) = (self.h, self.envelope);
-        let handling = Handling::new(envelope.clone(), h.group, h.name, attempt).with_transaction(transaction);
+        let handling = Handling::new(Arc::clone(envelope), h.group, h.name, attempt).with_transaction(transaction);
         let span = tracing::info_span!("handle", handler = %self.name, event_id = %envelope.id, r#type = %envelope.ty,
             correlation_id = %envelope.correlation_id, causation_id = ?envelope.causation_id, attempt);
         let result = AssertUnwindSafe((h.invoke)(&handling, &self.shared.states)).catch_unwind().instrument(span).await;
@@ -386,8 +388,8 @@ impl<'a> Job<'a> {
         let result = match result {
             Ok(Ok(())) => {
                 let emitted = handling.take_emitted();
-                let failures: Vec<_> = (h.emits)().into_iter().filter(|e| e.failure).map(|e| e.info.ce_type).collect();
-                let failed_step = emitted.iter().any(|e| failures.contains(&e.info.ce_type));
+                let failures = self.shared.failures.get(&(h.group, h.name));
+                let failed_step = emitted.iter().any(|e| failures.is_some_and(|f| f.contains(&e.info.ce_type)));
                 let envelopes = emitted
                     .into_iter()
                     .enumerate()

@@ -218,6 +218,13 @@ impl RuntimeBuilder {
             };
         let steps =
             registry.handlers().iter().filter_map(|h| h.compensates.map(|s| s())).map(|s| (s.group, s.name)).collect();
+        let failures = registry
+            .handlers()
+            .iter()
+            .map(|h| {
+                ((h.group, h.name), (h.emits)().into_iter().filter(|e| e.failure).map(|e| e.info.ce_type).collect())
+            })
+            .collect();
         let limits = registry
             .handlers()
             .iter()
@@ -244,6 +251,7 @@ impl RuntimeBuilder {
             stats: Default::default(),
             in_flight: Default::default(),
             steps,
+            failures,
             limits,
             store,
             stop,
