@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use eda_core::{Acker, DeadLetter, DeadLetterReason, Delivery, TransportError, UnitOfWork};
+use eda_core::{Acker, DeadLetter, DeadLetterReason, Delivery, Envelope, TransportError, UnitOfWork};
 use sqlx::{AnyConnection, Row};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -39,7 +39,15 @@ impl ConsumerShared {
         self.wake.notify_waiters();
     }
 
-    pub(super) async fn ack(&self, conn: &mut AnyConnection, partition: u32, seq: i64) -> Result<(), sqlx::Error> {
+    /// Moves the group's position in `partition` up to `seq`; `retried` says whether events up
+    /// to it have delivery counts to forget (most have none, which saves a statement).
+    pub(super) async fn ack(
+        &self,
+        conn: &mut AnyConnection,
+        partition: u32,
+        seq: i64,
+        retried: bool,
+    ) -> Result<(), sqlx::Error> {
         let sql = &self.transport.inner.sql;
         sqlx::query(&sql.ack)
             .bind(&self.group)
@@ -48,7 +56,15 @@ impl ConsumerShared {
             .bind(seq)
             .execute(&mut *conn)
             .await?;
-        sqlx::query(&sql.clear_attempts).bind(&self.group).bind(&self.topic).bind(seq).execute(&mut *conn).await?;
+        if retried {
+            sqlx::query(&sql.clear_attempts)
+                .bind(&self.group)
+                .bind(&self.topic)
+                .bind(i64::from(partition))
+                .bind(seq)
+                .execute(&mut *conn)
+                .await?;
+        }
         Ok(())
     }
 }
@@ -64,7 +80,33 @@ pub(super) struct Consumer {
 }
 
 impl Consumer {
+    /// The next event of a partition with nothing in flight, as a delivery.
     pub(super) async fn next(&mut self) -> Result<Delivery, TransportError> {
+        let (partition, mut rows) = self.next_rows(1).await?;
+        let (seq, attempts, envelope) = rows.remove(0);
+        let acker = SqlAcker {
+            shared: self.shared.clone(),
+            partition,
+            seq,
+            retried: attempts > 0,
+            settled: Arc::new(AtomicBool::new(false)),
+        };
+        Ok(Delivery::new(envelope, attempts as u32 + 1, partition, Box::new(acker)))
+    }
+
+    /// Up to `limit` next events of one partition with nothing in flight, settled together:
+    /// how the relay moves an outbox in few round trips while keeping per-key order.
+    pub(super) async fn next_batch(&mut self, limit: usize) -> Result<Batch, TransportError> {
+        let (partition, rows) = self.next_rows(limit).await?;
+        let retried = rows.iter().any(|(_, attempts, _)| *attempts > 0);
+        let last = rows.last().map_or(0, |(seq, _, _)| *seq);
+        let envelopes = rows.into_iter().map(|(_, _, e)| e).collect();
+        Ok(Batch { shared: self.shared.clone(), partition, last, retried, envelopes, settled: false })
+    }
+
+    /// Waits for a partition with nothing in flight that has events, marks it in flight and
+    /// returns up to `limit` of its next events: `(seq, attempts so far, envelope)`.
+    async fn next_rows(&mut self, limit: usize) -> Result<(u32, Vec<(i64, i64, Envelope)>), TransportError> {
         let inner = self.shared.transport.inner.clone();
         let shared = self.shared.clone();
         loop {
@@ -99,9 +141,10 @@ impl Consumer {
             // Start where the last call stopped, so no partition starves the others.
             let start = ready.iter().position(|p| *p >= self.cursor).unwrap_or(0);
             for &partition in ready[start..].iter().chain(&ready[..start]) {
-                if let Some(delivery) = self.fetch(partition).await? {
+                let rows = self.fetch(partition, limit).await?;
+                if !rows.is_empty() {
                     self.cursor = partition + 1;
-                    return Ok(delivery);
+                    return Ok((partition, rows));
                 }
             }
             let mut wait =
@@ -117,35 +160,46 @@ impl Consumer {
         }
     }
 
-    async fn fetch(&self, partition: u32) -> Result<Option<Delivery>, TransportError> {
+    /// Reads the next events of `partition`, up to `limit` and up to the first corrupt one. A
+    /// corrupt event at the head is dead-lettered with what is wrong, so it never blocks the
+    /// partition. Marks the partition in flight when it returns events.
+    async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<(i64, i64, Envelope)>, TransportError> {
         let shared = &self.shared;
         let inner = &shared.transport.inner;
-        let row = sqlx::query(&inner.sql.next_event)
+        let rows = sqlx::query(&inner.sql.next_events)
             .bind(&shared.group)
             .bind(&shared.topic)
             .bind(i64::from(partition))
-            .fetch_optional(&inner.pool)
+            .bind(limit.max(1) as i64)
+            .fetch_all(&inner.pool)
             .await
             .map_err(other)?;
-        let Some(row) = row else {
-            shared.set(partition, Slot::Idle);
-            return Ok(None);
-        };
-        let seq: i64 = row.try_get(0).map_err(other)?;
-        let attempts: i64 = row.try_get(11).map_err(other)?;
-        shared.set(partition, Slot::InFlight);
-        let acker = SqlAcker { shared: shared.clone(), partition, seq, settled: Arc::new(AtomicBool::new(false)) };
-        match envelope_of(&row, &shared.topic) {
-            (envelope, None) => Ok(Some(Delivery::new(envelope, attempts as u32 + 1, partition, Box::new(acker)))),
-            (envelope, Some(error)) => {
-                // A corrupt row must not block its partition: set it aside with the reason.
-                tracing::error!(group = %shared.group, topic = %shared.topic, seq, %error, "dead-lettering a corrupt stored event");
-                let reason = DeadLetterReason { handler: None, error, permanent: true };
-                let letter = DeadLetter { envelope, attempts: attempts as u32 + 1, reason, at: SystemTime::now() };
-                Box::new(acker).dead_letter(letter).await?;
-                Ok(None)
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = row.try_get(0).map_err(other)?;
+            let attempts: i64 = row.try_get(11).map_err(other)?;
+            match envelope_of(row, &shared.topic) {
+                (envelope, None) => events.push((seq, attempts, envelope)),
+                (_, Some(_)) if !events.is_empty() => break, // next time it is at the head
+                (envelope, Some(error)) => {
+                    shared.set(partition, Slot::InFlight);
+                    let acker = SqlAcker {
+                        shared: shared.clone(),
+                        partition,
+                        seq,
+                        retried: attempts > 0,
+                        settled: Arc::new(AtomicBool::new(false)),
+                    };
+                    tracing::error!(group = %shared.group, topic = %shared.topic, seq, %error, "dead-lettering a corrupt stored event");
+                    let reason = DeadLetterReason { handler: None, error, permanent: true };
+                    let letter = DeadLetter { envelope, attempts: attempts as u32 + 1, reason, at: SystemTime::now() };
+                    Box::new(acker).dead_letter(letter).await?;
+                    return Ok(Vec::new());
+                }
             }
         }
+        shared.set(partition, if events.is_empty() { Slot::Idle } else { Slot::InFlight });
+        Ok(events)
     }
 
     /// Renews this consumer's leases, and takes or gives up partitions towards a fair share
@@ -233,10 +287,41 @@ impl Consumer {
     }
 }
 
+/// Consecutive events of one partition, settled together.
+pub(super) struct Batch {
+    shared: Arc<ConsumerShared>,
+    partition: u32,
+    last: i64,
+    retried: bool,
+    /// The events, in log order.
+    pub(super) envelopes: Vec<Envelope>,
+    settled: bool,
+}
+
+impl Batch {
+    /// Done with every event of the batch: one position update.
+    pub(super) async fn ack(mut self) -> Result<(), TransportError> {
+        let mut conn = self.shared.transport.inner.pool.acquire().await.map_err(other)?;
+        self.shared.ack(&mut conn, self.partition, self.last, self.retried).await.map_err(other)?;
+        self.settled = true;
+        self.shared.set(self.partition, Slot::Idle);
+        Ok(())
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.shared.set(self.partition, Slot::Idle);
+        }
+    }
+}
+
 struct SqlAcker {
     shared: Arc<ConsumerShared>,
     partition: u32,
     seq: i64,
+    retried: bool,
     settled: Arc<AtomicBool>,
 }
 
@@ -254,7 +339,7 @@ impl Acker for SqlAcker {
             return Ok(()); // acknowledged in the handling's own transaction
         }
         let mut conn = self.shared.transport.inner.pool.acquire().await.map_err(other)?;
-        self.shared.ack(&mut conn, self.partition, self.seq).await.map_err(other)?;
+        self.shared.ack(&mut conn, self.partition, self.seq, self.retried).await.map_err(other)?;
         self.finish(Slot::Idle);
         Ok(())
     }
@@ -291,7 +376,7 @@ impl Acker for SqlAcker {
             .execute(&mut *tx)
             .await
             .map_err(other)?;
-        s.ack(&mut tx, self.partition, self.seq).await.map_err(other)?;
+        s.ack(&mut tx, self.partition, self.seq, self.retried).await.map_err(other)?;
         tx.commit().await.map_err(other)?;
         self.finish(Slot::Idle);
         Ok(())
@@ -302,6 +387,7 @@ impl Acker for SqlAcker {
             shared: self.shared.clone(),
             partition: self.partition,
             seq: self.seq,
+            retried: self.retried,
             settled: self.settled.clone(),
         };
         Ok(Some(Box::new(SqlUnit::new(self.shared.transport.clone(), Some(delivery)))))

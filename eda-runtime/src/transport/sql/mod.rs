@@ -607,6 +607,52 @@ fn envelope_of(row: &AnyRow, topic: &str) -> (Envelope, Option<String>) {
     (envelope, problem)
 }
 
+impl SqlTransport {
+    /// A consumer of `group` on `topic`, with an owner name of its own for the leases.
+    async fn consumer(&self, subscription: &Subscription) -> Result<Consumer, TransportError> {
+        let mut conn = self.inner.pool.acquire().await.map_err(other)?;
+        // Outside any transaction: the topic is committed once this returns.
+        let partitions = self.partitions(&mut conn, &subscription.topic).await?;
+        drop(conn);
+        self.remember_topics([(subscription.topic.as_str(), partitions)]);
+        let owner = {
+            let mut owners = lock(&self.inner.owners);
+            let n = owners.iter().filter(|(g, t, _)| *g == subscription.group && *t == subscription.topic).count();
+            let owner = format!("{}#{n}", self.inner.instance);
+            owners.push((subscription.group.clone(), subscription.topic.clone(), owner.clone()));
+            owner
+        };
+        Ok(Consumer {
+            shared: Arc::new(ConsumerShared {
+                transport: self.clone(),
+                group: subscription.group.clone(),
+                topic: subscription.topic.clone(),
+                slots: Mutex::default(),
+                wake: Notify::new(),
+            }),
+            owner,
+            partitions,
+            next_rebalance: Instant::now(),
+            cursor: 0,
+        })
+    }
+
+    /// Batches of up to `limit` consecutive events of one partition at a time, for the relay.
+    async fn batches(
+        &self,
+        group: &str,
+        topic: &str,
+        limit: usize,
+    ) -> Result<impl futures_core::Stream<Item = Result<consumer::Batch, TransportError>> + Send, TransportError> {
+        let subscription = Subscription { group: group.to_owned(), topic: topic.to_owned(), prefetch: limit };
+        let consumer = self.consumer(&subscription).await?;
+        Ok(futures_util::stream::unfold(consumer, move |mut c| async move {
+            let item = c.next_batch(limit).await;
+            Some((item, c))
+        }))
+    }
+}
+
 #[async_trait]
 impl Transport for SqlTransport {
     fn kind(&self) -> &'static str {
@@ -624,31 +670,7 @@ impl Transport for SqlTransport {
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
-        let mut conn = self.inner.pool.acquire().await.map_err(other)?;
-        // Outside any transaction: the topic is committed once this returns.
-        let partitions = self.partitions(&mut conn, &subscription.topic).await?;
-        drop(conn);
-        self.remember_topics([(subscription.topic.as_str(), partitions)]);
-        let owner = {
-            let mut owners = lock(&self.inner.owners);
-            let n = owners.iter().filter(|(g, t, _)| *g == subscription.group && *t == subscription.topic).count();
-            let owner = format!("{}#{n}", self.inner.instance);
-            owners.push((subscription.group.clone(), subscription.topic.clone(), owner.clone()));
-            owner
-        };
-        let consumer = Consumer {
-            shared: Arc::new(ConsumerShared {
-                transport: self.clone(),
-                group: subscription.group.clone(),
-                topic: subscription.topic.clone(),
-                slots: Mutex::default(),
-                wake: Notify::new(),
-            }),
-            owner,
-            partitions,
-            next_rebalance: Instant::now(),
-            cursor: 0,
-        };
+        let consumer = self.consumer(subscription).await?;
         let stream = futures_util::stream::unfold(consumer, |mut c| async move {
             let item = c.next().await;
             Some((item, c))

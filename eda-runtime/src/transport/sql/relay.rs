@@ -2,17 +2,18 @@
 //! log (used as an outbox beside a broker) to another transport, in order per key.
 //!
 //! It is a consumer group of the log like any other, so what holds for consumers holds for it:
-//! one event per partition in flight (per-key order), partitions shared by relay instances in
-//! any number of processes, and the position stored only after the target accepted the event.
-//! A relay that dies between the target's acknowledgement and storing its position publishes
-//! that event again; consumers' idempotency guards absorb the repeat (the event keeps its id).
+//! one batch of consecutive events per partition in flight (per-key order), partitions shared by
+//! relay instances in any number of processes, and the position stored only after the target
+//! accepted the batch. A relay that dies between the target's acknowledgement and storing its
+//! position publishes those events again; consumers' idempotency guards absorb the repeats
+//! (an event keeps its id).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use eda_core::{Subscription, Transport, TransportError};
+use eda_core::{Transport, TransportError};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -34,6 +35,7 @@ pub struct Relay {
     target: Arc<dyn Transport>,
     group: String,
     in_flight: usize,
+    batch: usize,
     retry: RetryPolicy,
     relayed: Arc<AtomicU64>,
 }
@@ -46,6 +48,7 @@ impl Relay {
             target,
             group: "eda-relay".into(),
             in_flight: 16,
+            batch: 100,
             retry: RetryPolicy { max_attempts: u32::MAX, ..RetryPolicy::default() },
             relayed: Arc::default(),
         }
@@ -58,10 +61,16 @@ impl Relay {
         self
     }
 
-    /// How many events may be on their way to the target at once (16 by default; at most one
-    /// per partition of a topic).
+    /// How many partitions may have events on their way to the target at once (16 by default).
     pub fn in_flight(mut self, n: usize) -> Self {
         self.in_flight = n.max(1);
+        self
+    }
+
+    /// How many consecutive events of one partition go to the target before the relay records
+    /// its position (100 by default). A crash repeats at most this many per partition.
+    pub fn batch(mut self, n: usize) -> Self {
+        self.batch = n.max(1);
         self
     }
 
@@ -96,10 +105,9 @@ impl Relay {
     }
 
     async fn forward(self: Arc<Self>, topic: String, mut stop: watch::Receiver<bool>) {
-        let subscription = Subscription { group: self.group.clone(), topic: topic.clone(), prefetch: self.in_flight };
-        let deliveries = loop {
-            match self.source.subscribe(&subscription).await {
-                Ok(d) => break d,
+        let batches = loop {
+            match self.source.batches(&self.group, &topic, self.batch).await {
+                Ok(b) => break b,
                 Err(e) => {
                     tracing::warn!(%topic, error = %e, "the relay cannot read the outbox; trying again");
                     if tokio::time::timeout(Duration::from_secs(1), stop.wait_for(|s| *s)).await.is_ok() {
@@ -114,23 +122,25 @@ impl Relay {
                 let _ = stop.wait_for(|s| *s).await;
             }
         };
-        deliveries
+        // Partitions move concurrently, each one batch at a time: per-key order holds.
+        batches
             .take_until(stopped)
             .for_each_concurrent(self.in_flight, |item| {
                 let this = self.clone();
                 let stop = stop.clone();
                 async move {
                     match item {
-                        Ok(delivery) => {
-                            if this.publish(&delivery.envelope, stop).await.is_ok() {
-                                if let Err(e) = delivery.ack().await {
+                        Ok(batch) => {
+                            if this.publish(&batch.envelopes, stop).await.is_ok() {
+                                let n = batch.envelopes.len() as u64;
+                                if let Err(e) = batch.ack().await {
                                     // Published but not recorded: it goes again; guards absorb it.
-                                    tracing::warn!(error = %e, "the relay could not record a relayed event");
+                                    tracing::warn!(error = %e, "the relay could not record relayed events");
                                 } else {
-                                    this.relayed.fetch_add(1, Ordering::Relaxed);
+                                    this.relayed.fetch_add(n, Ordering::Relaxed);
                                 }
                             }
-                            // Not published (stopping): dropping the delivery leaves it for later.
+                            // Not published (stopping): dropping the batch leaves it for later.
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "the relay cannot read the outbox; trying again");
@@ -143,20 +153,21 @@ impl Relay {
         let _ = stop.changed().await;
     }
 
-    /// Publishes to the target, retrying with backoff until it is accepted or the relay stops.
+    /// Publishes to the target, in order, retrying with backoff until it is accepted or the
+    /// relay stops.
     async fn publish(
         &self,
-        envelope: &eda_core::Envelope,
+        envelopes: &[eda_core::Envelope],
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), TransportError> {
         let mut attempt = 1;
         loop {
-            match self.target.publish(envelope).await {
+            match self.target.publish_all(envelopes).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     attempt += 1;
                     let wait = self.retry.backoff(attempt);
-                    tracing::warn!(event_id = %envelope.id, error = %e, ?wait, "the relay's target refused an event; retrying");
+                    tracing::warn!(events = envelopes.len(), error = %e, ?wait, "the relay's target refused events; retrying");
                     if tokio::time::timeout(wait, stop.wait_for(|s| *s)).await.is_ok() {
                         return Err(e);
                     }

@@ -74,7 +74,7 @@ pub struct Sql {
     pub insert_event: String,
     pub topic_insert: String,
     pub topic_select: String,
-    pub next_event: String,
+    pub next_events: String,
     pub ack: String,
     pub clear_attempts: String,
     pub nack: String,
@@ -145,21 +145,24 @@ impl Sql {
             ),
             topic_insert: format!("INSERT INTO {p}topics (topic, partitions) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
             topic_select: format!("SELECT partitions FROM {p}topics WHERE topic = $1"),
-            next_event: format!(
+            next_events: format!(
                 "SELECT l.seq, {columns},
                     COALESCE((SELECT attempts FROM {p}attempts a WHERE a.grp = $1 AND a.topic = $2 AND a.seq = l.seq), 0) AS attempts
                  FROM {p}log l
                  WHERE l.topic = $2 AND l.partition = $3
                    AND l.seq > COALESCE((SELECT position FROM {p}offsets o
                                          WHERE o.grp = $1 AND o.topic = $2 AND o.partition = $3), 0)
-                 ORDER BY l.seq LIMIT 1"
+                 ORDER BY l.seq LIMIT $4"
             ),
             ack: format!(
                 "INSERT INTO {p}offsets (grp, topic, partition, position) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (grp, topic, partition) DO UPDATE SET position = excluded.position
                  WHERE excluded.position > {p}offsets.position"
             ),
-            clear_attempts: format!("DELETE FROM {p}attempts WHERE grp = $1 AND topic = $2 AND seq = $3"),
+            clear_attempts: format!(
+                "DELETE FROM {p}attempts WHERE grp = $1 AND topic = $2 AND seq IN (
+                     SELECT seq FROM {p}log WHERE topic = $2 AND partition = $3 AND seq <= $4)"
+            ),
             nack: format!(
                 "INSERT INTO {p}attempts (grp, topic, seq, attempts) VALUES ($1, $2, $3, 1)
                  ON CONFLICT (grp, topic, seq) DO UPDATE SET attempts = {p}attempts.attempts + 1"
@@ -232,7 +235,7 @@ mod tests {
     fn the_prefix_reaches_every_statement_and_placeholders_are_numbered_in_order() {
         for dialect in [Dialect::Sqlite, Dialect::Postgres] {
             let sql = Sql::new(dialect, "app.eda_");
-            for s in [&sql.insert_event, &sql.next_event, &sql.ack, &sql.lag, &sql.lease_claim, &sql.dead_insert] {
+            for s in [&sql.insert_event, &sql.next_events, &sql.ack, &sql.lag, &sql.lease_claim, &sql.dead_insert] {
                 assert!(!s.contains(" eda_"), "{s}");
                 // First uses of $N appear in increasing order, as SQLite binds names by first use.
                 let mut highest = 0;

@@ -15,6 +15,7 @@ pub(super) struct LogDelivery {
     pub(super) shared: Arc<ConsumerShared>,
     pub(super) partition: u32,
     pub(super) seq: i64,
+    pub(super) retried: bool,
     pub(super) settled: Arc<AtomicBool>,
 }
 
@@ -134,8 +135,8 @@ impl SqlUnit {
         let conn = self.lazy()?.conn().await?;
         self.topics = transport.insert(conn, &envelopes).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         if let (true, Some(d)) = (ack, &self.delivery) {
-            let (shared, partition, seq) = (d.shared.clone(), d.partition, d.seq);
-            shared.ack(self.lazy()?.conn().await?, partition, seq).await?;
+            let (shared, partition, seq, retried) = (d.shared.clone(), d.partition, d.seq, d.retried);
+            shared.ack(self.lazy()?.conn().await?, partition, seq, retried).await?;
         }
         Ok(Commit::Done)
     }
