@@ -1,0 +1,648 @@
+//! Measures eda beside the raw client of the same store doing the same work with the same
+//! guarantees, alternating the two over several rounds, and prints the medians and the ratio.
+//!
+//! ```text
+//! cargo run --release -p eda-examples --bin bench -- \
+//!     [--transport memory,sqlite,postgres,postgres-outbox] [--events N] [--payload BYTES] \
+//!     [--in-flight N] [--groups 1..4] [--rounds N] [--json]
+//! ```
+//!
+//! Scenarios, each "publish N events, then handle every one in every group":
+//! - `memory`: eda's in-memory log with the idempotency guard, beside a hand-written tokio
+//!   pipeline (serialize, bounded queue, deserialize, dedupe, call, serialize what it emits).
+//! - `sqlite`, `postgres`: eda's SQL log, where each handling writes an effect row and emits an
+//!   event in one transaction with its guard record and offset, beside plain SQL doing the same
+//!   inserts and selects (a log table, an inbox, an effects table, an outbox, an offset).
+//! - `postgres-outbox`: N events already in a PostgreSQL outbox; eda's relay carries them to an
+//!   in-memory target, beside a plain `FOR UPDATE SKIP LOCKED` relay doing the same.
+//!
+//! PostgreSQL runs use `EDA_BENCH_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
+//! and tables under a fresh prefix.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use eda::sql::{sqlx, Relay, SqlOptions, SqlTransport};
+use eda::transport::MemoryTransport;
+use eda::{event, handler, Ctx, Handler as _, Registry, Runtime, Transport};
+use serde::{Deserialize, Serialize};
+
+#[event(topic = "bench", key = key)]
+#[derive(Serialize, Deserialize)]
+struct Tick {
+    seq: u64,
+    key: u32,
+    sent_us: u64,
+    body: String,
+}
+
+#[event(topic = "bench-out", key = key)]
+#[derive(Serialize, Deserialize)]
+struct Tocked {
+    seq: u64,
+    key: u32,
+}
+
+/// What the handlers record.
+struct Sink {
+    handled: AtomicU64,
+    latencies_us: Mutex<Vec<u64>>,
+    insert_effect: Option<String>,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+async fn record(tick: &Tick, cx: &Ctx<'_, Sink>) -> Result<Tocked, eda::HandlerError> {
+    if let Some(sql) = &cx.insert_effect {
+        let mut tx = eda::sql::transaction(cx).await?;
+        sqlx::query(sql).bind(tick.seq as i64).execute(&mut **tx).await?;
+    }
+    cx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(now_us().saturating_sub(tick.sent_us));
+    cx.handled.fetch_add(1, Ordering::Relaxed);
+    Ok(Tocked { seq: tick.seq, key: tick.key })
+}
+
+#[handler(group = "bench-1")]
+async fn handle_1(tick: Tick, cx: Ctx<'_, Sink>) -> Result<Tocked, eda::HandlerError> {
+    record(&tick, &cx).await
+}
+#[handler(group = "bench-2")]
+async fn handle_2(tick: Tick, cx: Ctx<'_, Sink>) -> Result<Tocked, eda::HandlerError> {
+    record(&tick, &cx).await
+}
+#[handler(group = "bench-3")]
+async fn handle_3(tick: Tick, cx: Ctx<'_, Sink>) -> Result<Tocked, eda::HandlerError> {
+    record(&tick, &cx).await
+}
+#[handler(group = "bench-4")]
+async fn handle_4(tick: Tick, cx: Ctx<'_, Sink>) -> Result<Tocked, eda::HandlerError> {
+    record(&tick, &cx).await
+}
+
+#[derive(Clone, Debug)]
+struct Args {
+    transports: Vec<String>,
+    events: Option<u64>,
+    payload: usize,
+    in_flight: usize,
+    groups: usize,
+    rounds: usize,
+    json: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        transports: vec!["memory".into(), "sqlite".into()],
+        events: None,
+        payload: 256,
+        in_flight: 64,
+        groups: 1,
+        rounds: 3,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("`{flag}` needs a value"));
+        let number = |v: String| v.parse::<u64>().map_err(|_| format!("`{v}` is not a number"));
+        match flag.as_str() {
+            "--transport" => args.transports = value()?.split(',').map(str::to_owned).collect(),
+            "--events" => args.events = Some(number(value()?)?),
+            "--payload" => args.payload = number(value()?)? as usize,
+            "--in-flight" => args.in_flight = number(value()?)?.max(1) as usize,
+            "--groups" => args.groups = number(value()?)?.clamp(1, 4) as usize,
+            "--rounds" => args.rounds = number(value()?)?.max(1) as usize,
+            "--json" => args.json = true,
+            "--help" | "-h" => return Err(String::new()),
+            other => return Err(format!("unknown flag `{other}`")),
+        }
+    }
+    for t in &args.transports {
+        if !["memory", "sqlite", "postgres", "postgres-outbox"].contains(&t.as_str()) {
+            return Err(format!("unknown transport `{t}`: use memory, sqlite, postgres or postgres-outbox"));
+        }
+    }
+    Ok(args)
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    publish_eps: f64,
+    e2e_eps: f64,
+    latencies_us: Vec<u64>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Medians over rounds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Summary {
+    publish_eps: f64,
+    e2e_eps: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+fn summarize(samples: &[Sample]) -> Summary {
+    let p = |q: f64| {
+        median(
+            samples
+                .iter()
+                .map(|s| {
+                    let mut l = s.latencies_us.clone();
+                    l.sort_unstable();
+                    percentile(&l, q) as f64
+                })
+                .collect(),
+        ) as u64
+    };
+    Summary {
+        publish_eps: median(samples.iter().map(|s| s.publish_eps).collect()),
+        e2e_eps: median(samples.iter().map(|s| s.e2e_eps).collect()),
+        p50_us: p(0.50),
+        p99_us: p(0.99),
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn tick(seq: u64, body: &str) -> Tick {
+    Tick { seq, key: (seq % 64) as u32, sent_us: now_us(), body: body.to_owned() }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn postgres_url() -> String {
+    std::env::var("EDA_BENCH_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn fresh_prefix() -> String {
+    format!("bench_{}_", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// A database for one round: a SQLite file or a PostgreSQL prefix.
+struct Db {
+    url: String,
+    prefix: String,
+    _dir: Option<PathGuard>,
+}
+
+/// Removes a benchmark's SQLite files when the round ends.
+struct PathGuard(std::path::PathBuf);
+
+impl Drop for PathGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Db {
+    fn new(postgres: bool) -> Result<Self, BoxError> {
+        if postgres {
+            return Ok(Self { url: postgres_url(), prefix: fresh_prefix(), _dir: None });
+        }
+        let dir = std::env::temp_dir().join(format!("eda-bench-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let url = format!("sqlite://{}", dir.join("bench.db").display());
+        Ok(Self { url, prefix: "eda_".into(), _dir: Some(PathGuard(dir)) })
+    }
+}
+
+async fn wait_for(count: impl Fn() -> u64, target: u64, what: &str) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count() < target {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: only {} of {target} after 10 minutes", count()).into());
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Ok(())
+}
+
+/// eda: publish `n` events, handle them in `groups` groups.
+async fn eda_run(
+    transport: Arc<dyn Transport>,
+    insert_effect: Option<String>,
+    a: &Args,
+    n: u64,
+) -> Result<Sample, BoxError> {
+    let all = [handle_1::descriptor(), handle_2::descriptor(), handle_3::descriptor(), handle_4::descriptor()];
+    let mut registry = Registry::builder().publishes::<Tick>();
+    for d in all.into_iter().take(a.groups) {
+        registry = registry.descriptor(d);
+    }
+    let sink = Arc::new(Sink { handled: AtomicU64::new(0), latencies_us: Mutex::default(), insert_effect });
+    let runtime = Runtime::builder(registry.build())
+        .shared_state(sink.clone())
+        .shared_transport(transport)
+        .max_in_flight(a.in_flight)
+        .journal_capacity(0)
+        .start()
+        .await?;
+    let body = "x".repeat(a.payload);
+    let publisher = runtime.publisher();
+    let start = Instant::now();
+    for seq in 0..n {
+        publisher.publish(&tick(seq, &body)).await?;
+    }
+    let published = start.elapsed();
+    wait_for(|| sink.handled.load(Ordering::Relaxed), n * a.groups as u64, "eda").await?;
+    let total = start.elapsed();
+    runtime.shutdown().await;
+    let latencies_us = std::mem::take(&mut *sink.latencies_us.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(Sample {
+        publish_eps: n as f64 / published.as_secs_f64(),
+        e2e_eps: n as f64 / total.as_secs_f64(),
+        latencies_us,
+    })
+}
+
+/// The hand-written in-process pipeline: serialize, bounded queue, deserialize, dedupe, call,
+/// serialize what it emits.
+async fn raw_memory(a: &Args, n: u64) -> Result<Sample, BoxError> {
+    #[derive(Serialize, Deserialize)]
+    struct Wire {
+        id: String,
+        tick: Tick,
+    }
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let mut senders = Vec::new();
+    let mut consumers = Vec::new();
+    for _ in 0..a.groups {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(a.in_flight);
+        senders.push(tx);
+        let latencies = latencies.clone();
+        consumers.push(tokio::spawn(async move {
+            let mut seen = HashSet::new();
+            let mut emitted = Vec::new();
+            while let Some(bytes) = rx.recv().await {
+                let Ok(wire) = serde_json::from_slice::<Wire>(&bytes) else { continue };
+                if !seen.insert(wire.id) {
+                    continue;
+                }
+                let out = Tocked { seq: wire.tick.seq, key: wire.tick.key };
+                emitted.push(serde_json::to_vec(&out).unwrap_or_default());
+                latencies.lock().unwrap_or_else(|p| p.into_inner()).push(now_us().saturating_sub(wire.tick.sent_us));
+            }
+            emitted.len()
+        }));
+    }
+    let body = "x".repeat(a.payload);
+    let start = Instant::now();
+    for seq in 0..n {
+        let bytes = serde_json::to_vec(&Wire { id: uuid::Uuid::now_v7().to_string(), tick: tick(seq, &body) })?;
+        for tx in &senders {
+            tx.send(bytes.clone()).await?;
+        }
+    }
+    let published = start.elapsed();
+    drop(senders);
+    for c in consumers {
+        c.await?;
+    }
+    let total = start.elapsed();
+    let latencies_us = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(Sample {
+        publish_eps: n as f64 / published.as_secs_f64(),
+        e2e_eps: n as f64 / total.as_secs_f64(),
+        latencies_us,
+    })
+}
+
+async fn eda_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
+    let db = Db::new(postgres)?;
+    let transport = SqlOptions::new(&db.url).table_prefix(&db.prefix).connect().await?;
+    let effects = format!("{}effects", db.prefix);
+    sqlx::query(&format!("CREATE TABLE {effects} (seq BIGINT NOT NULL)")).execute(transport.pool()).await?;
+    let insert = format!("INSERT INTO {effects} (seq) VALUES ($1)");
+    let sample = eda_run(Arc::new(transport.clone()), Some(insert), a, n).await;
+    drop_tables(&transport, &db).await;
+    sample
+}
+
+async fn drop_tables(transport: &SqlTransport, db: &Db) {
+    if db._dir.is_some() {
+        return; // the SQLite file goes with its directory
+    }
+    let tables: Vec<String> = sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE tablename LIKE $1")
+        .bind(format!("{}%", db.prefix))
+        .fetch_all(transport.pool())
+        .await
+        .unwrap_or_default();
+    for t in tables {
+        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}")).execute(transport.pool()).await;
+    }
+}
+
+/// Plain SQL doing what eda's SQL log does per event: one insert per publish; per handling one
+/// transaction with an inbox insert, an effect row, an outbox row and the offset.
+async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
+    let db = Db::new(postgres)?;
+    let pool = sqlx::AnyPool::connect(&if postgres { db.url.clone() } else { format!("{}?mode=rwc", db.url) }).await?;
+    let p = &db.prefix;
+    let (serial, blob) =
+        if postgres { ("BIGSERIAL PRIMARY KEY", "BYTEA") } else { ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB") };
+    for ddl in [
+        format!("CREATE TABLE {p}raw_log (seq {serial}, payload {blob} NOT NULL)"),
+        format!("CREATE TABLE {p}raw_inbox (grp TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (grp, id))"),
+        format!("CREATE TABLE {p}raw_effects (seq BIGINT NOT NULL)"),
+        format!("CREATE TABLE {p}raw_outbox (seq {serial}, payload {blob} NOT NULL)"),
+        format!("CREATE TABLE {p}raw_offsets (grp TEXT PRIMARY KEY, position BIGINT NOT NULL)"),
+    ] {
+        sqlx::query(&ddl).execute(&pool).await?;
+    }
+    if !postgres {
+        sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+    }
+    let begin = if postgres { "BEGIN" } else { "BEGIN IMMEDIATE" };
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let handled = Arc::new(AtomicU64::new(0));
+    let mut consumers = Vec::new();
+    for g in 0..a.groups {
+        let (pool, latencies, handled, p) = (pool.clone(), latencies.clone(), handled.clone(), p.clone());
+        consumers.push(tokio::spawn(async move {
+            let grp = format!("g{g}");
+            let mut position = 0i64;
+            let mut done = 0u64;
+            while done < n {
+                let rows: Vec<(i64, Vec<u8>)> =
+                    sqlx::query_as(&format!("SELECT seq, payload FROM {p}raw_log WHERE seq > $1 ORDER BY seq LIMIT 100"))
+                        .bind(position)
+                        .fetch_all(&pool)
+                        .await?;
+                if rows.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                for (seq, payload) in rows {
+                    let tick: Tick = serde_json::from_slice(&payload)?;
+                    let mut tx = pool.begin_with(begin).await?;
+                    let fresh = sqlx::query(&format!("INSERT INTO {p}raw_inbox (grp, id) VALUES ($1, $2) ON CONFLICT DO NOTHING"))
+                        .bind(&grp)
+                        .bind(seq.to_string())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1;
+                    if fresh {
+                        sqlx::query(&format!("INSERT INTO {p}raw_effects (seq) VALUES ($1)")).bind(seq).execute(&mut *tx).await?;
+                        let out = serde_json::to_vec(&Tocked { seq: tick.seq, key: tick.key })?;
+                        sqlx::query(&format!("INSERT INTO {p}raw_outbox (payload) VALUES ($1)")).bind(out).execute(&mut *tx).await?;
+                    }
+                    sqlx::query(&format!(
+                        "INSERT INTO {p}raw_offsets (grp, position) VALUES ($1, $2) ON CONFLICT (grp) DO UPDATE SET position = excluded.position"
+                    ))
+                    .bind(&grp)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    latencies.lock().unwrap_or_else(|p| p.into_inner()).push(now_us().saturating_sub(tick.sent_us));
+                    handled.fetch_add(1, Ordering::Relaxed);
+                    position = seq;
+                    done += 1;
+                }
+            }
+            Ok::<(), BoxError>(())
+        }));
+    }
+    let body = "x".repeat(a.payload);
+    let insert = format!("INSERT INTO {p}raw_log (payload) VALUES ($1)");
+    let start = Instant::now();
+    for seq in 0..n {
+        sqlx::query(&insert).bind(serde_json::to_vec(&tick(seq, &body))?).execute(&pool).await?;
+    }
+    let published = start.elapsed();
+    for c in consumers {
+        c.await??;
+    }
+    let total = start.elapsed();
+    if postgres {
+        for t in ["raw_log", "raw_inbox", "raw_effects", "raw_outbox", "raw_offsets"] {
+            sqlx::query(&format!("DROP TABLE {p}{t}")).execute(&pool).await?;
+        }
+    }
+    let latencies_us = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(Sample {
+        publish_eps: n as f64 / published.as_secs_f64(),
+        e2e_eps: n as f64 / total.as_secs_f64(),
+        latencies_us,
+    })
+}
+
+/// eda's relay: `n` events already in a PostgreSQL outbox, carried to an in-memory target.
+async fn eda_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
+    let db = Db::new(true)?;
+    let outbox = SqlOptions::new(&db.url).table_prefix(&db.prefix).connect().await?;
+    let body = "x".repeat(a.payload);
+    let start = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let envelopes = chunk
+            .iter()
+            .map(|seq| Ok(eda::Envelope::root("bench", eda::PendingEvent::new(&tick(*seq, &body))?, None)))
+            .collect::<Result<Vec<_>, eda::CodecError>>()?;
+        outbox.publish_all(&envelopes).await?;
+    }
+    let published = start.elapsed();
+    let target = MemoryTransport::new();
+    let start = Instant::now();
+    let relay = Relay::new(outbox.clone(), Arc::new(target.clone())).in_flight(a.in_flight).spawn();
+    wait_for(|| target.len("bench") as u64, n, "eda relay").await?;
+    let total = start.elapsed();
+    relay.stop().await;
+    drop_tables(&outbox, &db).await;
+    Ok(Sample {
+        publish_eps: n as f64 / published.as_secs_f64(),
+        e2e_eps: n as f64 / total.as_secs_f64(),
+        latencies_us: vec![],
+    })
+}
+
+/// A plain relay: `SELECT … FOR UPDATE SKIP LOCKED` in batches of 100, publish each row, mark
+/// the batch sent, commit.
+async fn raw_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
+    let db = Db::new(true)?;
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    let table = format!("{}raw_outbox", db.prefix);
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
+         payload BYTEA NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now(), sent_at TIMESTAMPTZ)"
+    ))
+    .execute(&pool)
+    .await?;
+    let body = "x".repeat(a.payload);
+    let start = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let mut tx = pool.begin().await?;
+        for seq in chunk {
+            sqlx::query(&format!("INSERT INTO {table} (event_id, event_type, payload) VALUES ($1, 'Tick.v1', $2)"))
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(serde_json::to_vec(&tick(*seq, &body))?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+    }
+    let published = start.elapsed();
+    let target = MemoryTransport::new();
+    let start = Instant::now();
+    let mut relayed = 0u64;
+    while relayed < n {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(&format!(
+            "SELECT id, event_id, payload FROM {table} WHERE sent_at IS NULL ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for (id, _event_id, payload) in rows {
+            let tick: Tick = serde_json::from_slice(&payload)?;
+            target.publish(&eda::Envelope::root("bench", eda::PendingEvent::new(&tick)?, None)).await?;
+            ids.push(id);
+        }
+        sqlx::query(&format!("UPDATE {table} SET sent_at = now() WHERE id = ANY($1)"))
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        relayed += ids.len() as u64;
+    }
+    let total = start.elapsed();
+    sqlx::query(&format!("DROP TABLE {table}")).execute(&pool).await?;
+    Ok(Sample {
+        publish_eps: n as f64 / published.as_secs_f64(),
+        e2e_eps: n as f64 / total.as_secs_f64(),
+        latencies_us: vec![],
+    })
+}
+
+async fn measure(transport: &str, a: &Args) -> Result<(u64, &'static str, Summary, Summary), BoxError> {
+    let default_events = match transport {
+        "memory" => 50_000,
+        "postgres-outbox" => 5_000,
+        _ => 2_000,
+    };
+    let n = a.events.unwrap_or(default_events);
+    let (mut eda, mut raw) = (Vec::new(), Vec::new());
+    for round in 0..a.rounds {
+        // Alternate which goes first, so warm-up and drift fall on both alike.
+        for first_eda in [round % 2 == 0, round % 2 != 0] {
+            let sample = match (transport, first_eda) {
+                ("memory", true) => eda_run(Arc::new(MemoryTransport::new()), None, a, n).await?,
+                ("memory", false) => raw_memory(a, n).await?,
+                ("sqlite", true) => eda_sql(false, a, n).await?,
+                ("sqlite", false) => raw_sql(false, a, n).await?,
+                ("postgres", true) => eda_sql(true, a, n).await?,
+                ("postgres", false) => raw_sql(true, a, n).await?,
+                (_, true) => eda_relay(a, n).await?,
+                (_, false) => raw_relay(a, n).await?,
+            };
+            if first_eda {
+                eda.push(sample)
+            } else {
+                raw.push(sample)
+            }
+        }
+    }
+    let scenario = match transport {
+        "memory" => "in-process dispatch with guard",
+        "postgres-outbox" => "relay outbox -> memory",
+        _ => "log + inbox + effect + outbox",
+    };
+    Ok((n, scenario, summarize(&eda), summarize(&raw)))
+}
+
+#[tokio::main]
+async fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("error: {e}");
+            }
+            eprintln!("usage: bench [--transport memory,sqlite,postgres,postgres-outbox] [--events N] [--payload BYTES] [--in-flight N] [--groups 1..4] [--rounds N] [--json]");
+            std::process::exit(2);
+        }
+    };
+    sqlx::any::install_default_drivers();
+    if !args.json {
+        println!(
+            "{:<16} {:<32} {:>7} {:>7} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "transport",
+            "scenario",
+            "events",
+            "payload",
+            "eda ev/s",
+            "raw ev/s",
+            "ratio",
+            "eda p50",
+            "eda p99",
+            "raw p50",
+            "raw p99",
+            "peak MB"
+        );
+    }
+    let mut failed = false;
+    for transport in &args.transports {
+        match measure(transport, &args).await {
+            Ok((n, scenario, eda, raw)) => {
+                let ratio = if raw.e2e_eps > 0.0 { eda.e2e_eps / raw.e2e_eps } else { 0.0 };
+                let rss = peak_rss_mb();
+                if args.json {
+                    let line = serde_json::json!({
+                        "transport": transport, "scenario": scenario, "events": n, "payload_bytes": args.payload,
+                        "groups": args.groups, "in_flight": args.in_flight, "rounds": args.rounds,
+                        "eda_eps": eda.e2e_eps.round(), "raw_eps": raw.e2e_eps.round(), "ratio": (ratio * 100.0).round() / 100.0,
+                        "eda_publish_eps": eda.publish_eps.round(), "raw_publish_eps": raw.publish_eps.round(),
+                        "eda_p50_us": eda.p50_us, "eda_p99_us": eda.p99_us, "raw_p50_us": raw.p50_us, "raw_p99_us": raw.p99_us,
+                        "peak_rss_mb": (rss * 10.0).round() / 10.0,
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{:<16} {:<32} {:>7} {:>7} {:>10.0} {:>10.0} {:>6.2} {:>7}us {:>7}us {:>7}us {:>7}us {:>8.1}",
+                        transport,
+                        scenario,
+                        n,
+                        args.payload,
+                        eda.e2e_eps,
+                        raw.e2e_eps,
+                        ratio,
+                        eda.p50_us,
+                        eda.p99_us,
+                        raw.p50_us,
+                        raw.p99_us,
+                        rss
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("{transport}: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
