@@ -32,11 +32,24 @@ pub(super) struct ConsumerShared {
 }
 
 impl ConsumerShared {
+    /// Sets what a partition is doing. Settling an event in flight wakes the consumer, which
+    /// may then fetch the partition's next one; nothing else does, or an idle consumer would
+    /// wake itself with every empty fetch.
     pub(super) fn set(&self, partition: u32, slot: Slot) {
-        if let Some(s) = lock(&self.slots).get_mut(&partition) {
-            *s = slot;
+        let settled = {
+            let mut slots = lock(&self.slots);
+            match slots.get_mut(&partition) {
+                Some(s) => {
+                    let was_in_flight = *s == Slot::InFlight;
+                    *s = slot;
+                    was_in_flight && slot != Slot::InFlight
+                }
+                None => false,
+            }
+        };
+        if settled {
+            self.wake.notify_waiters();
         }
-        self.wake.notify_waiters();
     }
 
     /// Moves the group's position in `partition` up to `seq`; `retried` says whether events up
@@ -148,7 +161,7 @@ impl Consumer {
                 }
             }
             let mut wait =
-                inner.options.poll_interval.min(self.next_rebalance.saturating_duration_since(Instant::now()));
+                shared.transport.poll_interval().min(self.next_rebalance.saturating_duration_since(Instant::now()));
             if let Some(t) = earliest {
                 wait = wait.min(t.saturating_duration_since(Instant::now()));
             }

@@ -122,7 +122,7 @@ pub struct SqlOptions {
     prefix: String,
     partitions: u32,
     lease_ttl: Duration,
-    poll_interval: Duration,
+    poll_interval: Option<Duration>,
     instance: Option<String>,
     max_connections: u32,
     retention: Option<Duration>,
@@ -137,7 +137,7 @@ impl SqlOptions {
             prefix: "eda_".into(),
             partitions: 8,
             lease_ttl: Duration::from_secs(6),
-            poll_interval: Duration::from_millis(50),
+            poll_interval: None,
             instance: None,
             max_connections: 8,
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -165,10 +165,12 @@ impl SqlOptions {
         self
     }
 
-    /// How often to look for events published by other processes (50 ms by default; events
-    /// published in this process wake consumers at once).
+    /// How often to look for events published by other processes when nothing woke the
+    /// consumers: 50 ms by default on SQLite, 500 ms on PostgreSQL, where LISTEN/NOTIFY wakes
+    /// them at once and polling only covers notifications lost while reconnecting. Events
+    /// published in this process wake them at once on either.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
+        self.poll_interval = Some(interval);
         self
     }
 
@@ -294,6 +296,10 @@ impl SqlTransport {
         };
         let transport = Self { inner: Arc::new(inner) };
         transport.migrate().await?;
+        #[cfg(feature = "postgres")]
+        if dialect == Dialect::Postgres {
+            listen(Arc::downgrade(&transport.inner), transport.inner.options.url.clone(), transport.channel());
+        }
         Ok(transport)
     }
 
@@ -320,6 +326,16 @@ impl SqlTransport {
             sqlx::query(&sql.schema_insert).bind(i as i64 + 1).execute(&mut *tx).await.map_err(other)?;
         }
         tx.commit().await.map_err(other)
+    }
+
+    /// How often consumers poll when nothing woke them.
+    fn poll_interval(&self) -> Duration {
+        self.inner.options.poll_interval.unwrap_or_else(|| self.inner.dialect.poll_interval())
+    }
+
+    /// The NOTIFY channel of this log: lower case, as PostgreSQL folds unquoted names.
+    fn channel(&self) -> String {
+        format!("{}log", self.inner.options.prefix).to_lowercase().replace('.', "_")
     }
 
     /// The connection pool, for the application's own tables in the same database.
@@ -509,6 +525,12 @@ impl SqlTransport {
                 sqlx::query(lock).bind(key).execute(&mut *conn).await.map_err(other)?;
             }
         }
+        if let Some(notify) = self.inner.dialect.notify() {
+            // Delivered at commit, and not at all on rollback.
+            for (topic, _) in &topics {
+                sqlx::query(notify).bind(self.channel()).bind(topic).execute(&mut *conn).await.map_err(other)?;
+            }
+        }
         for (e, partition) in placed {
             sqlx::query(&self.inner.sql.insert_event)
                 .bind(&e.topic)
@@ -533,6 +555,42 @@ impl SqlTransport {
         }
         Ok(topics)
     }
+}
+
+/// Wakes this process's consumers when another process commits events (PostgreSQL's
+/// LISTEN/NOTIFY). Notifications sent while the listener reconnects are lost; the consumers'
+/// polling covers those. Ends when the transport is dropped.
+#[cfg(feature = "postgres")]
+fn listen(inner: std::sync::Weak<Inner>, url: String, channel: String) {
+    tokio::spawn(async move {
+        loop {
+            match sqlx::postgres::PgListener::connect(&url).await {
+                Ok(mut listener) => match listener.listen(&channel).await {
+                    Ok(()) => loop {
+                        let received = tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
+                        let Some(inner) = inner.upgrade() else { return };
+                        match received {
+                            // A notification, or (None) a lost connection: either way, look.
+                            Ok(Ok(_)) => inner.published.notify_waiters(),
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "LISTEN failed; consumers poll until it is back");
+                                break;
+                            }
+                            Err(_) => {} // quiet: check the transport still exists
+                        }
+                    },
+                    Err(e) => tracing::warn!(error = %e, "LISTEN failed; consumers poll until it is back"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open a LISTEN connection; consumers poll until it is back")
+                }
+            }
+            if inner.strong_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
 }
 
 /// Hides the password of a database URL in messages.

@@ -42,6 +42,24 @@ impl Dialect {
         }
     }
 
+    /// Wakes the consumers of other processes at commit (PostgreSQL's NOTIFY, on the channel
+    /// `$1`; SQLite has no such thing and they poll).
+    pub fn notify(self) -> Option<&'static str> {
+        match self {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => Some("SELECT 1 FROM pg_notify($1, $2)"),
+        }
+    }
+
+    /// How often consumers look for events from other processes when nothing woke them: often
+    /// on SQLite, which cannot notify; rarely on PostgreSQL, whose NOTIFY wakes them.
+    pub fn poll_interval(self) -> std::time::Duration {
+        match self {
+            Dialect::Sqlite => std::time::Duration::from_millis(50),
+            Dialect::Postgres => std::time::Duration::from_millis(500),
+        }
+    }
+
     /// Takes a transaction-scoped lock on a 64-bit key (PostgreSQL only; SQLite's single writer
     /// already excludes everyone).
     pub fn lock(self) -> Option<&'static str> {

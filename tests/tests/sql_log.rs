@@ -1,0 +1,144 @@
+//! What is particular to the SQL log: a corrupt stored event is set aside without blocking its
+//! partition, PostgreSQL's NOTIFY wakes consumers in other processes, and retention removes
+//! what every group has passed.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use eda::sql::{sqlx, SqlTransport};
+use eda::{event, handler, Ctx, DeadLetterStore, Registry, Runtime, Transport};
+use serde::{Deserialize, Serialize};
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+#[event(topic = "notes", key = key)]
+#[derive(Serialize, Deserialize)]
+struct Noted {
+    key: String,
+    n: u32,
+}
+
+#[derive(Default)]
+struct Seen(Mutex<Vec<u32>>);
+
+#[handler(group = "reader")]
+async fn read_note(ev: Noted, seen: Ctx<'_, Seen>) {
+    seen.0.lock().expect("lock").push(ev.n);
+}
+
+fn registry() -> Registry {
+    Registry::builder().handler::<read_note>().publishes::<Noted>().build()
+}
+
+/// A fresh log, and how to open more independent handles on it (as other processes would).
+struct Log {
+    url: String,
+    prefix: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Log {
+    async fn new(postgres: bool) -> Self {
+        if postgres {
+            Self { url: eda_tests::postgres_url().await, prefix: eda_tests::fresh_prefix(), _dir: None }
+        } else {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let url = format!("sqlite://{}", dir.path().join("eda.db").display());
+            Self { url, prefix: "eda_".to_owned(), _dir: Some(dir) }
+        }
+    }
+
+    fn options(&self) -> eda::sql::SqlOptions {
+        eda_tests::sql_options(&self.url).table_prefix(&self.prefix)
+    }
+
+    async fn open(&self) -> SqlTransport {
+        self.options().connect().await.expect("opens")
+    }
+}
+
+async fn a_corrupt_stored_event_is_dead_lettered_and_does_not_block_its_partition(postgres: bool) {
+    let log = Log::new(postgres).await;
+    let db = log.open().await;
+    let publisher = Runtime::builder(Registry::default()).transport(db.clone()).start().await.expect("start");
+    for n in 0..3 {
+        publisher.publisher().publish(&Noted { key: "k".into(), n }).await.expect("publish");
+    }
+    // Damage the first stored event, as a bad migration or a disk error might.
+    let prefix = &log.prefix;
+    sqlx::query(&format!("UPDATE {prefix}log SET id = 'not-a-uuid' WHERE seq = (SELECT MIN(seq) FROM {prefix}log)"))
+        .execute(db.pool())
+        .await
+        .expect("update");
+
+    let rt = Runtime::builder(registry()).state(Seen::default()).transport(db.clone()).start().await.expect("start");
+    rt.settled(SETTLE).await.expect("settled");
+    assert_eq!(
+        rt.state::<Seen>().expect("state").0.lock().expect("lock").clone(),
+        vec![1, 2],
+        "the rest went on, in order"
+    );
+    let dead = db.dead_letters("reader").await.expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.permanent && dead[0].reason.error.contains("corrupt") && dead[0].reason.error.contains("id"),
+        "{:?}",
+        dead[0].reason
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_a_consumer_in_another_process_at_once() {
+    // Polling every 30 s and renewing leases every 30 s: only NOTIFY can wake the consumer
+    // within the deadline below.
+    let log = Log::new(true).await;
+    let consumer_side = log
+        .options()
+        .poll_interval(Duration::from_secs(30))
+        .lease_ttl(Duration::from_secs(90))
+        .connect()
+        .await
+        .expect("opens");
+    let publisher_side = log.open().await;
+    let rt = Runtime::builder(registry()).state(Seen::default()).transport(consumer_side).start().await.expect("start");
+    tokio::time::sleep(Duration::from_millis(500)).await; // subscribed and listening
+    let publisher = Runtime::builder(Registry::default()).transport(publisher_side).start().await.expect("start");
+    let start = Instant::now();
+    publisher.publisher().publish(&Noted { key: "k".into(), n: 7 }).await.expect("publish");
+    let seen = || rt.state::<Seen>().map_or(0, |s| s.0.lock().expect("lock").len());
+    while seen() == 0 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen(), 1, "handled within 5 s although consumers poll every 30 s");
+    println!("woken after {:?}", start.elapsed());
+    rt.shutdown().await;
+}
+
+async fn retention_removes_what_every_group_has_passed(postgres: bool) {
+    let log = Log::new(postgres).await;
+    let db = log.open().await;
+    let rt = Runtime::builder(registry()).state(Seen::default()).transport(db.clone()).start().await.expect("start");
+    for n in 0..5 {
+        rt.publisher().publish(&Noted { key: format!("k{n}"), n }).await.expect("publish");
+    }
+    rt.settled(SETTLE).await.expect("settled");
+    // Not old yet: nothing goes.
+    assert_eq!(db.clean_up().await.expect("clean up"), eda::sql::CleanUp::default());
+
+    let aged = log.options().retention(Some(Duration::ZERO)).connect().await.expect("opens");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let done = aged.clean_up().await.expect("clean up");
+    assert_eq!((done.log, done.inbox), (5, 5), "{done:?}");
+    // Published after the clean-up: kept, and still delivered.
+    rt.publisher().publish(&Noted { key: "k9".into(), n: 9 }).await.expect("publish");
+    rt.settled(SETTLE).await.expect("settled");
+    assert_eq!(rt.state::<Seen>().expect("state").0.lock().expect("lock").len(), 6);
+    assert_eq!(db.lag("reader", "notes").await.expect("lag").iter().map(|p| p.lag).sum::<u64>(), 0);
+    rt.shutdown().await;
+}
+
+eda_tests::on_sql_databases! {
+    a_corrupt_stored_event_is_dead_lettered_and_does_not_block_its_partition,
+    retention_removes_what_every_group_has_passed,
+}
