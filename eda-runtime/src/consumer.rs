@@ -161,12 +161,19 @@ pub(crate) async fn consume(
         };
         match next {
             Some(Ok(delivery)) => {
+                failures = 0;
                 shared.in_flight.fetch_add(1, Ordering::SeqCst);
                 dispatch(&shared, &handlers, &lanes, &mut tasks, delivery, permit);
             }
             Some(Err(e)) => {
-                tracing::warn!(group, topic, error = %e, "subscription failed; subscribing again");
-                stream = None;
+                // The stream goes on after an error (a lost connection, a busy database): keep
+                // it, and its leases and position, and try again after a pause.
+                failures += 1;
+                let wait = shared.config.retry.backoff(failures.saturating_add(1)).max(Duration::from_millis(50));
+                tracing::warn!(group, topic, error = %e, ?wait, "the subscription failed; trying again");
+                drop(permit);
+                let _ = tokio::time::timeout(wait, stop.wait_for(|s| *s)).await;
+                continue;
             }
             None => stream = None,
         }

@@ -138,7 +138,48 @@ async fn retention_removes_what_every_group_has_passed(postgres: bool) {
     rt.shutdown().await;
 }
 
+#[event(topic = "slow", key = key)]
+#[derive(Serialize, Deserialize)]
+struct SlowJob {
+    key: u32,
+}
+
+#[derive(Default)]
+struct Runs(Mutex<Vec<u32>>);
+
+/// Not idempotent by itself, and slower than a lease lasts.
+#[handler(group = "slow-workers", idempotent = false)]
+async fn slow_job(job: SlowJob, runs: Ctx<'_, Runs>) {
+    runs.0.lock().expect("lock").push(job.key);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+}
+
+async fn a_handler_slower_than_the_lease_keeps_its_partition(postgres: bool) {
+    // Leases last 600 ms and each handling takes 1.5 s: the leases must be renewed while the
+    // handlers run, or the second instance takes the partitions over and runs them again.
+    let log = Log::new(postgres).await;
+    let runs = std::sync::Arc::new(Runs::default());
+    let registry = || Registry::builder().handler::<slow_job>().publishes::<SlowJob>().build();
+    let start = |db: SqlTransport| {
+        Runtime::builder(registry()).shared_state(runs.clone()).transport(db).max_in_flight(1).start()
+    };
+    let a = start(log.open().await).await.expect("start a");
+    for key in 0..4 {
+        a.publisher().publish(&SlowJob { key }).await.expect("publish");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = start(log.open().await).await.expect("start b");
+    a.settled(SETTLE).await.expect("settled");
+    b.settled(SETTLE).await.expect("settled");
+    let mut seen = runs.0.lock().expect("lock").clone();
+    seen.sort_unstable();
+    assert_eq!(seen, vec![0, 1, 2, 3], "each job ran once");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 eda_tests::on_sql_databases! {
     a_corrupt_stored_event_is_dead_lettered_and_does_not_block_its_partition,
     retention_removes_what_every_group_has_passed,
+    a_handler_slower_than_the_lease_keeps_its_partition,
 }

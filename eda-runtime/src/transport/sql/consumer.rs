@@ -21,12 +21,18 @@ pub(super) enum Slot {
     Idle,
     InFlight,
     WaitUntil(Instant),
+    /// In flight, but the lease was lost: the slot goes when the event is settled.
+    Revoked,
 }
 
 pub(super) struct ConsumerShared {
     pub(super) transport: SqlTransport,
     pub(super) group: String,
     pub(super) topic: String,
+    /// The name this consumer holds leases under.
+    pub(super) owner: String,
+    /// The topic's partition count.
+    pub(super) partitions: u32,
     pub(super) slots: Mutex<HashMap<u32, Slot>>,
     pub(super) wake: Notify,
 }
@@ -38,11 +44,15 @@ impl ConsumerShared {
     pub(super) fn set(&self, partition: u32, slot: Slot) {
         let settled = {
             let mut slots = lock(&self.slots);
-            match slots.get_mut(&partition) {
-                Some(s) => {
-                    let was_in_flight = *s == Slot::InFlight;
-                    *s = slot;
-                    was_in_flight && slot != Slot::InFlight
+            match slots.get(&partition).copied() {
+                Some(Slot::Revoked) if slot != Slot::InFlight => {
+                    // Another instance holds this partition now: forget it.
+                    slots.remove(&partition);
+                    false
+                }
+                Some(current) => {
+                    slots.insert(partition, slot);
+                    current == Slot::InFlight && slot != Slot::InFlight
                 }
                 None => false,
             }
@@ -53,22 +63,26 @@ impl ConsumerShared {
     }
 
     /// Moves the group's position in `partition` up to `seq`; `retried` says whether events up
-    /// to it have delivery counts to forget (most have none, which saves a statement).
+    /// to it have delivery counts to forget (most have none, which saves a statement). False
+    /// when the position was already there: another instance that took the partition over
+    /// handled the event first.
     pub(super) async fn ack(
         &self,
         conn: &mut AnyConnection,
         partition: u32,
         seq: i64,
         retried: bool,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         let sql = &self.transport.inner.sql;
-        sqlx::query(&sql.ack)
+        let advanced = sqlx::query(&sql.ack)
             .bind(&self.group)
             .bind(&self.topic)
             .bind(i64::from(partition))
             .bind(seq)
             .execute(&mut *conn)
-            .await?;
+            .await?
+            .rows_affected()
+            > 0;
         if retried {
             sqlx::query(&sql.clear_attempts)
                 .bind(&self.group)
@@ -78,7 +92,7 @@ impl ConsumerShared {
                 .execute(&mut *conn)
                 .await?;
         }
-        Ok(())
+        Ok(advanced)
     }
 }
 
@@ -86,9 +100,6 @@ impl ConsumerShared {
 /// of each partition that has nothing in flight.
 pub(super) struct Consumer {
     pub(super) shared: Arc<ConsumerShared>,
-    pub(super) owner: String,
-    pub(super) partitions: u32,
-    pub(super) next_rebalance: Instant,
     pub(super) cursor: u32,
 }
 
@@ -123,11 +134,6 @@ impl Consumer {
         let inner = self.shared.transport.inner.clone();
         let shared = self.shared.clone();
         loop {
-            if Instant::now() >= self.next_rebalance {
-                self.rebalance().await?;
-                self.shared.transport.clean_up_now_and_then().await;
-                self.next_rebalance = Instant::now() + inner.options.lease_ttl / 3;
-            }
             let published = inner.published.notified();
             let woken = shared.wake.notified();
             tokio::pin!(published, woken);
@@ -142,7 +148,7 @@ impl Consumer {
                     .filter(|(_, s)| match s {
                         Slot::Idle => true,
                         Slot::WaitUntil(t) => *t <= now,
-                        Slot::InFlight => false,
+                        Slot::InFlight | Slot::Revoked => false,
                     })
                     .map(|(p, _)| *p)
                     .collect();
@@ -160,8 +166,7 @@ impl Consumer {
                     return Ok((partition, rows));
                 }
             }
-            let mut wait =
-                shared.transport.poll_interval().min(self.next_rebalance.saturating_duration_since(Instant::now()));
+            let mut wait = shared.transport.poll_interval();
             if let Some(t) = earliest {
                 wait = wait.min(t.saturating_duration_since(Instant::now()));
             }
@@ -214,14 +219,34 @@ impl Consumer {
         shared.set(partition, if events.is_empty() { Slot::Idle } else { Slot::InFlight });
         Ok(events)
     }
+}
+
+impl ConsumerShared {
+    /// Keeps this consumer's leases alive for as long as it or a delivery of it exists (so a
+    /// slow handler or a draining shutdown does not lose them), and runs the retention clean-up
+    /// now and then.
+    pub(super) fn keep_leases(self: &Arc<Self>) {
+        let shared = Arc::downgrade(self);
+        let every = self.transport.inner.options.lease_ttl / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(shared) = shared.upgrade() else { return };
+                if let Err(e) = shared.rebalance().await {
+                    tracing::warn!(group = %shared.group, topic = %shared.topic, error = %e, "cannot renew partition leases; trying again");
+                }
+                shared.transport.clean_up_now_and_then().await;
+            }
+        });
+    }
 
     /// Renews this consumer's leases, and takes or gives up partitions towards a fair share
     /// among the live members of the group.
-    async fn rebalance(&mut self) -> Result<(), TransportError> {
-        let shared = &self.shared;
+    pub(super) async fn rebalance(&self) -> Result<(), TransportError> {
+        let shared = self;
         let inner = &shared.transport.inner;
         let sql = &inner.sql;
-        let (g, t, me) = (&shared.group, &shared.topic, &self.owner);
+        let (g, t, me) = (&shared.group, &shared.topic, &shared.owner);
         let now = now_ms();
         let ttl = inner.options.lease_ttl.as_millis() as i64;
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
@@ -291,10 +316,39 @@ impl Consumer {
             p += 1;
         }
         tx.commit().await.map_err(other)?;
-        let mut slots = lock(&shared.slots);
-        slots.retain(|p, s| mine.contains(p) || *s == Slot::InFlight);
-        for p in mine {
-            slots.entry(p).or_insert(Slot::Idle);
+        let gained = {
+            let mut slots = lock(&shared.slots);
+            // A partition lost with an event in flight stays, revoked, until that event settles;
+            // it is fetched from no more.
+            slots.retain(|p, s| {
+                if mine.contains(p) {
+                    return true;
+                }
+                match s {
+                    Slot::InFlight | Slot::Revoked => {
+                        *s = Slot::Revoked;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            let mut gained = false;
+            for p in mine {
+                match slots.get(&p) {
+                    None => {
+                        slots.insert(p, Slot::Idle);
+                        gained = true;
+                    }
+                    Some(Slot::Revoked) => {
+                        slots.insert(p, Slot::InFlight);
+                    }
+                    Some(_) => {}
+                }
+            }
+            gained
+        };
+        if gained {
+            shared.wake.notify_waiters();
         }
         Ok(())
     }

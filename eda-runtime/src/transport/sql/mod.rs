@@ -732,19 +732,19 @@ impl SqlTransport {
             owners.push((subscription.group.clone(), subscription.topic.clone(), owner.clone()));
             owner
         };
-        Ok(Consumer {
-            shared: Arc::new(ConsumerShared {
-                transport: self.clone(),
-                group: subscription.group.clone(),
-                topic: subscription.topic.clone(),
-                slots: Mutex::default(),
-                wake: Notify::new(),
-            }),
+        let shared = Arc::new(ConsumerShared {
+            transport: self.clone(),
+            group: subscription.group.clone(),
+            topic: subscription.topic.clone(),
             owner,
             partitions,
-            next_rebalance: Instant::now(),
-            cursor: 0,
-        })
+            slots: Mutex::default(),
+            wake: Notify::new(),
+        });
+        // Hold leases before the first fetch, then keep them in the background.
+        shared.rebalance().await?;
+        shared.keep_leases();
+        Ok(Consumer { shared, cursor: 0 })
     }
 
     /// Batches of up to `limit` consecutive events of one partition at a time, for the relay.

@@ -92,12 +92,16 @@ impl SqlUnit {
 
     /// Serializes everything that decides about one saga step (PostgreSQL; SQLite's single
     /// writer already does), so a step and its compensator never both think they went first.
+    ///
+    /// It opens the write transaction first in both dialects: on SQLite that is the lock, and
+    /// a step record read before it could be stale by the time anything is written.
     async fn lock_step(&mut self, group: &str, step: &str, correlation: &CorrelationId) -> Result<(), sqlx::Error> {
-        let inner = &self.transport.inner;
-        let Some(lock) = inner.dialect.lock() else { return Ok(()) };
-        let key = fnv1a(&[&inner.options.prefix, "step", group, step, &correlation.0]) as i64;
+        let inner = self.transport.inner.clone();
         let conn = self.lazy()?.conn().await?;
-        sqlx::query(lock).bind(key).execute(conn).await?;
+        if let Some(lock) = inner.dialect.lock() {
+            let key = fnv1a(&[&inner.options.prefix, "step", group, step, &correlation.0]) as i64;
+            sqlx::query(lock).bind(key).execute(conn).await?;
+        }
         Ok(())
     }
 
@@ -136,7 +140,10 @@ impl SqlUnit {
         self.topics = transport.insert(conn, &envelopes).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         if let (true, Some(d)) = (ack, &self.delivery) {
             let (shared, partition, seq, retried) = (d.shared.clone(), d.partition, d.seq, d.retried);
-            shared.ack(self.lazy()?.conn().await?, partition, seq, retried).await?;
+            if !shared.ack(self.lazy()?.conn().await?, partition, seq, retried).await? {
+                // Fenced off: the partition's new holder got here first. Write nothing.
+                return Ok(Commit::Duplicate);
+            }
         }
         Ok(Commit::Done)
     }
@@ -210,8 +217,10 @@ impl UnitOfWork for SqlUnit {
         if let Some(tx) = tx {
             tx.commit().await.map_err(other)?;
         }
-        self.transport.remember_topics(self.topics.iter().map(|(t, n)| (t.as_str(), *n)));
-        self.transport.inner.published.notify_waiters();
+        if !self.topics.is_empty() {
+            self.transport.remember_topics(self.topics.iter().map(|(t, n)| (t.as_str(), *n)));
+            self.transport.inner.published.notify_waiters();
+        }
         if let (true, Some(d)) = (ack, &self.delivery) {
             d.settled.store(true, Ordering::SeqCst);
             d.shared.set(d.partition, Slot::Idle);
