@@ -89,7 +89,8 @@ impl Bus {
 
     /// The dead letters of `group`.
     pub async fn dead_letters(&self, group: &str) -> Vec<DeadLetter> {
-        self.dead.dead_letters(group).await.expect("dead letters can be listed")
+        let stored = self.dead.dead_letters(Some(group)).await.expect("dead letters can be listed");
+        stored.into_iter().map(|d| d.letter).collect()
     }
 
     /// Total lag of `group` on `topic`.

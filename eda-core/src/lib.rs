@@ -42,7 +42,7 @@ pub use registry::{Registry, RegistryBuilder, Report};
 pub use store::{Claim, GuardKey, Inbox, StepState};
 pub use transport::{
     Acker, Commit, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Delivery, PartitionLag, Store,
-    Subscription, Transport, UnitOfWork,
+    StoredDeadLetter, Subscription, Transport, UnitOfWork,
 };
 
 /// Not public API: what the macros' generated code names.

@@ -47,6 +47,17 @@ pub trait Transport: Send + Sync + 'static {
     async fn close(&self) -> Result<(), TransportError> {
         Ok(())
     }
+
+    /// Where this transport keeps dead letters, when it keeps them itself.
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
+        None
+    }
+
+    /// The transport's own store, when its log is a database: replayed dead letters are handled
+    /// in its transactions.
+    fn store(self: Arc<Self>) -> Option<Arc<dyn Store>> {
+        None
+    }
 }
 
 /// What a consumer asks of [`Transport::subscribe`].
@@ -91,6 +102,12 @@ impl Delivery {
         self.acker.nack(delay).await
     }
 
+    /// Records a failed attempt where the transport keeps delivery counts, so that after a crash
+    /// the event comes back with its count (and is dead-lettered in time) instead of from one.
+    pub async fn attempt_failed(&self) -> Result<(), TransportError> {
+        self.acker.attempt_failed().await
+    }
+
     /// Starts handling this delivery in one transaction of the transport's own store, when it
     /// has one (the SQL log): the guard record, the handler's writes, the events it emits and,
     /// with [`UnitOfWork::commit`]`(ack = true)`, the acknowledgement then commit together.
@@ -131,6 +148,11 @@ pub trait Acker: Send + Sync {
     /// See [`Delivery::begin`]; transports without a transactional store keep the default.
     async fn begin(&self) -> Result<Option<Box<dyn UnitOfWork>>, TransportError> {
         Ok(None)
+    }
+    /// See [`Delivery::attempt_failed`]; brokers that count deliveries themselves keep the
+    /// default.
+    async fn attempt_failed(&self) -> Result<(), TransportError> {
+        Ok(())
     }
 }
 
@@ -212,11 +234,28 @@ pub struct DeadLetter {
     pub at: SystemTime,
 }
 
-/// Where a transport keeps dead letters, for tools that list and inspect them.
+/// A dead letter as a store keeps it: with an id to inspect, replay or purge it by, and the
+/// consumer group whose handler gave up on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDeadLetter {
+    /// The id within its store.
+    pub id: u64,
+    /// The consumer group it was dead-lettered by; a replay goes to this group only.
+    pub group: String,
+    /// The letter.
+    pub letter: DeadLetter,
+}
+
+/// Where a transport keeps dead letters, for the tools that list, inspect, replay and purge
+/// them.
 #[async_trait::async_trait]
 pub trait DeadLetterStore: Send + Sync {
-    /// The dead letters of `group`, oldest first.
-    async fn dead_letters(&self, group: &str) -> Result<Vec<DeadLetter>, TransportError>;
+    /// The dead letters of `group` (or of every group), oldest first.
+    async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError>;
+    /// One dead letter.
+    async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>, TransportError>;
+    /// Removes a dead letter; false when there was none with that id.
+    async fn remove_dead_letter(&self, id: u64) -> Result<bool, TransportError>;
 }
 
 /// How far a group is behind on one partition of a topic.

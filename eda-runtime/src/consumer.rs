@@ -202,7 +202,7 @@ fn dispatch(
     let (shared, handlers) = (shared.clone(), handlers.clone());
     let Some(key) = delivery.envelope.subject.clone() else {
         tasks.spawn(async move {
-            handle_delivery(&shared, &handlers, delivery).await;
+            handle_delivery(&shared, &handlers, delivery, None).await;
             drop(permit);
         });
         return;
@@ -220,7 +220,7 @@ fn dispatch(
     tasks.spawn(async move {
         let mut current = Some((delivery, permit));
         while let Some((delivery, permit)) = current.take() {
-            handle_delivery(&shared, &handlers, delivery).await;
+            handle_delivery(&shared, &handlers, delivery, None).await;
             drop(permit);
             let stopped_queue = {
                 let mut l = lanes.lock().unwrap_or_else(|p| p.into_inner());
@@ -243,7 +243,14 @@ fn dispatch(
     });
 }
 
-async fn handle_delivery(shared: &Shared, handlers: &[&'static HandlerDescriptor], delivery: Delivery) {
+/// Runs the group's handlers of the delivered event, then settles the delivery. `force` names a
+/// handler (`group/name`) whose idempotency guard is bypassed: a forced replay.
+pub(crate) async fn handle_delivery(
+    shared: &Shared,
+    handlers: &[&'static HandlerDescriptor],
+    delivery: Delivery,
+    force: Option<&str>,
+) {
     let envelope = &delivery.envelope;
     let matching: Vec<_> = handlers.iter().filter(|h| h.event.ce_type == envelope.ty).collect();
     let disposition = if matching.is_empty() {
@@ -252,7 +259,8 @@ async fn handle_delivery(shared: &Shared, handlers: &[&'static HandlerDescriptor
         let mut outcome = Disposition::Done;
         let last = matching.len() - 1;
         for (i, h) in matching.into_iter().enumerate() {
-            outcome = handle_with(shared, h, &delivery, i == last).await;
+            let forced = force.is_some_and(|f| f == h.qualified_name());
+            outcome = handle_with(shared, h, &delivery, i == last, forced).await;
             if !matches!(outcome, Disposition::Done) {
                 break;
             }
@@ -320,18 +328,19 @@ enum AfterFailure {
 struct Job<'a> {
     shared: &'a Shared,
     h: &'static HandlerDescriptor,
+    delivery: &'a Delivery,
     envelope: &'a Arc<Envelope>,
     name: String,
     policy: RetryPolicy,
 }
 
 impl<'a> Job<'a> {
-    fn new(shared: &'a Shared, h: &'static HandlerDescriptor, envelope: &'a Arc<Envelope>) -> Self {
+    fn new(shared: &'a Shared, h: &'static HandlerDescriptor, delivery: &'a Delivery) -> Self {
         let policy = RetryPolicy {
             max_attempts: h.max_attempts.unwrap_or(shared.config.retry.max_attempts),
             ..shared.config.retry.clone()
         };
-        Self { shared, h, envelope, name: h.qualified_name(), policy }
+        Self { shared, h, delivery, envelope: &delivery.envelope, name: h.qualified_name(), policy }
     }
 
     fn journal(&self, kind: EntryKind) {
@@ -430,6 +439,10 @@ impl<'a> Job<'a> {
             return AfterFailure::Stop(Disposition::Redeliver(Duration::ZERO));
         }
         tracing::warn!(handler = %self.name, event_id = %self.envelope.id, attempt, %error, "attempt failed; retrying");
+        // Counted where the transport keeps counts, so a crash does not reset them.
+        if let Err(e) = self.delivery.attempt_failed().await {
+            tracing::warn!(handler = %self.name, error = %e, "could not record a failed attempt");
+        }
         self.journal(EntryKind::Retrying { handler: self.name.clone(), attempt, error: error.to_string() });
         bump(&self.shared.stats.retried);
         let mut stop = self.shared.stop.clone();
@@ -449,9 +462,11 @@ async fn handle_with(
     h: &'static HandlerDescriptor,
     delivery: &Delivery,
     ack_on_commit: bool,
+    forced: bool,
 ) -> Disposition {
-    let job = Job::new(shared, h, &delivery.envelope);
+    let job = Job::new(shared, h, delivery);
     let guard = match guard_key(h, &delivery.envelope) {
+        Ok(_) if forced => None,
         Ok(g) => g,
         Err(e) => return job.dead(&e, delivery.attempt),
     };

@@ -44,7 +44,9 @@
 // Generated code names `::eda::…`; this lets it do so inside this crate's own doc tests.
 extern crate self as eda;
 
+pub mod cli;
 mod consumer;
+mod dead_letters;
 mod errors;
 mod inbox;
 mod journal;
@@ -53,6 +55,7 @@ mod runtime;
 pub mod transport;
 
 pub use consumer::StatsSnapshot;
+pub use dead_letters::Replay;
 pub use eda_core::*;
 pub use errors::{Error, Result};
 pub use inbox::MemoryInbox;

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eda_core::{
-    CorrelationId, Envelope, Event, HandlerDescriptor, Inbox, PendingEvent, Registry, States, Topic, Transport,
+    CorrelationId, Envelope, Event, HandlerDescriptor, Inbox, PendingEvent, Registry, States, StoredDeadLetter, Topic,
+    Transport,
 };
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -60,6 +61,7 @@ pub struct RuntimeBuilder {
     source: String,
     config: ConsumerConfig,
     journal_capacity: usize,
+    consume: bool,
 }
 
 impl RuntimeBuilder {
@@ -80,7 +82,15 @@ impl RuntimeBuilder {
                 shutdown_timeout: Duration::from_secs(30),
             },
             journal_capacity: 100_000,
+            consume: true,
         }
+    }
+
+    /// Starts no consumers: for tools (the dead-letter commands, lag) that work on the
+    /// transport without handling its events.
+    pub fn without_consumers(mut self) -> Self {
+        self.consume = false;
+        self
     }
 
     /// Adds shared state: handlers taking `Ctx<'_, S>` receive it.
@@ -186,6 +196,7 @@ impl RuntimeBuilder {
             source,
             config,
             journal_capacity,
+            consume,
         } = self;
         // The choreography is checked whole, before narrowing to this service's groups.
         let report = registry.validate();
@@ -262,7 +273,7 @@ impl RuntimeBuilder {
             by_subscription.entry((h.group, h.topic())).or_default().push(*h);
         }
         let mut tasks = JoinSet::new();
-        for ((group, topic), handlers) in &by_subscription {
+        for ((group, topic), handlers) in by_subscription.iter().filter(|_| consume) {
             tracing::debug!(group, topic, handlers = handlers.len(), "starting consumer");
             tasks.spawn(consumer::consume(shared.clone(), group, topic, handlers.clone().into()));
         }
@@ -384,6 +395,47 @@ impl Runtime {
     /// Every journal entry still held, in order.
     pub fn journal(&self) -> Vec<JournalEntry> {
         self.shared.journal.entries()
+    }
+
+    /// The dead letters of `group` (or of every group), oldest first.
+    pub async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>> {
+        Ok(self.dead_letter_store()?.dead_letters(group).await?)
+    }
+
+    /// One dead letter.
+    pub async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>> {
+        Ok(self.dead_letter_store()?.dead_letter(id).await?)
+    }
+
+    /// Hands dead letter `id` to the group that gave up on it, once more, in this process;
+    /// removes it when the group handled it. The idempotency guard still applies unless
+    /// `force`, which bypasses the guard of the handler that gave up.
+    pub async fn replay(&self, id: u64, force: bool) -> Result<crate::Replay> {
+        let store = self.dead_letter_store()?;
+        let Some(dead) = store.dead_letter(id).await? else {
+            return Err(Error::Config(format!("there is no dead letter {id}")));
+        };
+        let own_store = self.shared.store.clone().or_else(|| self.shared.transport.clone().store());
+        let outcome =
+            crate::dead_letters::replay(&self.shared, self.registry.handlers(), own_store, &dead, force).await?;
+        if outcome == crate::Replay::Handled {
+            store.remove_dead_letter(id).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Removes dead letter `id` without handling it; false when there was none.
+    pub async fn purge(&self, id: u64) -> Result<bool> {
+        Ok(self.dead_letter_store()?.remove_dead_letter(id).await?)
+    }
+
+    fn dead_letter_store(&self) -> Result<&dyn eda_core::DeadLetterStore> {
+        self.shared.transport.dead_letter_store().ok_or_else(|| {
+            Error::Config(format!(
+                "the {} transport keeps no dead letters of its own that eda can reach",
+                self.shared.transport.kind()
+            ))
+        })
     }
 
     /// What the consumers did since start.

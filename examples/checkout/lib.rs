@@ -54,6 +54,19 @@ pub struct CheckoutRun {
     pub orders: Vec<(Scenario, Envelope)>,
 }
 
+/// Every service of the checkout, with its state; the transport is still to be given.
+pub fn services(orders: Arc<Orders>) -> eda::RuntimeBuilder {
+    Runtime::from_registry()
+        .service("checkout")
+        .publishes::<OrderConfirmed>()
+        .state(Inventory::with_stock(initial_stock()))
+        .state(Payments::default())
+        .shared_state(orders)
+        .state(Mailer::default())
+        .state(Analytics::default())
+        .retry(eda::RetryPolicy { initial_backoff: Duration::from_millis(20), ..Default::default() })
+}
+
 /// Starts every service of the checkout on the transport `url` names, places the three orders,
 /// delivers the first one a second time (a producer retry: the same envelope, the same id), and
 /// waits until every saga has settled.
@@ -64,18 +77,7 @@ pub async fn run(url: &str) -> eda::Result<CheckoutRun> {
 /// [`run`] on a transport that is already connected.
 pub async fn run_on(transport: Arc<dyn eda::Transport>) -> eda::Result<CheckoutRun> {
     let orders = Arc::new(Orders::default());
-    let runtime = Runtime::from_registry()
-        .service("checkout")
-        .publishes::<OrderConfirmed>()
-        .state(Inventory::with_stock(initial_stock()))
-        .state(Payments::default())
-        .shared_state(orders.clone())
-        .state(Mailer::default())
-        .state(Analytics::default())
-        .shared_transport(transport)
-        .retry(eda::RetryPolicy { initial_backoff: Duration::from_millis(20), ..Default::default() })
-        .start()
-        .await?;
+    let runtime = services(orders.clone()).shared_transport(transport).start().await?;
     let publisher = runtime.publisher();
     let mut placed = Vec::new();
     for scenario in scenarios() {

@@ -2,7 +2,8 @@
 //! duplicate delivery, then prints each saga's trace.
 //!
 //! `checkout` runs it on `EDA_URL` (default `sqlite://checkout.db`, the embedded durable log);
-//! `checkout graph` prints the choreography as Mermaid.
+//! `checkout graph` prints the choreography as Mermaid; `checkout dlq list|show|replay|purge`
+//! works on the dead letters.
 
 use checkout::{render_trace, OrderStatus, Orders};
 
@@ -16,6 +17,21 @@ async fn main() -> eda::Result<()> {
         return Ok(());
     }
     let url = std::env::var("EDA_URL").unwrap_or_else(|_| "sqlite://checkout.db".into());
+    if let Some(command) = eda::cli::Command::from_args(std::env::args()) {
+        let services = checkout::services(Default::default()).transport_url(url);
+        let outcome = match command {
+            Ok(command) => eda::cli::run(services, command).await,
+            Err(usage) => Err(eda::Error::Config(usage)),
+        };
+        match outcome {
+            Ok(text) => print!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
+        return Ok(());
+    }
     println!("checkout saga on {url}\n");
     let run = checkout::run(&url).await?;
     let orders = run.runtime.state::<Orders>();

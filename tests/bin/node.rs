@@ -8,6 +8,10 @@
 //! `eda-test-node relay <url> <prefix> <target-url> <target-prefix>` relays the log at `url`,
 //! used as an outbox, into the log at `target-url` until everything is relayed; it pauses after
 //! each event the target accepted, before recording it, so that a kill often lands in between.
+//! `eda-test-node poison <url> <prefix> <expected>` handles work with a handler that fails on
+//! `n == 0` (the poison) unless `EDA_TEST_FIXED=1`, until `expected` effects exist and the
+//! poison is dead-lettered. `eda-test-node dlq <url> <prefix> <dlq command…>` runs eda's
+//! dead-letter commands with that same handler.
 //! `<prefix>` prefixes every table, eda's and the test's, so tests can share a database.
 
 use std::time::Duration;
@@ -76,6 +80,21 @@ impl eda::Transport for Lingering {
     }
 }
 
+/// Applies work, except the poison, until the bug is "fixed".
+#[handler(group = "poisoned", max_attempts = 3)]
+async fn apply_or_choke(work: Work, cx: Ctx<'_, Tables>) -> Result<(), HandlerError> {
+    if work.n == 0 && std::env::var("EDA_TEST_FIXED").as_deref() != Ok("1") {
+        return Err(HandlerError::transient("choked on work 0"));
+    }
+    let mut tx = eda::sql::transaction(&cx).await?;
+    sqlx::query(&cx.insert_effect).bind(cx.event_id().to_string()).bind(i64::from(work.n)).execute(&mut **tx).await?;
+    Ok(())
+}
+
+fn poison_registry() -> Registry {
+    Registry::builder().handler::<apply_or_choke>().publishes::<Work>().build()
+}
+
 fn registry() -> Registry {
     Registry::builder().handler::<apply>().handler::<tally>().publishes::<Work>().build()
 }
@@ -88,8 +107,11 @@ async fn transport(url: &str, prefix: &str) -> eda::Result<(eda::sql::SqlTranspo
         .lease_ttl(Duration::from_secs(2))
         .connect()
         .await?;
+    // The effects' own sequence shows the order they were applied in.
+    let serial =
+        if url.starts_with("postgres") { "id BIGSERIAL PRIMARY KEY" } else { "id INTEGER PRIMARY KEY AUTOINCREMENT" };
     for ddl in [
-        format!("CREATE TABLE IF NOT EXISTS {prefix}effects (event_id TEXT NOT NULL, n BIGINT NOT NULL)"),
+        format!("CREATE TABLE IF NOT EXISTS {prefix}effects ({serial}, event_id TEXT NOT NULL, n BIGINT NOT NULL)"),
         format!("CREATE TABLE IF NOT EXISTS {prefix}tallies (n BIGINT NOT NULL)"),
     ] {
         sqlx::query(&ddl)
@@ -154,6 +176,40 @@ async fn main() -> eda::Result<()> {
             runtime.shutdown().await;
             Ok(())
         }
+        "poison" => {
+            let expected: i64 = arg(&args, 4, "the number of effects to wait for")?;
+            let pool = transport.pool().clone();
+            let count = format!("SELECT COUNT(*) FROM {prefix}effects");
+            let dead = format!("SELECT COUNT(*) FROM {prefix}dead_letters");
+            let retry = eda::RetryPolicy { initial_backoff: Duration::from_millis(10), ..Default::default() };
+            let runtime = Runtime::builder(poison_registry())
+                .state(tables)
+                .transport(transport)
+                .retry(retry)
+                .max_in_flight(16)
+                .start()
+                .await?;
+            loop {
+                let effects: i64 = sqlx::query_scalar(&count).fetch_one(&pool).await.unwrap_or(0);
+                let dead: i64 = sqlx::query_scalar(&dead).fetch_one(&pool).await.unwrap_or(0);
+                if effects >= expected && dead >= 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            runtime.shutdown().await;
+            Ok(())
+        }
+        "dlq" => {
+            // As the service's own binary would see it: `<app> dlq …`.
+            let as_app = ["node", "dlq"].into_iter().map(String::from).chain(args.iter().skip(4).cloned());
+            let command = eda::cli::Command::from_args(as_app)
+                .unwrap_or_else(|| Err("expected a `dlq …` command".into()))
+                .map_err(eda::Error::Config)?;
+            let builder = Runtime::builder(poison_registry()).state(tables).transport(transport);
+            print!("{}", eda::cli::run(builder, command).await?);
+            Ok(())
+        }
         "relay" => {
             let target_url: String = arg(&args, 4, "the target's URL")?;
             let target_prefix: String = arg(&args, 5, "the target's table prefix")?;
@@ -169,6 +225,8 @@ async fn main() -> eda::Result<()> {
             relay.stop().await;
             Ok(())
         }
-        other => Err(eda::Error::Config(format!("unknown mode `{other}`: use `publish`, `consume` or `relay`"))),
+        other => Err(eda::Error::Config(format!(
+            "unknown mode `{other}`: use `publish`, `consume`, `relay`, `poison` or `dlq`"
+        ))),
     }
 }

@@ -150,8 +150,69 @@ async fn sigkill_at_random_moments_still_applies_every_effect_exactly_once(postg
     assert_eq!((c.tallies, c.distinct_tallies), (all, all), "each emitted event's effect exactly once");
 }
 
+async fn a_poison_event_is_dead_lettered_while_the_rest_flow_and_is_replayed_from_the_command_line(postgres: bool) {
+    const EVENTS: i64 = 10_000;
+    let db = Target::new(postgres).await;
+    assert!(db.run(&["publish", &EVENTS.to_string(), "0"]).success());
+    // Work 0 chokes: after its 3 attempts it is dead-lettered, and everything else is applied,
+    // including the work behind it on its key (keys are n % 50).
+    let mut consumer = db.node(&["poison", &(EVENTS - 1).to_string()]);
+    assert!(wait_with_timeout(&mut consumer, Duration::from_secs(300)).success());
+
+    let transport = eda_tests::reopen(&db.url, Some(&db.prefix)).await;
+    let pool = transport.pool();
+    let p = &db.prefix;
+    let key_zero: Vec<i64> = sqlx::query_scalar(&format!("SELECT n FROM {p}effects WHERE n % 50 = 0 ORDER BY id"))
+        .fetch_all(pool)
+        .await
+        .expect("effects");
+    assert_eq!(key_zero, (1..200).map(|i| i * 50).collect::<Vec<_>>(), "the poison's key went on, in order");
+    let effects: i64 =
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {p}effects")).fetch_one(pool).await.expect("count");
+    assert_eq!(effects, EVENTS - 1);
+
+    let list = dlq(&db, &["list"], false);
+    assert!(
+        list.contains("Work.v1") && list.contains("poisoned/apply_or_choke") && list.contains("choked on work 0"),
+        "{list}"
+    );
+    let id = list.lines().nth(1).and_then(|l| l.split_whitespace().next()).expect("a dead letter row").to_owned();
+    let shown = dlq(&db, &["show", &id], false);
+    assert!(shown.contains("attempts     3 (retries exhausted)") && shown.contains("\"n\":0"), "{shown}");
+
+    // Still broken: the replay fails again and the dead letter stays.
+    let again = dlq(&db, &["replay", &id], false);
+    assert!(again.contains("failed again"), "{again}");
+    // Fixed: handled once, and gone.
+    let replayed = dlq(&db, &["replay", &id], true);
+    assert!(replayed.contains("handled and removed"), "{replayed}");
+    assert!(dlq(&db, &["list"], true).contains("no dead letters"));
+    let zero: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {p}effects WHERE n = 0"))
+        .fetch_one(pool)
+        .await
+        .expect("count");
+    assert_eq!(zero, 1, "the poison's effect, exactly once");
+    let status = db.node(&["dlq", "replay", &id]).wait().expect("runs");
+    assert!(!status.success(), "replaying a dead letter that is gone is an error");
+}
+
+/// Runs a `dlq` command of the test node and returns what it printed.
+fn dlq(db: &Target, args: &[&str], fixed: bool) -> String {
+    let output = Command::new(NODE)
+        .arg("dlq")
+        .arg(&db.url)
+        .arg(&db.prefix)
+        .args(args)
+        .env("EDA_TEST_FIXED", if fixed { "1" } else { "0" })
+        .output()
+        .expect("the test node runs");
+    assert!(output.status.success(), "dlq {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 eda_tests::on_sql_databases! {
     a_consumer_that_was_down_catches_up_from_its_stored_offset,
     sigterm_mid_stream_loses_nothing_and_applies_nothing_twice,
     sigkill_at_random_moments_still_applies_every_effect_exactly_once,
+    a_poison_event_is_dead_lettered_while_the_rest_flow_and_is_replayed_from_the_command_line,
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eda_core::{
-    Acker, DeadLetter, DeadLetterStore, Deliveries, Delivery, Envelope, PartitionLag, Subscription, Transport,
-    TransportError,
+    Acker, DeadLetter, DeadLetterStore, Deliveries, Delivery, Envelope, PartitionLag, StoredDeadLetter, Subscription,
+    Transport, TransportError,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -41,7 +41,7 @@ pub struct MemoryTransport {
 #[derive(Default)]
 struct Inner {
     topics: Mutex<HashMap<String, TopicLog>>,
-    dead: Mutex<Vec<(String, DeadLetter)>>,
+    dead: Mutex<Vec<StoredDeadLetter>>,
 }
 
 #[derive(Default)]
@@ -261,6 +261,10 @@ impl Transport for MemoryTransport {
         Ok(Box::pin(stream))
     }
 
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
         let topics = self.topics();
         let lag = topics.get(topic).map_or(0, |log| {
@@ -273,9 +277,21 @@ impl Transport for MemoryTransport {
 
 #[async_trait]
 impl DeadLetterStore for MemoryTransport {
-    async fn dead_letters(&self, group: &str) -> Result<Vec<DeadLetter>, TransportError> {
+    async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
         let dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(dead.iter().filter(|(g, _)| g == group).map(|(_, d)| d.clone()).collect())
+        Ok(dead.iter().filter(|d| group.is_none_or(|g| d.group == g)).cloned().collect())
+    }
+
+    async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>, TransportError> {
+        let dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(dead.iter().find(|d| d.id == id).cloned())
+    }
+
+    async fn remove_dead_letter(&self, id: u64) -> Result<bool, TransportError> {
+        let mut dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
+        let before = dead.len();
+        dead.retain(|d| d.id != id);
+        Ok(dead.len() < before)
     }
 }
 
@@ -307,7 +323,11 @@ impl Acker for MemoryAcker {
     }
 
     async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<(), TransportError> {
-        self.transport.inner.dead.lock().unwrap_or_else(|p| p.into_inner()).push((self.group.clone(), letter));
+        {
+            let mut dead = self.transport.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
+            let id = dead.last().map_or(1, |d| d.id + 1);
+            dead.push(StoredDeadLetter { id, group: self.group.clone(), letter });
+        }
         self.finish(Settle::Done);
         Ok(())
     }

@@ -112,7 +112,7 @@ impl Consumer {
             shared: self.shared.clone(),
             partition,
             seq,
-            retried: attempts > 0,
+            retried: AtomicBool::new(attempts > 0),
             settled: Arc::new(AtomicBool::new(false)),
         };
         Ok(Delivery::new(envelope, attempts as u32 + 1, partition, Box::new(acker)))
@@ -205,7 +205,7 @@ impl Consumer {
                         shared: shared.clone(),
                         partition,
                         seq,
-                        retried: attempts > 0,
+                        retried: AtomicBool::new(attempts > 0),
                         settled: Arc::new(AtomicBool::new(false)),
                     };
                     tracing::error!(group = %shared.group, topic = %shared.topic, seq, %error, "dead-lettering a corrupt stored event");
@@ -388,7 +388,7 @@ struct SqlAcker {
     shared: Arc<ConsumerShared>,
     partition: u32,
     seq: i64,
-    retried: bool,
+    retried: AtomicBool,
     settled: Arc<AtomicBool>,
 }
 
@@ -406,8 +406,24 @@ impl Acker for SqlAcker {
             return Ok(()); // acknowledged in the handling's own transaction
         }
         let mut conn = self.shared.transport.inner.pool.acquire().await.map_err(other)?;
-        self.shared.ack(&mut conn, self.partition, self.seq, self.retried).await.map_err(other)?;
+        self.shared
+            .ack(&mut conn, self.partition, self.seq, self.retried.load(Ordering::SeqCst))
+            .await
+            .map_err(other)?;
         self.finish(Slot::Idle);
+        Ok(())
+    }
+
+    async fn attempt_failed(&self) -> Result<(), TransportError> {
+        let s = &self.shared;
+        sqlx::query(&s.transport.inner.sql.nack)
+            .bind(&s.group)
+            .bind(&s.topic)
+            .bind(self.seq)
+            .execute(&s.transport.inner.pool)
+            .await
+            .map_err(other)?;
+        self.retried.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -443,7 +459,7 @@ impl Acker for SqlAcker {
             .execute(&mut *tx)
             .await
             .map_err(other)?;
-        s.ack(&mut tx, self.partition, self.seq, self.retried).await.map_err(other)?;
+        s.ack(&mut tx, self.partition, self.seq, self.retried.load(Ordering::SeqCst)).await.map_err(other)?;
         tx.commit().await.map_err(other)?;
         self.finish(Slot::Idle);
         Ok(())
@@ -454,7 +470,7 @@ impl Acker for SqlAcker {
             shared: self.shared.clone(),
             partition: self.partition,
             seq: self.seq,
-            retried: self.retried,
+            retried: self.retried.load(Ordering::SeqCst),
             settled: self.settled.clone(),
         };
         Ok(Some(Box::new(SqlUnit::new(self.shared.transport.clone(), Some(delivery)))))

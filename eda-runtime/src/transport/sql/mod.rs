@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use eda_core::{
     CorrelationId, Ctx, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Envelope, EventId, HandlerError,
-    PartitionLag, StoreError, Subscription, Transport, TransportError,
+    PartitionLag, StoreError, StoredDeadLetter, Subscription, Transport, TransportError,
 };
 pub use relay::{Relay, RelayHandle};
 pub use schema::Dialect;
@@ -487,27 +487,51 @@ impl eda_core::Store for SqlTransport {
 
 #[async_trait]
 impl DeadLetterStore for SqlTransport {
-    async fn dead_letters(&self, group: &str) -> Result<Vec<DeadLetter>, TransportError> {
-        let rows =
-            sqlx::query(&self.inner.sql.dead_select).bind(group).fetch_all(&self.inner.pool).await.map_err(other)?;
-        rows.iter()
-            .map(|row| {
-                let envelope: String = row.try_get(0).map_err(other)?;
-                let envelope = serde_json::from_str(&envelope).map_err(other)?;
-                let at: i64 = row.try_get(5).map_err(other)?;
-                Ok(DeadLetter {
-                    envelope,
-                    attempts: row.try_get::<i64, _>(1).map_err(other)? as u32,
-                    reason: DeadLetterReason {
-                        handler: row.try_get(2).map_err(other)?,
-                        error: row.try_get(3).map_err(other)?,
-                        permanent: row.try_get::<i64, _>(4).map_err(other)? != 0,
-                    },
-                    at: UNIX_EPOCH + Duration::from_millis(at.max(0) as u64),
-                })
-            })
-            .collect()
+    async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
+        let rows = sqlx::query(&self.inner.sql.dead_select)
+            .bind(group.is_none())
+            .bind(group.unwrap_or_default())
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(other)?;
+        rows.iter().map(stored_dead_letter).collect()
     }
+
+    async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>, TransportError> {
+        let row = sqlx::query(&self.inner.sql.dead_one)
+            .bind(id as i64)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(other)?;
+        row.as_ref().map(stored_dead_letter).transpose()
+    }
+
+    async fn remove_dead_letter(&self, id: u64) -> Result<bool, TransportError> {
+        let done =
+            sqlx::query(&self.inner.sql.dead_delete).bind(id as i64).execute(&self.inner.pool).await.map_err(other)?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+/// A dead letter from a row of `id, grp, envelope, attempts, handler, error, permanent, at`.
+fn stored_dead_letter(row: &AnyRow) -> Result<StoredDeadLetter, TransportError> {
+    let envelope: String = row.try_get(2).map_err(other)?;
+    let envelope = serde_json::from_str(&envelope).map_err(other)?;
+    let at: i64 = row.try_get(7).map_err(other)?;
+    Ok(StoredDeadLetter {
+        id: row.try_get::<i64, _>(0).map_err(other)? as u64,
+        group: row.try_get(1).map_err(other)?,
+        letter: DeadLetter {
+            envelope,
+            attempts: row.try_get::<i64, _>(3).map_err(other)? as u32,
+            reason: DeadLetterReason {
+                handler: row.try_get(4).map_err(other)?,
+                error: row.try_get(5).map_err(other)?,
+                permanent: row.try_get::<i64, _>(6).map_err(other)? != 0,
+            },
+            at: UNIX_EPOCH + Duration::from_millis(at.max(0) as u64),
+        },
+    })
 }
 
 impl SqlTransport {
@@ -767,6 +791,14 @@ impl SqlTransport {
 impl Transport for SqlTransport {
     fn kind(&self) -> &'static str {
         self.inner.dialect.name()
+    }
+
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+
+    fn store(self: Arc<Self>) -> Option<Arc<dyn eda_core::Store>> {
+        Some(self)
     }
 
     async fn publish(&self, envelope: &Envelope) -> Result<(), TransportError> {

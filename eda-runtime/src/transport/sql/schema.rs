@@ -113,6 +113,8 @@ pub struct Sql {
     pub step_delete: String,
     pub dead_insert: String,
     pub dead_select: String,
+    pub dead_one: String,
+    pub dead_delete: String,
     pub topics_all: String,
     pub clean_log: String,
     pub clean_inbox: String,
@@ -222,8 +224,13 @@ impl Sql {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             ),
             dead_select: format!(
-                "SELECT envelope, attempts, handler, error, permanent, at FROM {p}dead_letters WHERE grp = $1 ORDER BY id"
+                "SELECT id, grp, envelope, attempts, handler, error, permanent, at FROM {p}dead_letters
+                 WHERE $1 OR grp = $2 ORDER BY id"
             ),
+            dead_one: format!(
+                "SELECT id, grp, envelope, attempts, handler, error, permanent, at FROM {p}dead_letters WHERE id = $1"
+            ),
+            dead_delete: format!("DELETE FROM {p}dead_letters WHERE id = $1"),
             topics_all: format!("SELECT topic FROM {p}topics ORDER BY topic"),
             // Old, and passed by every group that reads its partition.
             clean_log: format!(
