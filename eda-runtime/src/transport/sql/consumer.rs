@@ -428,14 +428,7 @@ impl Acker for SqlAcker {
     }
 
     async fn nack(self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
-        let s = &self.shared;
-        sqlx::query(&s.transport.inner.sql.nack)
-            .bind(&s.group)
-            .bind(&s.topic)
-            .bind(self.seq)
-            .execute(&s.transport.inner.pool)
-            .await
-            .map_err(other)?;
+        self.attempt_failed().await?;
         self.finish(Slot::WaitUntil(Instant::now() + delay));
         Ok(())
     }
