@@ -29,6 +29,8 @@ const BUSY_DELAY: Duration = Duration::from_millis(50);
 #[derive(Clone, Debug)]
 pub(crate) struct ConsumerConfig {
     pub max_in_flight: usize,
+    /// The largest payload published or handled, in bytes.
+    pub max_payload: usize,
     pub retry: RetryPolicy,
     pub shutdown_timeout: Duration,
 }
@@ -253,7 +255,9 @@ pub(crate) async fn handle_delivery(
 ) {
     let envelope = &delivery.envelope;
     let matching: Vec<_> = handlers.iter().filter(|h| h.event.ce_type == envelope.ty).collect();
-    let disposition = if matching.is_empty() {
+    let disposition = if envelope.data.len() > shared.config.max_payload {
+        oversized(shared, handlers, envelope)
+    } else if matching.is_empty() {
         unhandled(shared, handlers, envelope)
     } else {
         let mut outcome = Disposition::Done;
@@ -268,6 +272,19 @@ pub(crate) async fn handle_delivery(
         outcome
     };
     settle(shared, delivery, disposition).await;
+}
+
+/// A payload over the limit (from a producer that does not check it) is not decoded at all.
+fn oversized(shared: &Shared, handlers: &[&'static HandlerDescriptor], envelope: &Envelope) -> Disposition {
+    let group = handlers.first().map_or("", |h| h.group);
+    let error = format!(
+        "the payload is {} bytes, over the limit of {} (RuntimeBuilder::max_payload)",
+        envelope.data.len(),
+        shared.config.max_payload
+    );
+    shared.journal.record(envelope, EntryKind::DeadLettered { handler: group.to_owned(), error: error.clone() });
+    bump(&shared.stats.dead_lettered);
+    Disposition::DeadLetter(DeadLetterReason { handler: None, error, permanent: true }, 1)
 }
 
 /// An event type no handler of the group takes: an unknown version of a handled event is a
@@ -406,12 +423,20 @@ impl<'a> Job<'a> {
                 let emitted = handling.take_emitted();
                 let failures = self.shared.failures.get(&(h.group, h.name));
                 let failed_step = emitted.iter().any(|e| failures.is_some_and(|f| f.contains(&e.info.ce_type)));
-                let envelopes = emitted
+                let envelopes: Vec<Envelope> = emitted
                     .into_iter()
                     .enumerate()
                     .map(|(i, p)| Envelope::derived(envelope, &self.shared.source, h.group, h.name, i, p))
                     .collect();
-                Ok((envelopes, failed_step))
+                let limit = self.shared.config.max_payload;
+                match envelopes.iter().find(|e| e.data.len() > limit) {
+                    Some(big) => Err(HandlerError::permanent(format!(
+                        "the handler emitted `{}` of {} bytes, over the limit of {limit} (RuntimeBuilder::max_payload)",
+                        big.ty,
+                        big.data.len()
+                    ))),
+                    None => Ok((envelopes, failed_step)),
+                }
             }
             Ok(Err(e)) => Err(e),
             Err(panic) => Err(HandlerError::transient(Panicked(panic_message(&*panic)))),

@@ -80,6 +80,7 @@ impl RuntimeBuilder {
                 max_in_flight: 64,
                 retry: RetryPolicy::default(),
                 shutdown_timeout: Duration::from_secs(30),
+                max_payload: 1024 * 1024,
             },
             journal_capacity: 100_000,
             consume: true,
@@ -167,6 +168,14 @@ impl RuntimeBuilder {
     /// How transient failures are retried.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.config.retry = policy;
+        self
+    }
+
+    /// The largest event payload, in bytes, that is published or handled (1 MiB by default,
+    /// the most every broker carries: NATS' default `max_payload`, headers included, is 1 MiB).
+    /// Publishing a larger event is an error; a larger one that arrives anyway is dead-lettered.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.config.max_payload = bytes;
         self
     }
 
@@ -542,6 +551,14 @@ impl Publisher {
     /// Publishes an envelope as it is: a producer retry or a replay. Consumers' idempotency
     /// guards recognise it by its id.
     pub async fn republish(&self, envelope: &Envelope) -> Result<()> {
+        let limit = self.shared.config.max_payload;
+        if envelope.data.len() > limit {
+            return Err(Error::Config(format!(
+                "`{}` is {} bytes, over the payload limit of {limit}: send a reference to large data instead, or raise RuntimeBuilder::max_payload if every transport in the path carries it",
+                envelope.ty,
+                envelope.data.len()
+            )));
+        }
         self.shared.transport.publish(envelope).await?;
         self.shared.journal.record(envelope, EntryKind::Published { by: None });
         Ok(())

@@ -74,6 +74,8 @@ on_every_transport! {
     events_of_one_key_are_handled_in_order_while_keys_run_concurrently,
     a_compensator_undoes_its_step_and_one_arriving_first_cancels_the_step,
     shutdown_mid_stream_leaves_unhandled_events_with_the_transport,
+    a_consumer_that_dies_before_acknowledging_loses_nothing,
+    oversized_events_are_refused_when_published_and_dead_lettered_when_they_arrive,
 }
 
 async fn the_same_envelope_delivered_twice_has_one_effect(bus: Bus) {
@@ -473,4 +475,104 @@ async fn shutdown_mid_stream_leaves_unhandled_events_with_the_transport(bus: Bus
     all.sort_unstable();
     assert_eq!(all, (0..50).collect::<Vec<_>>(), "nothing lost, nothing handled twice");
     second.shutdown().await;
+}
+
+#[event(topic = "stuck", key = key)]
+#[derive(Serialize, Deserialize)]
+struct Stuck {
+    key: u32,
+    n: u32,
+}
+
+/// Blocks the first handling forever while `block` is set, as a hung or dying consumer would.
+#[derive(Default)]
+struct Gate {
+    block: std::sync::atomic::AtomicBool,
+    entered: AtomicU32,
+    done: Mutex<Vec<u32>>,
+}
+
+#[handler(group = "gated")]
+async fn gated(ev: Stuck, gate: Ctx<'_, Gate>) {
+    gate.entered.fetch_add(1, Ordering::SeqCst);
+    if gate.block.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    gate.done.lock().expect("lock").push(ev.n);
+}
+
+async fn a_consumer_that_dies_before_acknowledging_loses_nothing(bus: Bus) {
+    let registry = || Registry::builder().handler::<gated>().publishes::<Stuck>().build();
+    let dying = Gate::default();
+    dying.block.store(true, Ordering::SeqCst);
+    let first = Runtime::builder(registry())
+        .state(dying)
+        .shared_transport(bus.transport())
+        .shutdown_timeout(Duration::from_millis(50))
+        .start()
+        .await
+        .expect("start");
+    for n in 0..3 {
+        first.publisher().publish(&Stuck { key: 1, n }).await.expect("publish");
+    }
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while first.state::<Gate>().map_or(0, |g| g.entered.load(Ordering::SeqCst)) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the first handling never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The handler hangs; the deadline passes and it is cut off before it could acknowledge.
+    first.shutdown().await;
+
+    let second = Runtime::builder(registry())
+        .state(Gate::default())
+        .shared_transport(bus.transport())
+        .start()
+        .await
+        .expect("restart");
+    second.settled(SETTLE).await.expect("settled");
+    let done = second.state::<Gate>().expect("state").done.lock().expect("lock").clone();
+    assert_eq!(done, vec![0, 1, 2], "the unacknowledged event came back, first, and nothing was lost");
+    second.shutdown().await;
+}
+
+#[event(topic = "blobs", key = key)]
+#[derive(Serialize, Deserialize)]
+struct Blob {
+    key: u32,
+    body: String,
+}
+
+#[handler(group = "blob-readers")]
+async fn read_blob(_ev: Blob, seen: Ctx<'_, Audit>) {
+    seen.0.lock().expect("lock").push(0);
+}
+
+async fn oversized_events_are_refused_when_published_and_dead_lettered_when_they_arrive(bus: Bus) {
+    let registry = Registry::builder().handler::<read_blob>().publishes::<Blob>().build();
+    let rt = Runtime::builder(registry)
+        .state(Audit::default())
+        .shared_transport(bus.transport())
+        .max_payload(1_000)
+        .start()
+        .await
+        .expect("start");
+    let err = rt.publisher().publish(&Blob { key: 1, body: "x".repeat(2_000) }).await.err().map(|e| e.to_string());
+    let err = err.expect("refused");
+    assert!(err.contains("over the payload limit of 1000") && err.contains("Blob.v1"), "{err}");
+
+    // A producer that does not check (another service, another language) sends one anyway.
+    let pending = eda::PendingEvent::new(&Blob { key: 1, body: "y".repeat(2_000) }).expect("encode");
+    let big = eda::Envelope::root("elsewhere", pending, None);
+    bus.transport().publish(&big).await.expect("the transport itself takes it");
+    rt.publisher().publish(&Blob { key: 2, body: "small".into() }).await.expect("publish");
+    rt.settled(SETTLE).await.expect("settled");
+    let dead = bus.dead_letters("blob-readers").await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.permanent && dead[0].reason.error.contains("over the limit of 1000"),
+        "{:?}",
+        dead[0].reason
+    );
+    assert_eq!(rt.state::<Audit>().expect("state").0.lock().expect("lock").len(), 1, "the small one was handled");
+    rt.shutdown().await;
 }
