@@ -15,6 +15,9 @@
 //!   inserts and selects (a log table, an inbox, an effects table, an outbox, an offset).
 //! - `postgres-outbox`: N events already in a PostgreSQL outbox; eda's relay carries them to an
 //!   in-memory target, beside a plain `FOR UPDATE SKIP LOCKED` relay doing the same.
+//! - `sqlite-backlog`, `postgres-backlog`: N events (1,000,000 by default) waiting in the log;
+//!   a consumer works through them for `--seconds` (10 by default). It reports the rate and the
+//!   peak RSS, which the in-flight limit bounds whatever the backlog.
 //!
 //! PostgreSQL runs use `EDA_BENCH_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
 //! and tables under a fresh prefix.
@@ -91,6 +94,7 @@ struct Args {
     in_flight: usize,
     groups: usize,
     rounds: usize,
+    seconds: u64,
     json: bool,
 }
 
@@ -102,6 +106,7 @@ fn parse_args() -> Result<Args, String> {
         in_flight: 64,
         groups: 1,
         rounds: 3,
+        seconds: 10,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -115,14 +120,19 @@ fn parse_args() -> Result<Args, String> {
             "--in-flight" => args.in_flight = number(value()?)?.max(1) as usize,
             "--groups" => args.groups = number(value()?)?.clamp(1, 4) as usize,
             "--rounds" => args.rounds = number(value()?)?.max(1) as usize,
+            "--seconds" => args.seconds = number(value()?)?.max(1),
             "--json" => args.json = true,
             "--help" | "-h" => return Err(String::new()),
             other => return Err(format!("unknown flag `{other}`")),
         }
     }
     for t in &args.transports {
-        if !["memory", "sqlite", "postgres", "postgres-outbox"].contains(&t.as_str()) {
-            return Err(format!("unknown transport `{t}`: use memory, sqlite, postgres or postgres-outbox"));
+        if !["memory", "sqlite", "postgres", "postgres-outbox", "sqlite-backlog", "postgres-backlog"]
+            .contains(&t.as_str())
+        {
+            return Err(format!(
+                "unknown transport `{t}`: use memory, sqlite, postgres, postgres-outbox, sqlite-backlog or postgres-backlog"
+            ));
         }
     }
     Ok(args)
@@ -536,6 +546,48 @@ async fn raw_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
     })
 }
 
+/// A large backlog in the log, and a consumer working through it for a while: memory stays
+/// bounded by the in-flight limit, not by the backlog.
+async fn backlog(postgres: bool, a: &Args) -> Result<String, BoxError> {
+    let n = a.events.unwrap_or(1_000_000);
+    let db = Db::new(postgres)?;
+    let transport = SqlOptions::new(&db.url).table_prefix(&db.prefix).connect().await?;
+    let body = "x".repeat(a.payload);
+    let start = Instant::now();
+    let mut seq = 0;
+    while seq < n {
+        let batch = (seq..(seq + 5_000).min(n))
+            .map(|s| Ok(eda::Envelope::root("bench", eda::PendingEvent::new(&tick(s, &body))?, None)))
+            .collect::<Result<Vec<_>, eda::CodecError>>()?;
+        seq += batch.len() as u64;
+        transport.publish_all(&batch).await?;
+    }
+    let filled = start.elapsed();
+    let rss_before = peak_rss_mb();
+    let sink = Arc::new(Sink { handled: AtomicU64::new(0), latencies_us: Mutex::default(), insert_effect: None });
+    let runtime = Runtime::builder(Registry::builder().descriptor(handle_1::descriptor()).publishes::<Tick>().build())
+        .shared_state(sink.clone())
+        .transport(transport.clone())
+        .max_in_flight(a.in_flight)
+        .journal_capacity(0)
+        .start()
+        .await?;
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
+    let handled = sink.handled.load(Ordering::Relaxed);
+    let lag: u64 = transport.lag("bench-1", "bench").await?.iter().map(|p| p.lag).sum();
+    runtime.shutdown().await;
+    drop_tables(&transport, &db).await;
+    let which = if postgres { "postgres" } else { "sqlite" };
+    Ok(format!(
+        "{which} backlog of {n} events (written at {:.0} ev/s): the consumer handled {handled} in {:.1} s ({:.0} ev/s), {lag} still waiting; peak RSS {rss_before:.1} MB before consuming, {:.1} MB after",
+        n as f64 / filled.as_secs_f64(),
+        start.elapsed().as_secs_f64(),
+        handled as f64 / start.elapsed().as_secs_f64(),
+        peak_rss_mb(),
+    ))
+}
+
 async fn measure(transport: &str, a: &Args) -> Result<(u64, &'static str, Summary, Summary), BoxError> {
     let default_events = match transport {
         "memory" => 50_000,
@@ -585,7 +637,7 @@ async fn main() {
         }
     };
     sqlx::any::install_default_drivers();
-    if !args.json {
+    if !args.json && args.transports.iter().any(|t| !t.ends_with("-backlog")) {
         println!(
             "{:<16} {:<32} {:>7} {:>7} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8}",
             "transport",
@@ -604,6 +656,17 @@ async fn main() {
     }
     let mut failed = false;
     for transport in &args.transports {
+        if let Some(db) = transport.strip_suffix("-backlog") {
+            match backlog(db == "postgres", &args).await {
+                Ok(line) if args.json => println!("{}", serde_json::json!({ "transport": transport, "report": line })),
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    eprintln!("{transport}: {e}");
+                    failed = true;
+                }
+            }
+            continue;
+        }
         match measure(transport, &args).await {
             Ok((n, scenario, eda, raw)) => {
                 let ratio = if raw.e2e_eps > 0.0 { eda.e2e_eps / raw.e2e_eps } else { 0.0 };
