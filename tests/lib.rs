@@ -99,6 +99,47 @@ impl Bus {
     }
 }
 
+/// A database for one test: a SQLite file in a temporary directory, or tables under a fresh
+/// prefix in the PostgreSQL test database. Open as many independent handles on it as the test
+/// needs, as separate processes would.
+pub struct TestDb {
+    /// The database URL.
+    pub url: String,
+    /// The prefix of every table of this test.
+    pub prefix: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// A fresh database.
+    pub async fn new(postgres: bool) -> Self {
+        if postgres {
+            Self { url: postgres_url().await, prefix: fresh_prefix(), _dir: None }
+        } else {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let url = format!("sqlite://{}", dir.path().join("eda.db").display());
+            Self { url, prefix: "eda_".to_owned(), _dir: Some(dir) }
+        }
+    }
+
+    /// Options for a handle on it, with the test settings.
+    pub fn options(&self) -> SqlOptions {
+        sql_options(&self.url).table_prefix(&self.prefix)
+    }
+
+    /// A new handle on it.
+    pub async fn open(&self) -> SqlTransport {
+        self.options().connect().await.unwrap_or_else(|e| panic!("{} opens: {e}", self.url))
+    }
+
+    /// A scalar from the database; `{p}` in `sql` stands for the test's table prefix.
+    pub async fn count(&self, sql: &str) -> i64 {
+        let sql = sql.replace("{p}", &self.prefix);
+        let db = self.open().await;
+        eda::sql::sqlx::query_scalar(&sql).fetch_one(db.pool()).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
 /// SQL log settings for tests: short leases so instances rebalance quickly.
 pub fn sql_options(url: &str) -> SqlOptions {
     SqlOptions::new(url).lease_ttl(Duration::from_millis(600)).poll_interval(Duration::from_millis(20))

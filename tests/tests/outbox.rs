@@ -55,30 +55,25 @@ async fn notify(ev: Credited, seen: Ctx<'_, Notified>) {
 struct Outbox {
     db: SqlTransport,
     prefix: String,
-    _dir: Option<tempfile::TempDir>,
+    test_db: eda_tests::TestDb,
 }
 
 impl Outbox {
     async fn new(postgres: bool) -> Self {
-        let (url, prefix, dir) = if postgres {
-            (eda_tests::postgres_url().await, eda_tests::fresh_prefix(), None)
-        } else {
-            let dir = tempfile::tempdir().expect("tempdir");
-            (format!("sqlite://{}", dir.path().join("outbox.db").display()), "eda_".to_owned(), Some(dir))
-        };
-        let db = eda_tests::reopen(&url, Some(&prefix)).await;
+        let test_db = eda_tests::TestDb::new(postgres).await;
+        let db = test_db.open().await;
+        let prefix = test_db.prefix.clone();
         for ddl in [
             format!("CREATE TABLE {prefix}credits (account TEXT NOT NULL, seq BIGINT NOT NULL)"),
             format!("CREATE TABLE {prefix}orders (id TEXT NOT NULL)"),
         ] {
             sqlx::query(&ddl).execute(db.pool()).await.expect("test tables");
         }
-        Self { db, prefix, _dir: dir }
+        Self { db, prefix, test_db }
     }
 
     async fn count(&self, sql: &str) -> i64 {
-        let sql = sql.replace("{p}", &self.prefix);
-        sqlx::query_scalar(&sql).fetch_one(self.db.pool()).await.expect("count")
+        self.test_db.count(sql).await
     }
 
     async fn runtime(&self, broker: &MemoryTransport) -> Runtime {

@@ -11,23 +11,19 @@ use eda::Transport;
 
 const NODE: &str = env!("CARGO_BIN_EXE_eda-test-node");
 
-/// A database for one test: a SQLite file in a temporary directory, or a fresh table prefix in
-/// the PostgreSQL test database.
-struct Target {
-    url: String,
-    prefix: String,
-    _dir: Option<tempfile::TempDir>,
+/// A test database, and the test node run against it.
+struct Target(eda_tests::TestDb);
+
+impl std::ops::Deref for Target {
+    type Target = eda_tests::TestDb;
+    fn deref(&self) -> &eda_tests::TestDb {
+        &self.0
+    }
 }
 
 impl Target {
     async fn new(postgres: bool) -> Self {
-        if postgres {
-            Self { url: eda_tests::postgres_url().await, prefix: eda_tests::fresh_prefix(), _dir: None }
-        } else {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let url = format!("sqlite://{}", dir.path().join("eda.db").display());
-            Self { url, prefix: "eda_".into(), _dir: Some(dir) }
-        }
+        Self(eda_tests::TestDb::new(postgres).await)
     }
 
     fn node(&self, args: &[&str]) -> Child {
@@ -40,21 +36,16 @@ impl Target {
     }
 
     async fn counts(&self) -> Counts {
-        let transport = eda_tests::reopen(&self.url, Some(&self.prefix)).await;
-        let pool = transport.pool();
-        let p = &self.prefix;
-        let one = |sql: String| async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await.expect("count") };
         Counts {
-            effects: one(format!("SELECT COUNT(*) FROM {p}effects")).await,
-            distinct_effects: one(format!("SELECT COUNT(DISTINCT n) FROM {p}effects")).await,
-            tallies: one(format!("SELECT COUNT(*) FROM {p}tallies")).await,
-            distinct_tallies: one(format!("SELECT COUNT(DISTINCT n) FROM {p}tallies")).await,
+            effects: self.count("SELECT COUNT(*) FROM {p}effects").await,
+            distinct_effects: self.count("SELECT COUNT(DISTINCT n) FROM {p}effects").await,
+            tallies: self.count("SELECT COUNT(*) FROM {p}tallies").await,
+            distinct_tallies: self.count("SELECT COUNT(DISTINCT n) FROM {p}tallies").await,
         }
     }
 
     async fn lag(&self, group: &str, topic: &str) -> u64 {
-        let transport = eda_tests::reopen(&self.url, Some(&self.prefix)).await;
-        transport.lag(group, topic).await.expect("lag").iter().map(|p| p.lag).sum()
+        self.open().await.lag(group, topic).await.expect("lag").iter().map(|p| p.lag).sum()
     }
 }
 

@@ -30,35 +30,8 @@ fn registry() -> Registry {
     Registry::builder().handler::<read_note>().publishes::<Noted>().build()
 }
 
-/// A fresh log, and how to open more independent handles on it (as other processes would).
-struct Log {
-    url: String,
-    prefix: String,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Log {
-    async fn new(postgres: bool) -> Self {
-        if postgres {
-            Self { url: eda_tests::postgres_url().await, prefix: eda_tests::fresh_prefix(), _dir: None }
-        } else {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let url = format!("sqlite://{}", dir.path().join("eda.db").display());
-            Self { url, prefix: "eda_".to_owned(), _dir: Some(dir) }
-        }
-    }
-
-    fn options(&self) -> eda::sql::SqlOptions {
-        eda_tests::sql_options(&self.url).table_prefix(&self.prefix)
-    }
-
-    async fn open(&self) -> SqlTransport {
-        self.options().connect().await.expect("opens")
-    }
-}
-
 async fn a_corrupt_stored_event_is_dead_lettered_and_does_not_block_its_partition(postgres: bool) {
-    let log = Log::new(postgres).await;
+    let log = eda_tests::TestDb::new(postgres).await;
     let db = log.open().await;
     let publisher = Runtime::builder(Registry::default()).transport(db.clone()).start().await.expect("start");
     for n in 0..3 {
@@ -93,7 +66,7 @@ async fn a_corrupt_stored_event_is_dead_lettered_and_does_not_block_its_partitio
 async fn notify_wakes_a_consumer_in_another_process_at_once() {
     // Polling every 30 s and renewing leases every 30 s: only NOTIFY can wake the consumer
     // within the deadline below.
-    let log = Log::new(true).await;
+    let log = eda_tests::TestDb::new(true).await;
     let consumer_side = log
         .options()
         .poll_interval(Duration::from_secs(30))
@@ -117,7 +90,7 @@ async fn notify_wakes_a_consumer_in_another_process_at_once() {
 }
 
 async fn retention_removes_what_every_group_has_passed(postgres: bool) {
-    let log = Log::new(postgres).await;
+    let log = eda_tests::TestDb::new(postgres).await;
     let db = log.open().await;
     let rt = Runtime::builder(registry()).state(Seen::default()).transport(db.clone()).start().await.expect("start");
     for n in 0..5 {
@@ -158,7 +131,7 @@ async fn slow_job(job: SlowJob, runs: Ctx<'_, Runs>) {
 async fn a_handler_slower_than_the_lease_keeps_its_partition(postgres: bool) {
     // Leases last 600 ms and each handling takes 1.5 s: the leases must be renewed while the
     // handlers run, or the second instance takes the partitions over and runs them again.
-    let log = Log::new(postgres).await;
+    let log = eda_tests::TestDb::new(postgres).await;
     let runs = std::sync::Arc::new(Runs::default());
     let registry = || Registry::builder().handler::<slow_job>().publishes::<SlowJob>().build();
     let start = |db: SqlTransport| {
