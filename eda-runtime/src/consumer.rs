@@ -90,6 +90,7 @@ pub(crate) struct Shared {
     pub config: ConsumerConfig,
     pub journal: Journal,
     pub stats: Stats,
+    pub metrics: crate::metrics::Metrics,
     /// Deliveries received and not yet settled.
     pub in_flight: AtomicUsize,
     /// Handlers that some compensator undoes: their runs are recorded per correlation id.
@@ -284,6 +285,7 @@ fn oversized(shared: &Shared, handlers: &[&'static HandlerDescriptor], envelope:
     );
     shared.journal.record(envelope, EntryKind::DeadLettered { handler: group.to_owned(), error: error.clone() });
     bump(&shared.stats.dead_lettered);
+    shared.metrics.dead_lettered.get_or_create(&crate::metrics::group(group)).inc();
     Disposition::DeadLetter(DeadLetterReason { handler: None, error, permanent: true }, 1)
 }
 
@@ -306,6 +308,7 @@ fn unhandled(shared: &Shared, handlers: &[&'static HandlerDescriptor], envelope:
     }
     shared.journal.record(envelope, EntryKind::Unhandled { group: group.to_owned() });
     bump(&shared.stats.unhandled);
+    shared.metrics.unhandled.get_or_create(&crate::metrics::group(group)).inc();
     Disposition::Done
 }
 
@@ -373,9 +376,14 @@ impl<'a> Job<'a> {
         Disposition::Redeliver(self.shared.config.retry.backoff(2))
     }
 
+    fn labels(&self) -> crate::metrics::HandlerLabels {
+        crate::metrics::handler(self.h.group, self.h.name)
+    }
+
     fn duplicate(&self) -> Disposition {
         self.journal(EntryKind::Duplicate { handler: self.name.clone() });
         bump(&self.shared.stats.duplicates);
+        self.shared.metrics.duplicates.get_or_create(&self.labels()).inc();
         Disposition::Done
     }
 
@@ -392,6 +400,7 @@ impl<'a> Job<'a> {
     fn skipped(&self, reason: String) {
         self.journal(EntryKind::Skipped { handler: self.name.clone(), reason });
         bump(&self.shared.stats.skipped);
+        self.shared.metrics.skipped.get_or_create(&self.labels()).inc();
     }
 
     fn step_not_run_reason(step: &HandlerDescriptor) -> String {
@@ -402,6 +411,7 @@ impl<'a> Job<'a> {
         tracing::error!(handler = %self.name, event_id = %self.envelope.id, attempt, %error, "dead-lettered");
         self.journal(EntryKind::DeadLettered { handler: self.name.clone(), error: error.to_string() });
         bump(&self.shared.stats.dead_lettered);
+        self.shared.metrics.dead_lettered.get_or_create(&crate::metrics::group(self.h.group)).inc();
         Disposition::DeadLetter(reason(&self.name, error), attempt)
     }
 
@@ -416,7 +426,9 @@ impl<'a> Job<'a> {
         let handling = Handling::new(Arc::clone(envelope), h.group, h.name, attempt).with_transaction(transaction);
         let span = tracing::info_span!("handle", handler = %self.name, event_id = %envelope.id, r#type = %envelope.ty,
             correlation_id = %envelope.correlation_id, causation_id = ?envelope.causation_id, attempt);
+        let started = std::time::Instant::now();
         let result = AssertUnwindSafe((h.invoke)(&handling, &self.shared.states)).catch_unwind().instrument(span).await;
+        self.shared.metrics.duration.get_or_create(&self.labels()).observe(started.elapsed().as_secs_f64());
         let transaction = handling.take_transaction();
         let result = match result {
             Ok(Ok(())) => {
@@ -450,12 +462,14 @@ impl<'a> Job<'a> {
         }
         self.journal(EntryKind::Handled { handler: self.name.clone(), attempt });
         bump(&self.shared.stats.handled);
+        self.shared.metrics.handled.get_or_create(&self.labels()).inc();
         Disposition::Done
     }
 
     /// After a failed attempt: retry after a backoff, dead-letter, or (when stopping) hand the
     /// event back to the transport.
     async fn after_failure(&self, error: HandlerError, attempt: u32) -> AfterFailure {
+        self.shared.metrics.failed.get_or_create(&self.labels()).inc();
         let retry = !error.is_permanent() && self.policy.may_retry(attempt);
         if !retry {
             return AfterFailure::Stop(self.dead(&error, attempt));
@@ -470,6 +484,7 @@ impl<'a> Job<'a> {
         }
         self.journal(EntryKind::Retrying { handler: self.name.clone(), attempt, error: error.to_string() });
         bump(&self.shared.stats.retried);
+        self.shared.metrics.retried.get_or_create(&self.labels()).inc();
         let mut stop = self.shared.stop.clone();
         if tokio::time::timeout(self.policy.backoff(attempt + 1), stop.wait_for(|s| *s)).await.is_ok() {
             return AfterFailure::Stop(Disposition::Redeliver(Duration::ZERO));

@@ -50,6 +50,7 @@ mod dead_letters;
 mod errors;
 mod inbox;
 mod journal;
+mod metrics;
 mod retry;
 mod runtime;
 pub mod transport;

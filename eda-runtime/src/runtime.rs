@@ -62,6 +62,7 @@ pub struct RuntimeBuilder {
     config: ConsumerConfig,
     journal_capacity: usize,
     consume: bool,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl RuntimeBuilder {
@@ -84,7 +85,17 @@ impl RuntimeBuilder {
             },
             journal_capacity: 100_000,
             consume: true,
+            metrics_addr: None,
         }
+    }
+
+    /// Serves Prometheus metrics on `GET http://<addr>/metrics` (off unless asked): consumer lag
+    /// per group, topic and partition; events handled, failed, retried, dead-lettered, skipped
+    /// and absorbed as duplicates; handler latency. Port 0 picks a free port
+    /// ([`Runtime::metrics_addr`] says which).
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
     }
 
     /// Starts no consumers: for tools (the dead-letter commands, lag) that work on the
@@ -206,6 +217,7 @@ impl RuntimeBuilder {
             config,
             journal_capacity,
             consume,
+            metrics_addr,
         } = self;
         // The choreography is checked whole, before narrowing to this service's groups.
         let report = registry.validate();
@@ -269,6 +281,7 @@ impl RuntimeBuilder {
             config,
             journal: Journal::new(journal_capacity),
             stats: Default::default(),
+            metrics: Default::default(),
             in_flight: Default::default(),
             steps,
             failures,
@@ -286,13 +299,30 @@ impl RuntimeBuilder {
             tracing::debug!(group, topic, handlers = handlers.len(), "starting consumer");
             tasks.spawn(consumer::consume(shared.clone(), group, topic, handlers.clone().into()));
         }
-        let subscriptions = by_subscription.into_keys().collect();
+        let subscriptions: Vec<_> = by_subscription.into_keys().collect();
+        let metrics_addr = match metrics_addr {
+            Some(addr) => {
+                let listener = crate::metrics::bind(addr).await?;
+                let bound = listener.local_addr().map_err(|e| Error::Config(format!("metrics endpoint: {e}")))?;
+                let scrape = Arc::new(crate::metrics::Scrape {
+                    shared: shared.clone(),
+                    subscriptions: subscriptions.clone(),
+                    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+                    outbox: outbox.clone(),
+                });
+                tasks.spawn(crate::metrics::serve(listener, scrape, shared.stop.clone()));
+                tracing::info!(%bound, "serving metrics on /metrics");
+                Some(bound)
+            }
+            None => None,
+        };
         Ok(Runtime {
             shared,
             registry,
             subscriptions,
             stop: stop_tx,
             tasks: Mutex::new(Some(tasks)),
+            metrics_addr,
             #[cfg(any(feature = "sqlite", feature = "postgres"))]
             relay: Mutex::new(relay),
             #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -359,6 +389,7 @@ pub struct Runtime {
     subscriptions: Vec<(&'static str, &'static str)>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Option<JoinSet<()>>>,
+    metrics_addr: Option<std::net::SocketAddr>,
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
     relay: Mutex<Option<crate::sql::RelayHandle>>,
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -445,6 +476,11 @@ impl Runtime {
                 self.shared.transport.kind()
             ))
         })
+    }
+
+    /// Where the metrics endpoint listens, when it was asked for.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     /// What the consumers did since start.

@@ -76,8 +76,16 @@ pub async fn run(url: &str) -> eda::Result<CheckoutRun> {
 
 /// [`run`] on a transport that is already connected.
 pub async fn run_on(transport: Arc<dyn eda::Transport>) -> eda::Result<CheckoutRun> {
+    run_configured(transport, |services| services).await
+}
+
+/// [`run_on`], with more runtime settings (a metrics endpoint, say).
+pub async fn run_configured(
+    transport: Arc<dyn eda::Transport>,
+    configure: impl FnOnce(eda::RuntimeBuilder) -> eda::RuntimeBuilder,
+) -> eda::Result<CheckoutRun> {
     let orders = Arc::new(Orders::default());
-    let runtime = services(orders.clone()).shared_transport(transport).start().await?;
+    let runtime = configure(services(orders.clone()).shared_transport(transport)).start().await?;
     let publisher = runtime.publisher();
     let mut placed = Vec::new();
     for scenario in scenarios() {

@@ -3,7 +3,8 @@
 //!
 //! `checkout` runs it on `EDA_URL` (default `sqlite://checkout.db`, the embedded durable log);
 //! `checkout graph` prints the choreography as Mermaid; `checkout dlq list|show|replay|purge`
-//! works on the dead letters.
+//! works on the dead letters. With `EDA_METRICS_ADDR=127.0.0.1:9464` it serves Prometheus
+//! metrics there and, once the orders have settled, keeps serving them until ctrl-c.
 
 use checkout::{render_trace, OrderStatus, Orders};
 
@@ -33,7 +34,18 @@ async fn main() -> eda::Result<()> {
         return Ok(());
     }
     println!("checkout saga on {url}\n");
-    let run = checkout::run(&url).await?;
+    let metrics: Option<std::net::SocketAddr> = match std::env::var("EDA_METRICS_ADDR") {
+        Ok(addr) => Some(addr.parse().map_err(|_| {
+            eda::Error::Config(format!("EDA_METRICS_ADDR=`{addr}` is not an address: write it as 127.0.0.1:9464"))
+        })?),
+        Err(_) => None,
+    };
+    let transport = eda::transport::connect(&url).await?;
+    let run = checkout::run_configured(transport, |services| match metrics {
+        Some(addr) => services.metrics_addr(addr),
+        None => services,
+    })
+    .await?;
     let orders = run.runtime.state::<Orders>();
     for (scenario, envelope) in &run.orders {
         let o = &scenario.order;
@@ -54,6 +66,10 @@ async fn main() -> eda::Result<()> {
         "handled {}, duplicates absorbed {}, retried {}, dead-lettered {}",
         stats.handled, stats.duplicates, stats.retried, stats.dead_lettered
     );
+    if let Some(addr) = run.runtime.metrics_addr() {
+        println!("serving metrics on http://{addr}/metrics; ctrl-c stops");
+        tokio::signal::ctrl_c().await.map_err(eda::Error::Signal)?;
+    }
     run.runtime.shutdown().await;
     Ok(())
 }

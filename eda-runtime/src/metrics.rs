@@ -1,0 +1,201 @@
+//! Prometheus metrics: what the consumers did, how long handlers took, and how far every
+//! group is behind, served in the OpenMetrics text format on `GET /metrics`.
+//!
+//! Labels are bounded by the registry: group, handler, topic and partition, never event ids.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::consumer::Shared;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct HandlerLabels {
+    pub group: String,
+    pub handler: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct GroupLabels {
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LagLabels {
+    pub group: String,
+    pub topic: String,
+    pub partition: String,
+}
+
+type HistogramFamily = Family<HandlerLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to about 16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// The runtime's metrics.
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub handled: Family<HandlerLabels, Counter>,
+    pub failed: Family<HandlerLabels, Counter>,
+    pub retried: Family<HandlerLabels, Counter>,
+    pub dead_lettered: Family<GroupLabels, Counter>,
+    pub duplicates: Family<HandlerLabels, Counter>,
+    pub skipped: Family<HandlerLabels, Counter>,
+    pub unhandled: Family<GroupLabels, Counter>,
+    pub duration: HistogramFamily,
+    pub lag: Family<LagLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("eda");
+        let handled = Family::default();
+        let failed = Family::default();
+        let retried = Family::default();
+        let dead_lettered = Family::default();
+        let duplicates = Family::default();
+        let skipped = Family::default();
+        let unhandled = Family::default();
+        let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let lag = Family::default();
+        registry.register("events_handled", "Events a handler handled successfully", handled.clone());
+        registry.register("handler_failures", "Failed attempts of a handler (errors and panics)", failed.clone());
+        registry.register("events_retried", "Failed attempts that were retried", retried.clone());
+        registry.register("events_dead_lettered", "Events dead-lettered, by consumer group", dead_lettered.clone());
+        registry.register(
+            "events_duplicate",
+            "Duplicate deliveries absorbed by idempotency guards",
+            duplicates.clone(),
+        );
+        registry.register("events_skipped", "Handlings skipped by saga bookkeeping", skipped.clone());
+        registry.register("events_unhandled", "Events of types a group has no handler for", unhandled.clone());
+        registry.register("handler_duration_seconds", "How long one attempt of a handler took", duration.clone());
+        registry.register("consumer_lag", "Events published and not yet settled by the group", lag.clone());
+        Self { registry, handled, failed, retried, dead_lettered, duplicates, skipped, unhandled, duration, lag }
+    }
+}
+
+pub(crate) fn handler(group: &str, handler: &str) -> HandlerLabels {
+    HandlerLabels { group: group.to_owned(), handler: handler.to_owned() }
+}
+
+pub(crate) fn group(group: &str) -> GroupLabels {
+    GroupLabels { group: group.to_owned() }
+}
+
+/// What a scrape reads besides the counters: the lag of each subscription (and of the relay).
+pub(crate) struct Scrape {
+    pub shared: Arc<Shared>,
+    pub subscriptions: Vec<(&'static str, &'static str)>,
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub outbox: Option<crate::sql::SqlTransport>,
+}
+
+impl Scrape {
+    /// The exposition, with the lag read now.
+    pub async fn render(&self) -> String {
+        let metrics = &self.shared.metrics;
+        let mut lags = Vec::new();
+        for (group, topic) in &self.subscriptions {
+            match self.shared.transport.lag(group, topic).await {
+                Ok(parts) => lags.extend(parts.into_iter().map(|p| ((*group).to_owned(), (*topic).to_owned(), p))),
+                Err(e) => tracing::warn!(group, topic, error = %e, "cannot read the lag for metrics"),
+            }
+        }
+        #[cfg(any(feature = "sqlite", feature = "postgres"))]
+        if let Some(outbox) = &self.outbox {
+            use eda_core::Transport as _;
+            for topic in outbox.topics().await.unwrap_or_default() {
+                if let Ok(parts) = outbox.lag("eda-relay", &topic).await {
+                    lags.extend(parts.into_iter().map(|p| ("eda-relay".to_owned(), topic.clone(), p)));
+                }
+            }
+        }
+        metrics.lag.clear();
+        for (group, topic, p) in lags {
+            let labels = LagLabels { group, topic, partition: p.partition.to_string() };
+            metrics.lag.get_or_create(&labels).set(i64::try_from(p.lag).unwrap_or(i64::MAX));
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &metrics.registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` turns true.
+pub(crate) async fn serve(listener: TcpListener, scrape: Arc<Scrape>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let scrape = scrape.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = respond(stream, &scrape).await {
+                        tracing::debug!(error = %e, "a metrics request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the metrics endpoint cannot accept connections");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn respond(mut stream: TcpStream, scrape: &Scrape) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    // The request head only; a scrape has no body.
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head timed out"))??;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&request);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let path = path.split('?').next().unwrap_or_default();
+    let (status, content_type, body) = if method == "GET" && path == "/metrics" {
+        ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", scrape.render().await)
+    } else {
+        ("404 Not Found", "text/plain; charset=utf-8", "eda serves GET /metrics\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Binds the metrics endpoint, with an error that says what to do when the address is taken.
+pub(crate) async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        crate::Error::Config(format!(
+            "cannot serve metrics on {addr}: {e}; choose another address with .metrics_addr(…)"
+        ))
+    })
+}
