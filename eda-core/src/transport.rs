@@ -48,6 +48,11 @@ pub trait Transport: Send + Sync + 'static {
         Ok(())
     }
 
+    /// What this transport recorded of each saga, when it keeps a record (a SQL log does).
+    fn saga_view(&self) -> Option<&dyn SagaView> {
+        None
+    }
+
     /// Where this transport keeps dead letters, when it keeps them itself.
     fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
         None
@@ -232,6 +237,36 @@ pub struct DeadLetter {
     pub reason: DeadLetterReason,
     /// When.
     pub at: SystemTime,
+}
+
+/// One event of a saga as a store recorded it, with the handlings recorded for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SagaEvent {
+    /// The event.
+    pub envelope: Envelope,
+    /// How many times it was published with the same id (producer retries, relay repeats).
+    pub publications: u32,
+    /// The handlings that completed, in the order they did.
+    pub handled_by: Vec<SagaHandling>,
+}
+
+/// One completed handling of a saga's event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SagaHandling {
+    /// The consumer group.
+    pub group: String,
+    /// The handler.
+    pub handler: String,
+    /// When its guard record was written.
+    pub at: SystemTime,
+}
+
+/// Reads back what a transport recorded of one business transaction: its events, in publish
+/// order, and the handlings their guard records show.
+#[async_trait::async_trait]
+pub trait SagaView: Send + Sync {
+    /// The saga of `correlation`.
+    async fn saga(&self, correlation: &CorrelationId) -> Result<Vec<SagaEvent>, TransportError>;
 }
 
 /// A dead letter as a store keeps it: with an id to inspect, replay or purge it by, and the

@@ -6,6 +6,8 @@
 //! <app> dlq show ID            one dead letter, with its envelope
 //! <app> dlq replay ID [--force]  hand it to its group again (guards apply unless --force)
 //! <app> dlq purge ID           drop it
+//! <app> lag                    how far each consumer group is behind, per topic
+//! <app> trace CORRELATION-ID   one saga: its events by cause, and who handled each
 //! ```
 //!
 //! ```no_run
@@ -23,7 +25,7 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use eda_core::StoredDeadLetter;
+use eda_core::{EventId, SagaEvent, StoredDeadLetter};
 
 use crate::{Error, Replay, Result, RuntimeBuilder};
 
@@ -52,9 +54,17 @@ pub enum Command {
         /// The dead letter.
         id: u64,
     },
+    /// `lag`
+    Lag,
+    /// `trace CORRELATION-ID`
+    Trace {
+        /// The saga's correlation id.
+        correlation: String,
+    },
 }
 
-const USAGE: &str = "usage: dlq list [GROUP] | dlq show ID | dlq replay ID [--force] | dlq purge ID";
+const USAGE: &str =
+    "usage: dlq list [GROUP] | dlq show ID | dlq replay ID [--force] | dlq purge ID | lag | trace CORRELATION-ID";
 
 impl Command {
     /// The command in a program's arguments (the program's name first): `None` when they are
@@ -62,8 +72,12 @@ impl Command {
     pub fn from_args<I: IntoIterator<Item = String>>(args: I) -> Option<std::result::Result<Self, String>> {
         let args: Vec<String> = args.into_iter().skip(1).collect();
         let (first, rest) = args.split_first()?;
-        if first != "dlq" {
-            return None;
+        match (first.as_str(), rest) {
+            ("lag", []) => return Some(Ok(Command::Lag)),
+            ("trace", [correlation]) => return Some(Ok(Command::Trace { correlation: correlation.clone() })),
+            ("lag" | "trace", _) => return Some(Err(USAGE.to_owned())),
+            ("dlq", _) => {}
+            _ => return None,
         }
         let id = |s: Option<&String>| -> std::result::Result<u64, String> {
             let s = s.ok_or_else(|| format!("a dead letter id is missing; {USAGE}"))?;
@@ -99,6 +113,15 @@ pub async fn run(builder: RuntimeBuilder, command: Command) -> Result<String> {
             Replay::FailedAgain(error) => format!("dead letter {id} failed again and stays: {error}\n"),
             Replay::Busy => format!("dead letter {id} is being handled elsewhere; try again shortly\n"),
         },
+        Command::Lag => {
+            let lag = runtime.lag().await?;
+            let mut out = format!("{:<24} {:<24} {:>10}\n", "GROUP", "TOPIC", "LAG");
+            for ((group, topic), n) in lag {
+                let _ = writeln!(out, "{group:<24} {topic:<24} {n:>10}");
+            }
+            out
+        }
+        Command::Trace { correlation } => saga(&runtime.saga(&correlation.as_str().into()).await?),
         Command::DlqPurge { id } => {
             if runtime.purge(id).await? {
                 format!("dead letter {id} removed\n")
@@ -153,6 +176,34 @@ fn table(dead: &[StoredDeadLetter]) -> String {
     out
 }
 
+/// A saga as a tree: each event under the event whose handling emitted it.
+fn saga(events: &[SagaEvent]) -> String {
+    if events.is_empty() {
+        return "no events with that correlation id\n".to_owned();
+    }
+    let mut out = String::new();
+    let known = |id: &EventId| events.iter().any(|e| e.envelope.id == *id);
+    for root in events.iter().filter(|e| e.envelope.causation_id.is_none_or(|c| !known(&c))) {
+        saga_event(events, root, 0, &mut out);
+    }
+    out
+}
+
+fn saga_event(events: &[SagaEvent], event: &SagaEvent, depth: usize, out: &mut String) {
+    let pad = "  ".repeat(depth);
+    let e = &event.envelope;
+    let times =
+        if event.publications > 1 { format!(", published {} times", event.publications) } else { String::new() };
+    let _ = writeln!(out, "{pad}{}  {}  from {}{times}", e.ty, e.id, e.source);
+    for h in &event.handled_by {
+        let _ =
+            writeln!(out, "{pad}  handled by {}/{}  {}", h.group, h.handler, humantime::format_rfc3339_millis(h.at));
+    }
+    for child in events.iter().filter(|c| c.envelope.causation_id == Some(e.id)) {
+        saga_event(events, child, depth + 1, out);
+    }
+}
+
 fn show(d: &StoredDeadLetter) -> Result<String> {
     let e = &d.letter.envelope;
     let data = String::from_utf8_lossy(&e.data);
@@ -184,6 +235,9 @@ mod tests {
     #[test]
     fn commands_parse_and_mistakes_say_what_to_write() {
         assert_eq!(parse("serve"), None);
+        assert_eq!(parse("lag"), Some(Ok(Command::Lag)));
+        assert_eq!(parse("trace c-1"), Some(Ok(Command::Trace { correlation: "c-1".into() })));
+        assert!(parse("trace").is_some_and(|r| r.is_err()));
         assert_eq!(parse(""), None);
         assert_eq!(parse("dlq list"), Some(Ok(Command::DlqList { group: None })));
         assert_eq!(parse("dlq list billing"), Some(Ok(Command::DlqList { group: Some("billing".into()) })));

@@ -437,6 +437,19 @@ impl Runtime {
         self.shared.journal.entries()
     }
 
+    /// What the transport recorded of one saga: its events in publish order, each with the
+    /// handlings that completed (from the guard records). Needs a transport that keeps such a
+    /// record (the SQL log); [`trace`](Self::trace) is this process's own view.
+    pub async fn saga(&self, correlation: &CorrelationId) -> Result<Vec<eda_core::SagaEvent>> {
+        let view = self.shared.transport.saga_view().ok_or_else(|| {
+            Error::Config(format!(
+                "the {} transport keeps no record of sagas to read back; the SQL log does (sqlite://, postgres://)",
+                self.shared.transport.kind()
+            ))
+        })?;
+        Ok(view.saga(correlation).await?)
+    }
+
     /// The dead letters of `group` (or of every group), oldest first.
     pub async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>> {
         Ok(self.dead_letter_store()?.dead_letters(group).await?)

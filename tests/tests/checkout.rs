@@ -120,3 +120,44 @@ async fn the_choreography_graph_shows_the_compensation() {
     assert!(graph.contains("h_inventory_service_release_stock -. compensates .-> h_inventory_service_reserve_stock"));
     assert!(graph.contains("h_payment_service_charge_card -. failure .-> ev_PaymentFailed_v1"));
 }
+
+async fn the_saga_can_be_read_back_from_the_database(postgres: bool) {
+    let db = eda_tests::TestDb::new(postgres).await;
+    let run = checkout::run_on(std::sync::Arc::new(db.open().await)).await.expect("the checkout runs");
+    let (_, declined) = &run.orders[2];
+    // Read back from the database alone, as `checkout trace <id>` does in another process.
+    let reader = eda::Runtime::builder(eda::Registry::default())
+        .transport(db.open().await)
+        .without_consumers()
+        .start()
+        .await
+        .expect("start");
+    let saga = reader.saga(&declined.correlation_id).await.expect("saga");
+    let types: Vec<_> = saga.iter().map(|e| e.envelope.ty.trim_end_matches(".v1")).collect();
+    let expected: BTreeSet<_> =
+        ["OrderConfirmed", "StockReserved", "PaymentFailed", "StockReleased", "OrderCancelled"].into();
+    assert_eq!(types.iter().copied().collect::<BTreeSet<_>>(), expected, "{types:?}");
+    assert_eq!(types[0], "OrderConfirmed", "publish order");
+    let handled = |ty: &str| -> BTreeSet<String> {
+        saga.iter()
+            .filter(|e| e.envelope.ty.starts_with(ty))
+            .flat_map(|e| e.handled_by.iter().map(|h| format!("{}/{}", h.group, h.handler)))
+            .collect()
+    };
+    assert_eq!(
+        handled("PaymentFailed"),
+        ["inventory-service/release_stock", "order-service/cancel_on_payment_failure"].map(String::from).into()
+    );
+    assert_eq!(handled("OrderConfirmed").len(), 3);
+    assert!(saga.iter().all(|e| e.envelope.correlation_id == declined.correlation_id));
+    run.runtime.shutdown().await;
+    reader.shutdown().await;
+}
+
+mod read_back {
+    use super::the_saga_can_be_read_back_from_the_database;
+
+    eda_tests::on_sql_databases! {
+        the_saga_can_be_read_back_from_the_database,
+    }
+}

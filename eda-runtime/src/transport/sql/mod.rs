@@ -486,6 +486,43 @@ impl eda_core::Store for SqlTransport {
 }
 
 #[async_trait]
+impl eda_core::SagaView for SqlTransport {
+    async fn saga(&self, correlation: &CorrelationId) -> Result<Vec<eda_core::SagaEvent>, TransportError> {
+        let sql = &self.inner.sql;
+        let rows =
+            sqlx::query(&sql.saga_events).bind(&correlation.0).fetch_all(&self.inner.pool).await.map_err(other)?;
+        let mut events: Vec<eda_core::SagaEvent> = Vec::new();
+        for row in &rows {
+            let topic: String = row.try_get(11).map_err(other)?;
+            let (envelope, _) = envelope_of(row, &topic);
+            if let Some(seen) = events.iter_mut().find(|e| e.envelope.id == envelope.id) {
+                seen.publications += 1;
+                continue;
+            }
+            // Guard records are keyed by event id (handlers with a custom dedupe key do not show).
+            let handlings = sqlx::query(&sql.saga_handlings)
+                .bind(envelope.id.to_string())
+                .fetch_all(&self.inner.pool)
+                .await
+                .map_err(other)?;
+            let handled_by = handlings
+                .iter()
+                .map(|h| {
+                    let at: i64 = h.try_get(2).map_err(other)?;
+                    Ok(eda_core::SagaHandling {
+                        group: h.try_get(0).map_err(other)?,
+                        handler: h.try_get(1).map_err(other)?,
+                        at: UNIX_EPOCH + Duration::from_millis(at.max(0) as u64),
+                    })
+                })
+                .collect::<Result<Vec<_>, TransportError>>()?;
+            events.push(eda_core::SagaEvent { envelope, publications: 1, handled_by });
+        }
+        Ok(events)
+    }
+}
+
+#[async_trait]
 impl DeadLetterStore for SqlTransport {
     async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
         let rows = sqlx::query(&self.inner.sql.dead_select)
@@ -794,6 +831,10 @@ impl Transport for SqlTransport {
     }
 
     fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+
+    fn saga_view(&self) -> Option<&dyn eda_core::SagaView> {
         Some(self)
     }
 

@@ -116,6 +116,8 @@ pub struct Sql {
     pub dead_one: String,
     pub dead_delete: String,
     pub topics_all: String,
+    pub saga_events: String,
+    pub saga_handlings: String,
     pub clean_log: String,
     pub clean_inbox: String,
     pub clean_steps: String,
@@ -232,6 +234,11 @@ impl Sql {
             ),
             dead_delete: format!("DELETE FROM {p}dead_letters WHERE id = $1"),
             topics_all: format!("SELECT topic FROM {p}topics ORDER BY topic"),
+            saga_events: format!(
+                "SELECT seq, id, source, type, time, subject, datacontenttype, correlation_id, causation_id, traceparent, data, topic
+                 FROM {p}log WHERE correlation_id = $1 ORDER BY seq"
+            ),
+            saga_handlings: format!("SELECT grp, handler, handled_at FROM {p}inbox WHERE key = $1 ORDER BY handled_at"),
             // Old, and passed by every group that reads its partition.
             clean_log: format!(
                 "DELETE FROM {p}log WHERE time < $1 AND NOT EXISTS (
