@@ -426,6 +426,10 @@ impl<'a> Job<'a> {
         let handling = Handling::new(Arc::clone(envelope), h.group, h.name, attempt).with_transaction(transaction);
         let span = tracing::info_span!("handle", handler = %self.name, event_id = %envelope.id, r#type = %envelope.ty,
             correlation_id = %envelope.correlation_id, causation_id = ?envelope.causation_id, attempt);
+        #[cfg(feature = "otel")]
+        crate::otel::continue_trace(&span, envelope.traceparent.as_deref());
+        #[cfg(feature = "otel")]
+        let handling_span = span.clone();
         let started = std::time::Instant::now();
         let result = AssertUnwindSafe((h.invoke)(&handling, &self.shared.states)).catch_unwind().instrument(span).await;
         self.shared.metrics.duration.get_or_create(&self.labels()).observe(started.elapsed().as_secs_f64());
@@ -435,11 +439,19 @@ impl<'a> Job<'a> {
                 let emitted = handling.take_emitted();
                 let failures = self.shared.failures.get(&(h.group, h.name));
                 let failed_step = emitted.iter().any(|e| failures.is_some_and(|f| f.contains(&e.info.ce_type)));
-                let envelopes: Vec<Envelope> = emitted
+                #[allow(unused_mut)] // mutated with the `otel` feature
+                let mut envelopes: Vec<Envelope> = emitted
                     .into_iter()
                     .enumerate()
                     .map(|(i, p)| Envelope::derived(envelope, &self.shared.source, h.group, h.name, i, p))
                     .collect();
+                // The handling's span is the parent of what it emitted.
+                #[cfg(feature = "otel")]
+                if let Some(tp) = crate::otel::traceparent(&handling_span) {
+                    for e in &mut envelopes {
+                        e.traceparent = Some(tp.clone());
+                    }
+                }
                 let limit = self.shared.config.max_payload;
                 match envelopes.iter().find(|e| e.data.len() > limit) {
                     Some(big) => Err(HandlerError::permanent(format!(

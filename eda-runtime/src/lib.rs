@@ -51,6 +51,8 @@ mod errors;
 mod inbox;
 mod journal;
 mod metrics;
+#[cfg(feature = "otel")]
+mod otel;
 mod retry;
 mod runtime;
 pub mod transport;
