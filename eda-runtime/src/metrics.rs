@@ -31,6 +31,11 @@ pub(crate) struct GroupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TopicLabels {
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LagLabels {
     pub group: String,
     pub topic: String,
@@ -56,6 +61,11 @@ pub(crate) struct Metrics {
     pub unhandled: Family<GroupLabels, Counter>,
     pub duration: HistogramFamily,
     pub lag: Family<LagLabels, Gauge>,
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+    pub outbox_backlog: Family<TopicLabels, Gauge>,
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+    pub outbox_age: Family<TopicLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub relayed: Counter,
 }
 
 impl Default for Metrics {
@@ -70,6 +80,9 @@ impl Default for Metrics {
         let unhandled = Family::default();
         let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let lag = Family::default();
+        let outbox_backlog = Family::default();
+        let outbox_age = Family::default();
+        let relayed = Counter::default();
         registry.register("events_handled", "Events a handler handled successfully", handled.clone());
         registry.register("handler_failures", "Failed attempts of a handler (errors and panics)", failed.clone());
         registry.register("events_retried", "Failed attempts that were retried", retried.clone());
@@ -83,7 +96,28 @@ impl Default for Metrics {
         registry.register("events_unhandled", "Events of types a group has no handler for", unhandled.clone());
         registry.register("handler_duration_seconds", "How long one attempt of a handler took", duration.clone());
         registry.register("consumer_lag", "Events published and not yet settled by the group", lag.clone());
-        Self { registry, handled, failed, retried, dead_lettered, duplicates, skipped, unhandled, duration, lag }
+        registry.register("outbox_backlog", "Events in the outbox not yet relayed", outbox_backlog.clone());
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest event in the outbox not yet relayed",
+            outbox_age.clone(),
+        );
+        registry.register("relay_published", "Events the outbox relay published", relayed.clone());
+        Self {
+            registry,
+            handled,
+            failed,
+            retried,
+            dead_lettered,
+            duplicates,
+            skipped,
+            unhandled,
+            duration,
+            lag,
+            outbox_backlog,
+            outbox_age,
+            relayed,
+        }
     }
 }
 
@@ -101,6 +135,8 @@ pub(crate) struct Scrape {
     pub subscriptions: Vec<(&'static str, &'static str)>,
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub outbox: Option<crate::sql::SqlTransport>,
+    /// The relay's running count, and how much of it the counter has seen.
+    pub relayed: Option<(Arc<std::sync::atomic::AtomicU64>, std::sync::atomic::AtomicU64)>,
 }
 
 impl Scrape {
@@ -117,11 +153,27 @@ impl Scrape {
         #[cfg(any(feature = "sqlite", feature = "postgres"))]
         if let Some(outbox) = &self.outbox {
             use eda_core::Transport as _;
+            metrics.outbox_backlog.clear();
+            metrics.outbox_age.clear();
             for topic in outbox.topics().await.unwrap_or_default() {
+                let labels = TopicLabels { topic: topic.clone() };
                 if let Ok(parts) = outbox.lag("eda-relay", &topic).await {
+                    let backlog: u64 = parts.iter().map(|p| p.lag).sum();
+                    metrics.outbox_backlog.get_or_create(&labels).set(i64::try_from(backlog).unwrap_or(i64::MAX));
                     lags.extend(parts.into_iter().map(|p| ("eda-relay".to_owned(), topic.clone(), p)));
                 }
+                let age = match outbox.oldest_pending("eda-relay", &topic).await {
+                    Ok(Some(t)) => std::time::SystemTime::now().duration_since(t).map_or(0.0, |d| d.as_secs_f64()),
+                    _ => 0.0,
+                };
+                metrics.outbox_age.get_or_create(&labels).set(age);
             }
+        }
+        if let Some((count, seen)) = &self.relayed {
+            use std::sync::atomic::Ordering;
+            let now = count.load(Ordering::Relaxed);
+            let before = seen.swap(now, Ordering::Relaxed);
+            metrics.relayed.inc_by(now.saturating_sub(before));
         }
         metrics.lag.clear();
         for (group, topic, p) in lags {

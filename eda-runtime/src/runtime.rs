@@ -304,11 +304,16 @@ impl RuntimeBuilder {
             Some(addr) => {
                 let listener = crate::metrics::bind(addr).await?;
                 let bound = listener.local_addr().map_err(|e| Error::Config(format!("metrics endpoint: {e}")))?;
+                #[cfg(any(feature = "sqlite", feature = "postgres"))]
+                let relayed = relay.as_ref().map(|r| (r.relayed_count(), Default::default()));
+                #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+                let relayed = None;
                 let scrape = Arc::new(crate::metrics::Scrape {
                     shared: shared.clone(),
                     subscriptions: subscriptions.clone(),
                     #[cfg(any(feature = "sqlite", feature = "postgres"))]
                     outbox: outbox.clone(),
+                    relayed,
                 });
                 tasks.spawn(crate::metrics::serve(listener, scrape, shared.stop.clone()));
                 tracing::info!(%bound, "serving metrics on /metrics");

@@ -45,7 +45,8 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 fn sum(exposition: &str, metric: &str, labels: &[&str]) -> f64 {
     exposition
         .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) && labels.iter().all(|label| l.contains(label)))
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum()
 }
@@ -103,4 +104,33 @@ async fn a_taken_address_is_a_clear_error() {
         .map(|e| e.to_string())
         .expect("refused");
     assert!(err.contains(&format!("cannot serve metrics on {addr}")) && err.contains(".metrics_addr("), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_reports_its_backlog_age_and_what_the_relay_published() {
+    let db = eda_tests::TestDb::new(false).await;
+    let outbox = db.open().await;
+    let broker = eda::transport::MemoryTransport::new();
+    let registry = Registry::builder().handler::<meter>().publishes::<Metered>().build();
+    let rt = Runtime::builder(registry)
+        .state(Valve::default())
+        .transport(broker)
+        .outbox(outbox.clone())
+        .metrics_addr(([127, 0, 0, 1], 0).into())
+        .start()
+        .await
+        .expect("start");
+    let addr = rt.metrics_addr().expect("serving metrics");
+    let mut conn = outbox.pool().acquire().await.expect("a connection");
+    for key in 0..4 {
+        outbox.publish_in(&mut conn, "app", &Metered { key }).await.expect("publish_in");
+    }
+    drop(conn);
+    rt.settled(Duration::from_secs(30)).await.expect("settled");
+    let drained = scrape(addr).await;
+    assert_eq!(sum(&drained, "eda_relay_published_total", &[]), 4.0, "{drained}");
+    assert_eq!(sum(&drained, "eda_outbox_backlog", &["topic=\"metered\""]), 0.0, "{drained}");
+    assert!(drained.contains("eda_outbox_oldest_age_seconds{topic=\"metered\"} 0.0"), "{drained}");
+    assert_eq!(sum(&drained, "eda_events_handled_total", &["group=\"meters\""]), 4.0, "{drained}");
+    rt.shutdown().await;
 }

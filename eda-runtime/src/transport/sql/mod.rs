@@ -423,6 +423,18 @@ impl SqlTransport {
         Ok(envelope)
     }
 
+    /// When the oldest event `group` has not settled on `topic` was published: how stale an
+    /// outbox is, for the relay's group.
+    pub async fn oldest_pending(&self, group: &str, topic: &str) -> Result<Option<SystemTime>, TransportError> {
+        let oldest: Option<String> = sqlx::query_scalar(&self.inner.sql.oldest_pending)
+            .bind(group)
+            .bind(topic)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(other)?;
+        Ok(oldest.and_then(|t| humantime::parse_rfc3339_weak(&t).ok()))
+    }
+
     /// The topics the log has seen.
     pub async fn topics(&self) -> Result<Vec<String>, TransportError> {
         sqlx::query_scalar(&self.inner.sql.topics_all).fetch_all(&self.inner.pool).await.map_err(other)

@@ -190,6 +190,11 @@ impl RelayHandle {
         self.relayed.load(Ordering::Relaxed)
     }
 
+    /// The count behind [`relayed`](Self::relayed), for metrics.
+    pub(crate) fn relayed_count(&self) -> Arc<AtomicU64> {
+        self.relayed.clone()
+    }
+
     /// Stops it: events on their way finish, the rest stay in the outbox.
     pub async fn stop(self) {
         let _ = self.stop.send(true);

@@ -117,6 +117,7 @@ pub struct Sql {
     pub dead_delete: String,
     pub topics_all: String,
     pub saga_events: String,
+    pub oldest_pending: String,
     pub saga_handlings: String,
     pub clean_log: String,
     pub clean_inbox: String,
@@ -237,6 +238,11 @@ impl Sql {
             saga_events: format!(
                 "SELECT seq, id, source, type, time, subject, datacontenttype, correlation_id, causation_id, traceparent, data, topic
                  FROM {p}log WHERE correlation_id = $1 ORDER BY seq"
+            ),
+            oldest_pending: format!(
+                "SELECT MIN(l.time) FROM {p}log l
+                 LEFT JOIN {p}offsets o ON o.grp = $1 AND o.topic = l.topic AND o.partition = l.partition
+                 WHERE l.topic = $2 AND l.seq > COALESCE(o.position, 0)"
             ),
             saga_handlings: format!("SELECT grp, handler, handled_at FROM {p}inbox WHERE key = $1 ORDER BY handled_at"),
             // Old, and passed by every group that reads its partition.
