@@ -223,12 +223,14 @@ fn dispatch(
     tasks.spawn(async move {
         let mut current = Some((delivery, permit));
         while let Some((delivery, permit)) = current.take() {
-            handle_delivery(&shared, &handlers, delivery, None).await;
+            let settled = handle_delivery(&shared, &handlers, delivery, None).await;
             drop(permit);
             let stopped_queue = {
                 let mut l = lanes.lock().unwrap_or_else(|p| p.into_inner());
                 let mut queue = l.remove(&key).unwrap_or_default();
-                if shared.stopping() {
+                // Stopping, or the event went back to the broker: what waits behind it on its
+                // key goes back too, so it cannot overtake it.
+                if shared.stopping() || !settled {
                     Some(queue)
                 } else {
                     current = queue.pop_front();
@@ -238,7 +240,6 @@ fn dispatch(
                     None
                 }
             };
-            // Stopping: what waits behind the current event goes back to the broker.
             for (delivery, _permit) in stopped_queue.into_iter().flatten() {
                 settle(&shared, delivery, Disposition::Redeliver(Duration::ZERO)).await;
             }
@@ -248,12 +249,14 @@ fn dispatch(
 
 /// Runs the group's handlers of the delivered event, then settles the delivery. `force` names a
 /// handler (`group/name`) whose idempotency guard is bypassed: a forced replay.
+///
+/// Returns false when the delivery went back to the transport to be delivered again.
 pub(crate) async fn handle_delivery(
     shared: &Shared,
     handlers: &[&'static HandlerDescriptor],
     delivery: Delivery,
     force: Option<&str>,
-) {
+) -> bool {
     let envelope = &delivery.envelope;
     let matching: Vec<_> = handlers.iter().filter(|h| h.event.ce_type == envelope.ty).collect();
     let disposition = if envelope.data.len() > shared.config.max_payload {
@@ -272,7 +275,9 @@ pub(crate) async fn handle_delivery(
         }
         outcome
     };
+    let settled = !matches!(disposition, Disposition::Redeliver(_));
     settle(shared, delivery, disposition).await;
+    settled
 }
 
 /// A payload over the limit (from a producer that does not check it) is not decoded at all.
