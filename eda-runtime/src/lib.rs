@@ -52,7 +52,8 @@ mod inbox;
 mod journal;
 mod metrics;
 #[cfg(feature = "otel")]
-mod otel;
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub mod otel;
 mod retry;
 mod runtime;
 pub mod transport;

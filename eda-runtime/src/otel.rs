@@ -4,6 +4,9 @@
 //! events the handling emits carry the handling's own span as their `traceparent`: with a
 //! `tracing-opentelemetry` layer installed, one checkout is one trace across every service
 //! that took part. Without such a layer nothing changes.
+//!
+//! With feature `otlp`, [`install_otlp`] sets such a layer up, exporting to a collector over
+//! OTLP/HTTP, beside a log printer whose lines carry each handling's ids.
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
@@ -24,6 +27,71 @@ pub(crate) fn traceparent(span: &tracing::Span) -> Option<String> {
     let otel = cx.span();
     let sc = otel.span_context();
     sc.is_valid().then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+}
+
+/// Keeps the OTLP exporter running; dropping it flushes what is left.
+#[cfg(feature = "otlp")]
+pub struct OtlpGuard(opentelemetry_sdk::trace::SdkTracerProvider);
+
+#[cfg(feature = "otlp")]
+impl OtlpGuard {
+    /// Sends the spans not yet sent.
+    pub fn flush(&self) {
+        if let Err(e) = self.0.force_flush() {
+            tracing::warn!(error = %e, "could not flush spans to the collector");
+        }
+    }
+}
+
+#[cfg(feature = "otlp")]
+impl Drop for OtlpGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.shutdown() {
+            eprintln!("eda: could not flush spans to the collector: {e}");
+        }
+    }
+}
+
+/// Installs the process's tracing: log lines to stderr (filtered by `RUST_LOG`, `info` by
+/// default; lines written inside a handling carry its event id, type, correlation and causation
+/// ids) and spans exported to an OpenTelemetry collector over OTLP/HTTP at `endpoint` (for
+/// example `http://127.0.0.1:4318/v1/traces`) under the service name `service`. Keep the guard
+/// for as long as the process runs.
+///
+/// ```no_run
+/// # fn main() -> eda::Result<()> {
+/// let _otlp = eda::otel::install_otlp("http://127.0.0.1:4318/v1/traces", "checkout")?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "otlp")]
+pub fn install_otlp(endpoint: &str, service: &str) -> crate::Result<OtlpGuard> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| crate::Error::Config(format!("cannot export spans to `{endpoint}`: {e}")))?;
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("eda")))
+        .try_init()
+        .map_err(|e| {
+            crate::Error::Config(format!(
+                "a tracing subscriber is already installed ({e}); install_otlp must be the first"
+            ))
+        })?;
+    Ok(OtlpGuard(provider))
 }
 
 fn parse(traceparent: &str) -> Option<SpanContext> {
