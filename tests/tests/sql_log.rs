@@ -102,8 +102,19 @@ async fn retention_removes_what_every_group_has_passed(postgres: bool) {
 
     let aged = log.options().retention(Some(Duration::ZERO)).connect().await.expect("opens");
     tokio::time::sleep(Duration::from_millis(5)).await;
+    // A group that has joined but not caught up keeps the log from being cleaned under it.
+    let laggard =
+        aged.subscribe(&eda::Subscription { group: "laggard".into(), topic: "notes".into(), prefetch: 1 }).await;
+    let laggard = laggard.expect("subscribes");
     let done = aged.clean_up().await.expect("clean up");
-    assert_eq!((done.log, done.inbox), (5, 5), "{done:?}");
+    assert_eq!((done.log, done.inbox), (0, 5), "the laggard has read none of them: {done:?}");
+    drop(laggard);
+    sqlx::query(&format!("DELETE FROM {}offsets WHERE grp = 'laggard'", log.prefix))
+        .execute(aged.pool())
+        .await
+        .expect("the laggard leaves");
+    let done = aged.clean_up().await.expect("clean up");
+    assert_eq!(done.log, 5, "{done:?}");
     // Published after the clean-up: kept, and still delivered.
     rt.publisher().publish(&Noted { key: "k9".into(), n: 9 }).await.expect("publish");
     rt.settled(SETTLE).await.expect("settled");

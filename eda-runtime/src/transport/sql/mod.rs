@@ -796,6 +796,16 @@ impl SqlTransport {
         let mut conn = self.inner.pool.acquire().await.map_err(other)?;
         // Outside any transaction: the topic is committed once this returns.
         let partitions = self.partitions(&mut conn, &subscription.topic).await?;
+        // The group's position, from the start: retention keeps what it has not passed yet.
+        for p in 0..partitions {
+            sqlx::query(&self.inner.sql.offset_start)
+                .bind(&subscription.group)
+                .bind(&subscription.topic)
+                .bind(i64::from(p))
+                .execute(&mut *conn)
+                .await
+                .map_err(other)?;
+        }
         drop(conn);
         self.remember_topics([(subscription.topic.as_str(), partitions)]);
         let owner = {

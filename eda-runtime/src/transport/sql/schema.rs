@@ -94,6 +94,7 @@ pub struct Sql {
     pub topic_select: String,
     pub next_events: String,
     pub ack: String,
+    pub offset_start: String,
     pub clear_attempts: String,
     pub nack: String,
     pub member_upsert: String,
@@ -181,6 +182,9 @@ impl Sql {
                 "INSERT INTO {p}offsets (grp, topic, partition, position) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (grp, topic, partition) DO UPDATE SET position = excluded.position
                  WHERE excluded.position > {p}offsets.position"
+            ),
+            offset_start: format!(
+                "INSERT INTO {p}offsets (grp, topic, partition, position) VALUES ($1, $2, $3, 0) ON CONFLICT DO NOTHING"
             ),
             clear_attempts: format!(
                 "DELETE FROM {p}attempts WHERE grp = $1 AND topic = $2 AND seq IN (
