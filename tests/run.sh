@@ -32,6 +32,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, all features, warnings are errors)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
+step "cargo doc (our crates, warnings are errors: broken links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --all-features -p eda-core -p eda-macros -p eda-runtime
+
 step "cargo test (all features)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

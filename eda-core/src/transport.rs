@@ -3,7 +3,7 @@
 //! It is shaped by all the brokers eda targets at once: Kafka's partitioned offsets (an ack
 //! marks an offset, committed as the contiguous processed prefix), RabbitMQ's and NATS
 //! JetStream's per-message acks with redelivery counts, and the SQL log's stored offsets.
-//! A subscription is a [`Stream`](futures_core::Stream) of [`Delivery`]s, so back-pressure
+//! A subscription is a [`futures_core::Stream`] of [`Delivery`]s, so back-pressure
 //! comes from polling it only when there is room; acknowledging or failing a delivery consumes
 //! it, so a delivery cannot be acknowledged twice.
 

@@ -1,7 +1,7 @@
 //! eda: choreographed, event-driven services in Rust.
 //!
 //! Services publish events and react to events; they never call each other. Annotate domain
-//! code with [`event`], [`handler`] and [`compensates`]; [`Runtime::from_registry`] collects
+//! code with [`event`](macro@event), [`handler`](macro@handler) and [`compensates`](macro@compensates); [`Runtime::from_registry`] collects
 //! every handler linked into the binary, checks the choreography, and runs each consumer group
 //! on the transport a URL names, with idempotency guards, per-key ordering, retries with
 //! backoff and dead letters.
