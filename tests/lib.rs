@@ -26,65 +26,27 @@ pub struct Bus {
     pub kind: Kind,
     transport: Arc<dyn Transport>,
     dead: Arc<dyn DeadLetterStore>,
-    url: Option<String>,
-    prefix: Option<String>,
-    _dir: Option<tempfile::TempDir>,
+    _db: Option<TestDb>,
 }
 
 impl Bus {
     /// A fresh, empty transport of the given kind.
     pub async fn new(kind: Kind) -> Self {
-        match kind {
+        let db = match kind {
             Kind::Memory => {
                 let t = MemoryTransport::new();
-                Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), url: None, prefix: None, _dir: None }
+                return Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), _db: None };
             }
-            Kind::Sqlite => {
-                let dir = tempfile::tempdir().expect("a temporary directory");
-                let url = format!("sqlite://{}", dir.path().join("eda.db").display());
-                let t = sql_options(&url).connect().await.expect("the SQLite transport opens");
-                Self {
-                    kind,
-                    transport: Arc::new(t.clone()),
-                    dead: Arc::new(t),
-                    url: Some(url),
-                    prefix: None,
-                    _dir: Some(dir),
-                }
-            }
-            Kind::Postgres => {
-                let url = postgres_url().await;
-                let prefix = fresh_prefix();
-                let t = sql_options(&url)
-                    .table_prefix(&prefix)
-                    .connect()
-                    .await
-                    .unwrap_or_else(|e| panic!("PostgreSQL is needed at {url} (set EDA_TEST_POSTGRES_URL): {e}"));
-                Self {
-                    kind,
-                    transport: Arc::new(t.clone()),
-                    dead: Arc::new(t),
-                    url: Some(url),
-                    prefix: Some(prefix),
-                    _dir: None,
-                }
-            }
-        }
-    }
-
-    /// The table prefix, where the test picked one.
-    pub fn prefix(&self) -> Option<&str> {
-        self.prefix.as_deref()
+            Kind::Sqlite => TestDb::new(false).await,
+            Kind::Postgres => TestDb::new(true).await,
+        };
+        let t = db.open().await;
+        Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), _db: Some(db) }
     }
 
     /// The transport, to give to runtimes.
     pub fn transport(&self) -> Arc<dyn Transport> {
         self.transport.clone()
-    }
-
-    /// The database URL, for transports that have one.
-    pub fn url(&self) -> Option<&str> {
-        self.url.as_deref()
     }
 
     /// The dead letters of `group`.
@@ -143,16 +105,6 @@ impl TestDb {
 /// SQL log settings for tests: short leases so instances rebalance quickly.
 pub fn sql_options(url: &str) -> SqlOptions {
     SqlOptions::new(url).lease_ttl(Duration::from_millis(600)).poll_interval(Duration::from_millis(20))
-}
-
-/// Opens a second handle on the same database, as another process would.
-pub async fn reopen(url: &str, prefix: Option<&str>) -> SqlTransport {
-    let options = sql_options(url);
-    let options = match prefix {
-        Some(p) => options.table_prefix(p),
-        None => options,
-    };
-    options.connect().await.expect("the SQL transport opens")
 }
 
 /// A table prefix no other test uses.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::EnvelopeError;
-use crate::event::{EventInfo, PendingEvent};
+use crate::event::PendingEvent;
 
 /// The CloudEvents `specversion` eda writes.
 pub const SPEC_VERSION: &str = "1.0";
@@ -194,11 +194,6 @@ impl Envelope {
         }
     }
 
-    /// True when this envelope carries an event of type `E` in the same version.
-    pub fn is(&self, info: &EventInfo) -> bool {
-        self.ty == info.ce_type
-    }
-
     /// The event name and version of the CloudEvents `type`, when it has eda's `<name>.v<N>`
     /// form.
     pub fn name_and_version(&self) -> Option<(&str, u32)> {
@@ -360,6 +355,7 @@ pub mod trace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventInfo;
 
     fn sample() -> Envelope {
         let info = EventInfo { name: "OrderConfirmed", version: 2, ce_type: "OrderConfirmed.v2", topic: "orders" };

@@ -356,6 +356,7 @@ struct Job<'a> {
     delivery: &'a Delivery,
     envelope: &'a Arc<Envelope>,
     name: String,
+    labels: crate::metrics::HandlerLabels,
     policy: RetryPolicy,
 }
 
@@ -365,7 +366,8 @@ impl<'a> Job<'a> {
             max_attempts: h.max_attempts.unwrap_or(shared.config.retry.max_attempts),
             ..shared.config.retry.clone()
         };
-        Self { shared, h, delivery, envelope: &delivery.envelope, name: h.qualified_name(), policy }
+        let labels = crate::metrics::handler(h.group, h.name);
+        Self { shared, h, delivery, envelope: &delivery.envelope, name: h.qualified_name(), labels, policy }
     }
 
     fn journal(&self, kind: EntryKind) {
@@ -381,14 +383,10 @@ impl<'a> Job<'a> {
         Disposition::Redeliver(self.shared.config.retry.backoff(2))
     }
 
-    fn labels(&self) -> crate::metrics::HandlerLabels {
-        crate::metrics::handler(self.h.group, self.h.name)
-    }
-
     fn duplicate(&self) -> Disposition {
         self.journal(EntryKind::Duplicate { handler: self.name.clone() });
         bump(&self.shared.stats.duplicates);
-        self.shared.metrics.duplicates.get_or_create(&self.labels()).inc();
+        self.shared.metrics.duplicates.get_or_create(&self.labels).inc();
         Disposition::Done
     }
 
@@ -405,7 +403,7 @@ impl<'a> Job<'a> {
     fn skipped(&self, reason: String) {
         self.journal(EntryKind::Skipped { handler: self.name.clone(), reason });
         bump(&self.shared.stats.skipped);
-        self.shared.metrics.skipped.get_or_create(&self.labels()).inc();
+        self.shared.metrics.skipped.get_or_create(&self.labels).inc();
     }
 
     fn step_not_run_reason(step: &HandlerDescriptor) -> String {
@@ -437,7 +435,7 @@ impl<'a> Job<'a> {
         let handling_span = span.clone();
         let started = std::time::Instant::now();
         let result = AssertUnwindSafe((h.invoke)(&handling, &self.shared.states)).catch_unwind().instrument(span).await;
-        self.shared.metrics.duration.get_or_create(&self.labels()).observe(started.elapsed().as_secs_f64());
+        self.shared.metrics.duration.get_or_create(&self.labels).observe(started.elapsed().as_secs_f64());
         let transaction = handling.take_transaction();
         let result = match result {
             Ok(Ok(())) => {
@@ -479,14 +477,14 @@ impl<'a> Job<'a> {
         }
         self.journal(EntryKind::Handled { handler: self.name.clone(), attempt });
         bump(&self.shared.stats.handled);
-        self.shared.metrics.handled.get_or_create(&self.labels()).inc();
+        self.shared.metrics.handled.get_or_create(&self.labels).inc();
         Disposition::Done
     }
 
     /// After a failed attempt: retry after a backoff, dead-letter, or (when stopping) hand the
     /// event back to the transport.
     async fn after_failure(&self, error: HandlerError, attempt: u32) -> AfterFailure {
-        self.shared.metrics.failed.get_or_create(&self.labels()).inc();
+        self.shared.metrics.failed.get_or_create(&self.labels).inc();
         let retry = !error.is_permanent() && self.policy.may_retry(attempt);
         if !retry {
             return AfterFailure::Stop(self.dead(&error, attempt));
@@ -501,7 +499,7 @@ impl<'a> Job<'a> {
         }
         self.journal(EntryKind::Retrying { handler: self.name.clone(), attempt, error: error.to_string() });
         bump(&self.shared.stats.retried);
-        self.shared.metrics.retried.get_or_create(&self.labels()).inc();
+        self.shared.metrics.retried.get_or_create(&self.labels).inc();
         let mut stop = self.shared.stop.clone();
         if tokio::time::timeout(self.policy.backoff(attempt + 1), stop.wait_for(|s| *s)).await.is_ok() {
             return AfterFailure::Stop(Disposition::Redeliver(Duration::ZERO));

@@ -12,7 +12,7 @@ pub mod services;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eda::{CorrelationId, EntryKind, Envelope, JournalEntry, Runtime};
+use eda::{EntryKind, Envelope, JournalEntry, Runtime};
 
 pub use services::*;
 
@@ -148,9 +148,4 @@ fn render_event(trace: &[JournalEntry], event: &JournalEntry, depth: usize, out:
 
 fn short_type(ty: &str) -> &str {
     ty.strip_suffix(".v1").unwrap_or(ty)
-}
-
-/// The correlation id of an order's saga.
-pub fn correlation(envelope: &Envelope) -> &CorrelationId {
-    &envelope.correlation_id
 }

@@ -187,7 +187,7 @@ async fn a_relay_killed_between_publish_and_record_makes_duplicates_that_guards_
     }
     assert!(run(&relay).success(), "the last relay run carries the rest");
 
-    let target = eda_tests::reopen(&target_url, Some("eda_")).await;
+    let target = eda_tests::sql_options(&target_url).connect().await.expect("the target opens");
     let carried: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM eda_log WHERE topic = 'work'")
         .fetch_one(target.pool())
         .await

@@ -150,7 +150,7 @@ async fn a_poison_event_is_dead_lettered_while_the_rest_flow_and_is_replayed_fro
     let mut consumer = db.node(&["poison", &(EVENTS - 1).to_string()]);
     assert!(wait_with_timeout(&mut consumer, Duration::from_secs(300)).success());
 
-    let transport = eda_tests::reopen(&db.url, Some(&db.prefix)).await;
+    let transport = db.open().await;
     let pool = transport.pool();
     let p = &db.prefix;
     let key_zero: Vec<i64> = sqlx::query_scalar(&format!("SELECT n FROM {p}effects WHERE n % 50 = 0 ORDER BY id"))

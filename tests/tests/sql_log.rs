@@ -152,7 +152,9 @@ async fn a_handler_slower_than_the_lease_keeps_its_partition(postgres: bool) {
     for key in 0..4 {
         a.publisher().publish(&SlowJob { key }).await.expect("publish");
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B arrives after A's first leases would have expired (600 ms) had A not renewed them
+    // while its handler ran: it would take A's partitions and run A's in-flight job again.
+    tokio::time::sleep(Duration::from_millis(900)).await;
     let b = start(log.open().await).await.expect("start b");
     a.settled(SETTLE).await.expect("settled");
     b.settled(SETTLE).await.expect("settled");
