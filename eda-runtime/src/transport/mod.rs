@@ -1,5 +1,7 @@
 //! Transports, one module per broker, each behind its cargo feature.
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod keys;
 mod memory;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]

@@ -36,8 +36,9 @@ use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::keys::{fnv1a, partition_of, redact};
 use consumer::{Consumer, ConsumerShared};
-use schema::{fnv1a, partition_of, Sql};
+use schema::Sql;
 
 /// The transaction type behind [`transaction`]: run queries on `&mut **tx`.
 pub type SqlTransaction = sqlx::Transaction<'static, sqlx::Any>;
@@ -716,20 +717,6 @@ fn listen(inner: std::sync::Weak<Inner>, url: String, channel: String) {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-}
-
-/// Hides the password of a database URL in messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// WAL lets readers run beside the one writer; the busy timeout makes other connections and

@@ -70,19 +70,6 @@ impl Dialect {
     }
 }
 
-/// FNV-1a: stable across processes and versions, unlike `std`'s hasher.
-pub fn fnv1a(parts: &[&str]) -> u64 {
-    parts
-        .iter()
-        .flat_map(|p| p.bytes().chain([0]))
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// The partition of a key.
-pub fn partition_of(key: &str, partitions: u32) -> u32 {
-    (fnv1a(&[key]) % u64::from(partitions.max(1))) as u32
-}
-
 /// eda's SQL for one dialect and table prefix.
 pub struct Sql {
     pub migrate: Vec<String>,
@@ -264,14 +251,6 @@ impl Sql {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn partitions_are_stable_and_spread() {
-        assert_eq!(partition_of("order-1", 8), partition_of("order-1", 8));
-        let used: std::collections::HashSet<_> = (0..100).map(|i| partition_of(&format!("k{i}"), 8)).collect();
-        assert_eq!(used.len(), 8);
-        assert_eq!(partition_of("anything", 1), 0);
-    }
 
     #[test]
     fn the_prefix_reaches_every_statement_and_placeholders_are_numbered_in_order() {

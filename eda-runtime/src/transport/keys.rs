@@ -1,0 +1,57 @@
+//! What every partitioned transport agrees on: which partition a key lands in, and how a URL
+//! is shown in messages without its secrets.
+
+/// FNV-1a: stable across processes, versions and transports, unlike `std`'s hasher, so every
+/// instance (and every transport) maps a key to the same partition.
+pub(crate) fn fnv1a(parts: &[&str]) -> u64 {
+    parts
+        .iter()
+        .flat_map(|p| p.bytes().chain([0]))
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The partition of a key among `partitions`.
+pub(crate) fn partition_of(key: &str, partitions: u32) -> u32 {
+    (fnv1a(&[key]) % u64::from(partitions.max(1))) as u32
+}
+
+/// The URL with the password (or token) of its user info replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let start = &url[..scheme + 3];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{start}{user}:***{}", &url[at..]),
+                // A lone user info is a token on NATS (`nats://s3cr3t@host`): hide it too.
+                None if url.starts_with("nats") || url.starts_with("tls") => format!("{start}***{}", &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        assert_eq!(partition_of("order-1", 8), partition_of("order-1", 8));
+        let used: std::collections::HashSet<_> = (0..100).map(|i| partition_of(&format!("k{i}"), 8)).collect();
+        assert_eq!(used.len(), 8);
+        assert_eq!(partition_of("anything", 1), 0);
+        // Pinned: a change here would move every key of every existing topic.
+        assert_eq!(partition_of("order-1", 16), (fnv1a(&["order-1"]) % 16) as u32);
+        assert_eq!(fnv1a(&["a"]), 0x089b_e207_b544_f1e4);
+    }
+
+    #[test]
+    fn secrets_are_hidden() {
+        assert_eq!(redact("postgres://app:hunter2@db/x"), "postgres://app:***@db/x");
+        assert_eq!(redact("nats://s3cr3t@127.0.0.1:4222"), "nats://***@127.0.0.1:4222");
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact("postgres://app@db/x"), "postgres://app@db/x");
+    }
+}
