@@ -133,6 +133,14 @@ pub enum TransportError {
         /// What the broker said.
         reason: String,
     },
+    /// The transport's settings are wrong or contradict each other; nothing was sent.
+    #[error("{transport} settings: {reason}")]
+    Config {
+        /// Which transport.
+        transport: &'static str,
+        /// What is wrong, and what to write instead.
+        reason: String,
+    },
     /// The transport has been closed; no further work is possible.
     #[error("the {0} transport is closed")]
     Closed(&'static str),
