@@ -10,8 +10,14 @@ pub(crate) fn fnv1a(parts: &[&str]) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The partition of a key among `partitions`.
-pub(crate) fn partition_of(key: &str, partitions: u32) -> u32 {
+/// The partition a key lands in among `partitions`, on every partitioned transport (the SQL
+/// log, NATS): FNV-1a of the key, modulo the count. An event without a key is placed by its id.
+///
+/// ```
+/// assert_eq!(eda::transport::partition_of("order-1", 16), eda::transport::partition_of("order-1", 16));
+/// assert!(eda::transport::partition_of("order-1", 16) < 16);
+/// ```
+pub fn partition_of(key: &str, partitions: u32) -> u32 {
     (fnv1a(&[key]) % u64::from(partitions.max(1))) as u32
 }
 

@@ -1,20 +1,27 @@
 //! Transports, one module per broker, each behind its cargo feature.
 
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats"))]
 mod keys;
 mod memory;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
 pub mod sql;
 
 use std::sync::Arc;
 
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats"))]
+pub use keys::partition_of;
 pub use memory::MemoryTransport;
 
 use crate::{Error, Result};
 
 /// Connects the transport a URL names: `memory://` (always available), `sqlite://path`
-/// (feature `sqlite`, on by default), `postgres://user@host/database` (feature `postgres`).
+/// (feature `sqlite`, on by default), `postgres://user@host/database` (feature `postgres`),
+/// `nats://host:4222` or `tls://host:4222` (feature `nats`; settings in the query, see
+/// [`nats::NatsOptions::from_url`]).
 ///
 /// A URL whose transport is not in this build fails with an error that says so.
 ///
@@ -30,7 +37,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
     let missing = |name: &str| {
         Error::Config(format!(
-            "`{scheme}://` URLs need the {name} transport, which this version of eda does not have yet; use `memory://`, `sqlite://` or `postgres://`"
+            "`{scheme}://` URLs need the {name} transport, which this version of eda does not have yet; use `memory://`, `sqlite://`, `postgres://` or `nats://`"
         ))
     };
     #[allow(unused_variables)] // every feature may be on
@@ -51,12 +58,15 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
         "postgres" | "postgresql" => Err(not_built("postgres")),
         "kafka" => Err(missing("Kafka")),
         "amqp" | "amqps" => Err(missing("RabbitMQ")),
-        "nats" | "tls" => Err(missing("NATS JetStream")),
+        #[cfg(feature = "nats")]
+        "nats" | "tls" => Ok(Arc::new(nats::NatsTransport::connect(url).await?)),
+        #[cfg(not(feature = "nats"))]
+        "nats" | "tls" => Err(not_built("nats")),
         "" => {
             Err(Error::Config(format!("`{url}` is not a transport URL: write it as `<scheme>://…`, e.g. `memory://`")))
         }
         other => Err(Error::Config(format!(
-            "unknown transport scheme `{other}://` in `{url}`: eda knows `memory://`, `sqlite://` and `postgres://`"
+            "unknown transport scheme `{other}://` in `{url}`: eda knows `memory://`, `sqlite://`, `postgres://` and `nats://`"
         ))),
     }
 }

@@ -1,0 +1,759 @@
+//! NATS JetStream (feature `nats`, URLs `nats://…` and `tls://…`).
+//!
+//! What eda keeps on the server, for namespace `eda` (the default; see
+//! [`NatsOptions::namespace`]):
+//!
+//! - **A stream per topic**, `eda_<topic>`, with one subject per partition:
+//!   `eda.<topic>.0` … `eda.<topic>.<P-1>`. An event goes to the partition of its key (the same
+//!   FNV-1a hash as the SQL log), with its CloudEvents attributes as `ce-*` headers (the NATS
+//!   binding's binary mode), its id as `Nats-Msg-Id` (a second publication of one event within
+//!   the duplicate window is dropped by the server) and the payload as the message body.
+//!   Publishing waits for the stream's acknowledgement.
+//! - **A durable pull consumer per group and partition**, `<group>_<n>`, filtered on that
+//!   partition's subject, with explicit acks and `max_ack_pending` 1. The server hands out a
+//!   partition's next event only when the one before is settled, so events of one key are
+//!   handled in publish order by the whole group — across its instances, across redeliveries and
+//!   across crashes — without any coordination between the instances: they pull from the same
+//!   consumers, and whichever asks first gets the next event. Keys in different partitions run
+//!   concurrently, so a group handles up to P events of a topic at once. (In-process sequencing
+//!   with a wider `max_ack_pending` would order a key within one instance only, and a
+//!   redelivery could overtake its successors; this is the design that keeps the promise.)
+//! - **Dead letters** in the stream `eda-dead-letters`, on the subjects `eda.<topic>.dlq`: the
+//!   original message, byte for byte, with `eda-dlq-*` headers saying which group gave up, why,
+//!   after how many attempts and when. [`DeadLetterStore`] lists, shows and removes them, so
+//!   `<app> dlq list|show|replay|purge` work on NATS as on the other transports.
+//!
+//! A delivery the runtime holds is kept alive with `+WPI` every third of the ack wait, so slow
+//! handlers and retries with backoff keep their event; one dropped unsettled (a consumer that
+//! stops or dies) is given back at once with a `-NAK`. An event delivered more than
+//! [`max_deliver`](NatsOptions::max_deliver) times without ever being settled — a consumer that
+//! crashes on it — is dead-lettered without being handed out again.
+//!
+//! The client reconnects for as long as the server is away; pull requests are renewed when it is
+//! back, publishes retry with the same `Nats-Msg-Id` for [`publish_timeout`](NatsOptions::publish_timeout),
+//! and acknowledgements lost with the connection make their events come again, which the
+//! idempotency guards absorb.
+//!
+//! Lag is, per partition, the consumer's `num_pending` plus `num_ack_pending`.
+
+mod consumer;
+mod dead_letters;
+mod options;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::header::{NATS_EXPECTED_STREAM, NATS_MESSAGE_ID};
+use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{HeaderMap, Subject};
+use async_trait::async_trait;
+use bytes::Bytes;
+use eda_core::{Binding, DeadLetterStore, Deliveries, Envelope, PartitionLag, Subscription, Transport, TransportError};
+use futures_util::TryStreamExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::keys::{fnv1a, partition_of};
+pub use options::{NatsOptions, Retention, Storage};
+
+const NAME: &str = "nats";
+
+/// Bytes kept free under the server's `max_payload` when publishing, so that an event can
+/// always be dead-lettered with its `eda-dlq-*` headers.
+const DEAD_LETTER_RESERVE: usize = 4096;
+
+/// The NATS JetStream transport. Clones share one connection.
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> eda::Result<()> {
+/// use eda::transport::nats::NatsOptions;
+///
+/// let nats = NatsOptions::new("nats://127.0.0.1:4222").namespace("shop").connect().await?;
+/// let runtime = eda::Runtime::from_registry().transport(nats).start().await?;
+/// # runtime.shutdown().await; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct NatsTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: NatsOptions,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// The layout of every topic this transport has used.
+    topics: Mutex<HashMap<String, Arc<TopicLayout>>>,
+    /// Topics whose dead-letter subject the dead-letter stream is known to capture.
+    dead_letter_topics: Mutex<HashSet<String>>,
+    /// Serializes changes to streams, so one process does not race itself.
+    topology: tokio::sync::Mutex<()>,
+    /// Counts connections: workers renew their pull requests when it moves.
+    connections: watch::Receiver<u64>,
+    deduplicated: AtomicU64,
+}
+
+/// Where a topic lives on the server.
+#[derive(Debug)]
+struct TopicLayout {
+    topic: String,
+    stream: String,
+    partitions: u32,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> TransportError {
+    TransportError::Other { transport: NAME, source: Box::new(e) }
+}
+
+fn unreachable(reason: impl std::fmt::Display) -> TransportError {
+    TransportError::Unreachable { transport: NAME, reason: reason.to_string() }
+}
+
+/// A topic or group name as a stream or consumer name may spell it: NATS names cannot hold `.`,
+/// so a dotted name gets `_` and a hash of the original (keeping `a.b` and `a_b` apart).
+fn name_part(name: &str) -> String {
+    if name.contains('.') {
+        format!("{}-{:08x}", name.replace('.', "_"), fnv1a(&[name]) as u32)
+    } else {
+        name.to_owned()
+    }
+}
+
+impl NatsTransport {
+    /// Connects to the servers at `url` with the settings in its query (see
+    /// [`NatsOptions::from_url`]).
+    pub async fn connect(url: &str) -> Result<Self, TransportError> {
+        NatsOptions::from_url(url)?.connect().await
+    }
+
+    /// Connects with these options and checks that JetStream is there. Streams and consumers are
+    /// created (or brought to the options) when a topic is first published to or subscribed to.
+    pub async fn open(options: NatsOptions) -> Result<Self, TransportError> {
+        options.validate()?;
+        let shown = options.shown.clone();
+        let (connections_tx, connections) = watch::channel(0u64);
+        let connections_tx = Arc::new(connections_tx);
+        let mut connect = async_nats::ConnectOptions::new()
+            .connection_timeout(options.connection_timeout)
+            .name(options.name.clone().unwrap_or_else(|| format!("eda {}", env!("CARGO_PKG_VERSION"))))
+            // Quick to come back after a server restart, never hammering one that stays away.
+            .reconnect_delay_callback(|attempts| {
+                let base = Duration::from_millis(100).saturating_mul(attempts.min(20) as u32);
+                base.min(Duration::from_secs(2)) + Duration::from_millis(fastrand::u64(0..100))
+            })
+            .event_callback({
+                let shown = shown.clone();
+                move |event| {
+                    let (connections_tx, shown) = (connections_tx.clone(), shown.clone());
+                    async move {
+                        match event {
+                            async_nats::Event::Connected => {
+                                tracing::info!(server = %shown, "connected to NATS");
+                                connections_tx.send_modify(|n| *n += 1);
+                            }
+                            async_nats::Event::Disconnected => {
+                                tracing::warn!(server = %shown, "lost the connection to NATS; reconnecting")
+                            }
+                            other => tracing::warn!(server = %shown, event = %other, "NATS connection event"),
+                        }
+                    }
+                }
+            });
+        connect = match &options.credentials {
+            options::Credentials::None => connect,
+            options::Credentials::UserPassword(user, password) => {
+                connect.user_and_password(user.clone(), password.clone())
+            }
+            options::Credentials::Token(token) => connect.token(token.clone()),
+            options::Credentials::NKey(seed) => connect.nkey(seed.clone()),
+            options::Credentials::File(path) => {
+                connect.credentials_file(path).await.map_err(|e| TransportError::Config {
+                    transport: NAME,
+                    reason: format!("cannot read the NATS credentials file `{}`: {e}", path.display()),
+                })?
+            }
+        };
+        if options.tls_required {
+            connect = connect.require_tls(true);
+        }
+        if let Some(ca) = &options.tls_root_certificates {
+            connect = connect.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &options.tls_client_certificate {
+            connect = connect.add_client_certificate(cert.clone(), key.clone());
+        }
+        let servers = options
+            .servers
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TransportError::Config {
+                transport: NAME,
+                reason: format!("`{shown}` is not a NATS URL ({e}): write `nats://host:4222`"),
+            })?;
+        let client = connect.connect(servers).await.map_err(|e| unreachable(format!("{shown}: {e}")))?;
+        let js = jetstream::new(client.clone());
+        check_jetstream(&client).await.map_err(|why| {
+            unreachable(format!(
+                "{shown} answers, but JetStream does not ({why}): start nats-server with `-js`, with JetStream enabled for this account"
+            ))
+        })?;
+        let inner = Inner {
+            options,
+            client,
+            js,
+            topics: Mutex::default(),
+            dead_letter_topics: Mutex::default(),
+            topology: tokio::sync::Mutex::new(()),
+            connections,
+            deduplicated: AtomicU64::new(0),
+        };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The settings it runs with.
+    pub fn options(&self) -> &NatsOptions {
+        &self.inner.options
+    }
+
+    /// The underlying client, for what eda does not do itself.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// How many publications the server dropped as duplicates of an event it already had (the
+    /// same event id within the duplicate window: a producer retry, a relay repeating itself).
+    pub fn deduplicated(&self) -> u64 {
+        self.inner.deduplicated.load(Ordering::Relaxed)
+    }
+
+    /// The subject of one partition of a topic: `<namespace>.<topic>.<partition>`.
+    pub fn subject(&self, topic: &str, partition: u32) -> String {
+        format!("{}.{topic}.{partition}", self.inner.options.namespace)
+    }
+
+    /// The subject `envelope` is published on: its topic's partition of its key (or of its id
+    /// when it has no key). Creates the topic's stream if it does not exist yet.
+    pub async fn subject_of(&self, envelope: &Envelope) -> Result<String, TransportError> {
+        let layout = self.topic(&envelope.topic).await?;
+        let key = envelope.subject.clone().unwrap_or_else(|| envelope.id.to_string());
+        Ok(self.subject(&layout.topic, partition_of(&key, layout.partitions)))
+    }
+
+    /// The subject a topic's dead letters are kept on: `<namespace>.<topic>.dlq`.
+    pub fn dead_letter_subject(&self, topic: &str) -> String {
+        format!("{}.{topic}.dlq", self.inner.options.namespace)
+    }
+
+    /// The stream of a topic: `<namespace>_<topic>`.
+    pub fn stream_name(&self, topic: &str) -> String {
+        format!("{}_{}", self.inner.options.namespace, name_part(topic))
+    }
+
+    /// The stream that holds every topic's dead letters: `<namespace>-dead-letters`.
+    pub fn dead_letter_stream(&self) -> String {
+        format!("{}-dead-letters", self.inner.options.namespace)
+    }
+
+    fn consumer_name(group: &str, partition: u32) -> String {
+        format!("{}_{partition}", name_part(group))
+    }
+
+    /// Deletes every stream of this transport's namespace (topics and dead letters) with their
+    /// consumers: for tests and for tearing an environment down. Returns how many it deleted.
+    pub async fn delete_namespace(&self) -> Result<usize, TransportError> {
+        let ns = &self.inner.options.namespace;
+        let names: Vec<String> = self.inner.js.stream_names().try_collect().await.map_err(other)?;
+        let mut deleted = 0;
+        for name in names.iter().filter(|n| n.starts_with(&format!("{ns}_")) || **n == self.dead_letter_stream()) {
+            self.inner.js.delete_stream(name).await.map_err(other)?;
+            deleted += 1;
+        }
+        lock(&self.inner.topics).clear();
+        lock(&self.inner.dead_letter_topics).clear();
+        Ok(deleted)
+    }
+
+    /// The layout of `topic`, creating its stream (or bringing it to the options) the first
+    /// time.
+    async fn topic(&self, topic: &str) -> Result<Arc<TopicLayout>, TransportError> {
+        if let Some(layout) = lock(&self.inner.topics).get(topic) {
+            return Ok(layout.clone());
+        }
+        let _topology = self.inner.topology.lock().await;
+        if let Some(layout) = lock(&self.inner.topics).get(topic) {
+            return Ok(layout.clone());
+        }
+        let layout = Arc::new(self.ensure_stream(topic).await?);
+        lock(&self.inner.topics).insert(topic.to_owned(), layout.clone());
+        Ok(layout)
+    }
+
+    /// The layout of `topic` if its stream exists; creates nothing.
+    async fn existing_topic(&self, topic: &str) -> Result<Option<Arc<TopicLayout>>, TransportError> {
+        if let Some(layout) = lock(&self.inner.topics).get(topic) {
+            return Ok(Some(layout.clone()));
+        }
+        match self.inner.js.get_stream(self.stream_name(topic)).await {
+            Ok(mut stream) => {
+                let info = stream.info().await.map_err(other)?;
+                let partitions = self.partitions_of(topic, &info.config)?;
+                Ok(Some(Arc::new(TopicLayout {
+                    topic: topic.to_owned(),
+                    stream: info.config.name.clone(),
+                    partitions,
+                })))
+            }
+            Err(e) if stream_missing(&e) => Ok(None),
+            Err(e) => Err(other(e)),
+        }
+    }
+
+    fn stream_config(&self, topic: &str, partitions: u32) -> stream::Config {
+        let o = &self.inner.options;
+        stream::Config {
+            name: self.stream_name(topic),
+            description: Some(format!("eda topic `{topic}`, {partitions} partitions by key")),
+            subjects: (0..partitions).map(|p| self.subject(topic, p)).collect(),
+            retention: match o.retention {
+                Retention::Limits => RetentionPolicy::Limits,
+                Retention::Interest => RetentionPolicy::Interest,
+            },
+            storage: storage_type(o.storage),
+            max_age: o.max_age.unwrap_or(Duration::ZERO),
+            max_bytes: o.max_bytes.map_or(-1, |b| b.min(i64::MAX as u64) as i64),
+            max_messages: o.max_messages.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
+            max_message_size: -1,
+            max_messages_per_subject: -1,
+            max_consumers: -1,
+            discard: DiscardPolicy::Old,
+            num_replicas: o.replicas,
+            duplicate_window: o.duplicate_window,
+            ..Default::default()
+        }
+    }
+
+    /// How many partitions an existing stream of `topic` has, from its subjects.
+    fn partitions_of(&self, topic: &str, config: &stream::Config) -> Result<u32, TransportError> {
+        let prefix = format!("{}.{topic}.", self.inner.options.namespace);
+        let mut found: Vec<u32> = Vec::new();
+        for subject in &config.subjects {
+            match subject.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) {
+                Some(p) => found.push(p),
+                None => {
+                    return Err(TransportError::Config {
+                        transport: NAME,
+                        reason: format!(
+                            "stream `{}` captures `{subject}`, which is not one of eda's partition subjects `{prefix}<n>`: it is not eda's stream for topic `{topic}`; use another namespace or remove that stream",
+                            config.name
+                        ),
+                    })
+                }
+            }
+        }
+        found.sort_unstable();
+        if found.is_empty() || found.iter().enumerate().any(|(i, p)| *p != i as u32) {
+            return Err(TransportError::Config {
+                transport: NAME,
+                reason: format!(
+                    "stream `{}` has partition subjects {found:?} instead of 0..n: restore them or remove the stream",
+                    config.name
+                ),
+            });
+        }
+        Ok(found.len() as u32)
+    }
+
+    async fn ensure_stream(&self, topic: &str) -> Result<TopicLayout, TransportError> {
+        let js = &self.inner.js;
+        let name = self.stream_name(topic);
+        for _ in 0..3 {
+            match js.get_stream(&name).await {
+                Ok(mut stream) => {
+                    let existing = stream.info().await.map_err(other)?.config.clone();
+                    let partitions = self.partitions_of(topic, &existing)?;
+                    if partitions != self.inner.options.partitions {
+                        tracing::warn!(topic, stream = %name, partitions, configured = self.inner.options.partitions,
+                            "the topic's stream has another partition count than configured; it keeps its own, as moving keys between partitions would break their order");
+                    }
+                    let wanted = self.stream_config(topic, partitions);
+                    if let Some(change) = stream_change(&existing, &wanted) {
+                        tracing::info!(stream = %name, %change, "updating the stream to the configured limits");
+                        js.update_stream(&wanted).await.map_err(|e| {
+                            let reason = match e.kind() {
+                                CreateStreamErrorKind::JetStream(js) => js.to_string(),
+                                _ => e.to_string(),
+                            };
+                            TransportError::Config {
+                                transport: NAME,
+                                reason: format!("NATS refuses to change stream `{name}` ({change}): {reason}; set the option back, or change or remove the stream yourself"),
+                            }
+                        })?;
+                    }
+                    return Ok(TopicLayout { topic: topic.to_owned(), stream: name, partitions });
+                }
+                Err(e) if stream_missing(&e) => {
+                    let partitions = self.inner.options.partitions;
+                    match js.create_stream(self.stream_config(topic, partitions)).await {
+                        Ok(_) => {
+                            tracing::debug!(topic, stream = %name, partitions, "created the topic's stream");
+                            return Ok(TopicLayout { topic: topic.to_owned(), stream: name, partitions });
+                        }
+                        // Another process created it meanwhile: read it again.
+                        Err(e) if create_code(&e) == Some(ErrorCode::STREAM_NAME_EXIST) => continue,
+                        Err(e) if create_code(&e) == Some(ErrorCode::STREAM_SUBJECT_OVERLAP) => {
+                            return Err(TransportError::Config {
+                                transport: NAME,
+                                reason: format!(
+                                    "another stream already captures subjects of topic `{topic}` (`{}.*`): eda needs them for its stream `{name}`; use another namespace or remove that stream",
+                                    format_args!("{}.{topic}", self.inner.options.namespace)
+                                ),
+                            })
+                        }
+                        Err(e) => return Err(other(e)),
+                    }
+                }
+                Err(e) => return Err(other(e)),
+            }
+        }
+        Err(unreachable(format!("stream `{name}` was created and removed while eda looked at it; try again")))
+    }
+
+    /// Makes sure the dead-letter stream captures `topic`'s dead-letter subject.
+    async fn ensure_dead_letter_subject(&self, topic: &str) -> Result<(), TransportError> {
+        if lock(&self.inner.dead_letter_topics).contains(topic) {
+            return Ok(());
+        }
+        let _topology = self.inner.topology.lock().await;
+        let js = &self.inner.js;
+        let (name, subject) = (self.dead_letter_stream(), self.dead_letter_subject(topic));
+        // Another process may update the subjects at the same moment: read again until ours is in.
+        for _ in 0..10 {
+            match js.get_stream(&name).await {
+                Ok(mut stream) => {
+                    let mut config = stream.info().await.map_err(other)?.config.clone();
+                    if config.subjects.contains(&subject) {
+                        lock(&self.inner.dead_letter_topics).insert(topic.to_owned());
+                        return Ok(());
+                    }
+                    config.subjects.push(subject.clone());
+                    js.update_stream(&config).await.map_err(other)?;
+                }
+                Err(e) if stream_missing(&e) => {
+                    let o = &self.inner.options;
+                    let config = stream::Config {
+                        name: name.clone(),
+                        description: Some("eda dead letters of every topic, kept until replayed or purged".into()),
+                        subjects: vec![subject.clone()],
+                        retention: RetentionPolicy::Limits,
+                        storage: storage_type(o.storage),
+                        num_replicas: o.replicas,
+                        duplicate_window: o.duplicate_window,
+                        ..Default::default()
+                    };
+                    match js.create_stream(config).await {
+                        Ok(_) => {}
+                        Err(e) if create_code(&e) == Some(ErrorCode::STREAM_NAME_EXIST) => {}
+                        Err(e) => return Err(other(e)),
+                    }
+                }
+                Err(e) => return Err(other(e)),
+            }
+        }
+        Err(unreachable(format!("could not add `{subject}` to stream `{name}`: it keeps changing under eda")))
+    }
+
+    /// Publishes messages in order and waits for the stream to store each. A publish that times
+    /// out (the server is away, or slow) is tried again with the same `Nats-Msg-Id` until the
+    /// publish timeout, from the first one not known to be stored, so order holds and nothing is
+    /// stored twice.
+    async fn publish_messages(&self, messages: &[Outgoing]) -> Result<(), TransportError> {
+        let js = &self.inner.js;
+        let deadline = Instant::now() + self.inner.options.publish_timeout;
+        let mut stored = 0;
+        let mut attempt = 0u32;
+        while stored < messages.len() {
+            let mut acks = Vec::with_capacity(messages.len() - stored);
+            let mut failure = None;
+            for m in &messages[stored..] {
+                let publish =
+                    jetstream::message::PublishMessage::build().payload(m.payload.clone()).headers(m.headers.clone());
+                match js.send_publish(m.subject.clone(), publish).await {
+                    Ok(ack) => acks.push(ack),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            for ack in acks {
+                match ack.await {
+                    Ok(ack) => {
+                        if ack.duplicate {
+                            self.inner.deduplicated.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(stream = %ack.stream, sequence = ack.sequence, "the server already had this event");
+                        }
+                        stored += 1;
+                    }
+                    Err(e) => {
+                        failure = failure.or(Some(e));
+                        break;
+                    }
+                }
+            }
+            let Some(e) = failure else { continue };
+            let m = &messages[stored];
+            let retry = matches!(
+                e.kind(),
+                PublishErrorKind::TimedOut
+                    | PublishErrorKind::BrokenPipe
+                    | PublishErrorKind::StreamNotFound
+                    | PublishErrorKind::MaxAckPending
+            );
+            if !retry {
+                return Err(TransportError::PublishRejected {
+                    transport: NAME,
+                    topic: m.topic.clone(),
+                    reason: e.to_string(),
+                });
+            }
+            attempt += 1;
+            if Instant::now() >= deadline {
+                return Err(unreachable(format!(
+                    "{}: publishing to `{}` failed for {:?} ({e}); nothing is lost by retrying: the event id deduplicates",
+                    self.inner.options.shown, m.subject, self.inner.options.publish_timeout
+                )));
+            }
+            tracing::debug!(subject = %m.subject, attempt, error = %e, "publish not acknowledged; trying again");
+            if e.kind() == PublishErrorKind::StreamNotFound {
+                // The server is back without the stream (or JetStream is still starting): make
+                // sure it exists before trying again.
+                lock(&self.inner.topics).remove(&m.topic);
+                if let Err(e) = self.topic(&m.topic).await {
+                    tracing::debug!(topic = %m.topic, error = %e, "the topic's stream is not there yet");
+                }
+            }
+            let pause = Duration::from_millis(50).saturating_mul(attempt.min(10)).min(deadline - Instant::now());
+            tokio::time::sleep(pause).await;
+        }
+        Ok(())
+    }
+
+    /// The message of an envelope: subject of its partition, CloudEvents headers, payload.
+    async fn outgoing(&self, envelope: &Envelope) -> Result<Outgoing, TransportError> {
+        let subject = self.subject_of(envelope).await?;
+        let stream = self.stream_name(&envelope.topic);
+        let mut headers = HeaderMap::new();
+        for (name, value) in envelope.headers(Binding::Nats) {
+            if value.contains(['\r', '\n']) {
+                return Err(TransportError::PublishRejected {
+                    transport: NAME,
+                    topic: envelope.topic.clone(),
+                    reason: format!(
+                        "the `{name}` attribute contains a line break, which a NATS header cannot carry: remove it from the key or correlation id"
+                    ),
+                });
+            }
+            headers.insert(name.as_str(), value);
+        }
+        headers.insert(NATS_MESSAGE_ID, envelope.id.to_string());
+        headers.insert(NATS_EXPECTED_STREAM, stream);
+        let size = message_size(&headers, envelope.data.len());
+        let limit = (self.inner.client.server_info().max_payload).saturating_sub(DEAD_LETTER_RESERVE);
+        if size > limit {
+            return Err(TransportError::PublishRejected {
+                transport: NAME,
+                topic: envelope.topic.clone(),
+                reason: format!(
+                    "`{}` is {size} bytes with its headers, over the {limit} this NATS server carries ({} max_payload, less {DEAD_LETTER_RESERVE} kept for dead-letter metadata): send a reference to large data instead",
+                    envelope.ty,
+                    self.inner.client.server_info().max_payload
+                ),
+            });
+        }
+        Ok(Outgoing {
+            topic: envelope.topic.clone(),
+            subject: Subject::from(subject),
+            headers,
+            payload: Bytes::from(envelope.data.clone()),
+        })
+    }
+}
+
+/// Asks the server's JetStream API for the account's limits: it answers only when JetStream
+/// runs for this account.
+async fn check_jetstream(client: &async_nats::Client) -> Result<(), String> {
+    let reply = client.request("$JS.API.INFO", Bytes::new()).await.map_err(|e| e.to_string())?;
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())?;
+    match answer.get("error") {
+        Some(error) => Err(error.get("description").and_then(|d| d.as_str()).unwrap_or("an error").to_owned()),
+        None => Ok(()),
+    }
+}
+
+/// One message to publish.
+struct Outgoing {
+    topic: String,
+    subject: Subject,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+/// What a message takes of the server's `max_payload`: headers as they go on the wire, and the
+/// payload.
+fn message_size(headers: &HeaderMap, payload: usize) -> usize {
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            values.iter().map(|v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4).sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n\r\n".len() + header_bytes + payload
+}
+
+fn storage_type(storage: Storage) -> StorageType {
+    match storage {
+        Storage::File => StorageType::File,
+        Storage::Memory => StorageType::Memory,
+    }
+}
+
+fn stream_missing(e: &async_nats::error::Error<GetStreamErrorKind>) -> bool {
+    matches!(e.kind(), GetStreamErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+fn create_code(e: &async_nats::error::Error<CreateStreamErrorKind>) -> Option<ErrorCode> {
+    match e.kind() {
+        CreateStreamErrorKind::JetStream(js) => Some(js.error_code()),
+        _ => None,
+    }
+}
+
+/// What differs between an existing stream and the configured one, in the settings eda owns.
+fn stream_change(existing: &stream::Config, wanted: &stream::Config) -> Option<String> {
+    // The server reports "no limit" as -1 (or 0 for an age); compare them as equal.
+    let limit = |n: i64| if n <= 0 { -1 } else { n };
+    let mut changes = Vec::new();
+    if existing.retention != wanted.retention {
+        changes.push(format!("retention {:?} → {:?}", existing.retention, wanted.retention));
+    }
+    if existing.storage != wanted.storage {
+        changes.push(format!("storage {:?} → {:?}", existing.storage, wanted.storage));
+    }
+    if existing.max_age != wanted.max_age {
+        changes.push(format!("max_age {:?} → {:?}", existing.max_age, wanted.max_age));
+    }
+    if limit(existing.max_bytes) != limit(wanted.max_bytes) {
+        changes.push(format!("max_bytes {} → {}", existing.max_bytes, wanted.max_bytes));
+    }
+    if limit(existing.max_messages) != limit(wanted.max_messages) {
+        changes.push(format!("max_messages {} → {}", existing.max_messages, wanted.max_messages));
+    }
+    if existing.num_replicas.max(1) != wanted.num_replicas.max(1) {
+        changes.push(format!("replicas {} → {}", existing.num_replicas, wanted.num_replicas));
+    }
+    if existing.duplicate_window != wanted.duplicate_window {
+        changes.push(format!("duplicate_window {:?} → {:?}", existing.duplicate_window, wanted.duplicate_window));
+    }
+    (!changes.is_empty()).then(|| changes.join(", "))
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn kind(&self) -> &'static str {
+        NAME
+    }
+
+    async fn publish(&self, envelope: &Envelope) -> Result<(), TransportError> {
+        let message = self.outgoing(envelope).await?;
+        self.publish_messages(std::slice::from_ref(&message)).await
+    }
+
+    async fn publish_all(&self, envelopes: &[Envelope]) -> Result<(), TransportError> {
+        let mut messages = Vec::with_capacity(envelopes.len());
+        for e in envelopes {
+            messages.push(self.outgoing(e).await?);
+        }
+        self.publish_messages(&messages).await
+    }
+
+    async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
+        let layout = self.topic(&subscription.topic).await?;
+        self.ensure_dead_letter_subject(&subscription.topic).await?;
+        consumer::subscribe(self.clone(), layout, subscription.group.clone()).await
+    }
+
+    async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
+        let Some(layout) = self.existing_topic(topic).await? else {
+            return Ok(vec![PartitionLag { partition: 0, lag: 0 }]);
+        };
+        let stream = self.inner.js.get_stream_no_info(&layout.stream).await.map_err(other)?;
+        let infos = futures_util::future::join_all(
+            (0..layout.partitions).map(|p| stream.consumer_info(Self::consumer_name(group, p))),
+        )
+        .await;
+        let mut lags = Vec::with_capacity(infos.len());
+        let mut missing = Vec::new();
+        for (p, info) in (0..layout.partitions).zip(infos) {
+            match info {
+                Ok(info) => {
+                    lags.push(PartitionLag { partition: p, lag: info.num_pending + info.num_ack_pending as u64 })
+                }
+                Err(e) if consumer::consumer_missing(&e) => missing.push(p),
+                Err(e) => return Err(other(e)),
+            }
+        }
+        if !missing.is_empty() {
+            // The group has not subscribed yet: everything the partition holds is waiting for it.
+            let filter = format!("{}.{topic}.*", self.inner.options.namespace);
+            let counts: HashMap<String, usize> =
+                stream.info_with_subjects(filter).await.map_err(other)?.try_collect().await.map_err(other)?;
+            for p in missing {
+                let lag = counts.get(&self.subject(topic, p)).copied().unwrap_or(0) as u64;
+                lags.push(PartitionLag { partition: p, lag });
+            }
+            lags.sort_by_key(|l| l.partition);
+        }
+        Ok(lags)
+    }
+
+    async fn close(&self) -> Result<(), TransportError> {
+        // Acks and naks already given leave the client's buffer; the connection stays for
+        // other users of this transport.
+        self.inner.client.flush().await.map_err(other)
+    }
+
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_keep_dotted_and_underscored_names_apart() {
+        assert_eq!(name_part("orders"), "orders");
+        assert_eq!(name_part("inventory-service"), "inventory-service");
+        assert_ne!(name_part("orders.confirmed"), name_part("orders_confirmed"));
+        assert!(name_part("orders.confirmed").starts_with("orders_confirmed-"));
+        assert_eq!(NatsTransport::consumer_name("billing", 3), "billing_3");
+    }
+
+    #[test]
+    fn stream_changes_ignore_the_servers_spelling_of_no_limit() {
+        let wanted = stream::Config { max_bytes: -1, max_messages: -1, num_replicas: 1, ..Default::default() };
+        let existing = stream::Config { max_bytes: -1, max_messages: 0, num_replicas: 1, ..Default::default() };
+        assert_eq!(stream_change(&existing, &wanted), None);
+        let older = stream::Config { max_age: Duration::from_secs(60), ..existing };
+        assert!(stream_change(&older, &wanted).is_some_and(|c| c.contains("max_age")));
+    }
+}
