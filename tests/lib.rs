@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eda::sql::{SqlOptions, SqlTransport};
+use eda::transport::nats::{NatsOptions, NatsTransport};
 use eda::transport::MemoryTransport;
 use eda::{DeadLetter, DeadLetterStore, Transport};
 
@@ -18,6 +19,8 @@ pub enum Kind {
     Sqlite,
     /// `postgres://` with tables of its own (a fresh prefix) in the test database
     Postgres,
+    /// `nats://` with streams of its own (a fresh namespace) on the test server
+    Nats,
 }
 
 /// One transport under test, with what the tests need to look into it.
@@ -27,6 +30,7 @@ pub struct Bus {
     transport: Arc<dyn Transport>,
     dead: Arc<dyn DeadLetterStore>,
     _db: Option<TestDb>,
+    nats: Option<NatsTransport>,
 }
 
 impl Bus {
@@ -35,13 +39,57 @@ impl Bus {
         let db = match kind {
             Kind::Memory => {
                 let t = MemoryTransport::new();
-                return Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), _db: None };
+                return Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), _db: None, nats: None };
+            }
+            Kind::Nats => {
+                let t = nats_options().namespace(fresh_namespace()).connect().await.unwrap_or_else(|e| {
+                    panic!("NATS with JetStream is needed at {} (tests/run.sh starts it): {e}", nats_url())
+                });
+                return Self {
+                    kind,
+                    transport: Arc::new(t.clone()),
+                    dead: Arc::new(t.clone()),
+                    _db: None,
+                    nats: Some(t),
+                };
             }
             Kind::Sqlite => TestDb::new(false).await,
             Kind::Postgres => TestDb::new(true).await,
         };
         let t = db.open().await;
-        Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), _db: Some(db) }
+        Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), _db: Some(db), nats: None }
+    }
+
+    /// What removes the test's broker state (its NATS streams) once the test is done.
+    pub fn cleanup(&self) -> Cleanup {
+        Cleanup(self.nats.clone())
+    }
+
+    /// True when the broker itself drops a second publication of an event id (NATS'
+    /// `Nats-Msg-Id` deduplication), so a republished envelope is not delivered again.
+    pub fn deduplicates_publications(&self) -> bool {
+        self.nats.is_some()
+    }
+
+    /// Publishes `envelope` once more where the broker cannot recognise it as a duplicate (on
+    /// NATS: under another `Nats-Msg-Id`, as a producer retrying after the duplicate window
+    /// would); elsewhere it does nothing, as a republish already arrives twice there.
+    pub async fn publish_past_deduplication(&self, envelope: &eda::Envelope) {
+        let Some(nats) = &self.nats else { return };
+        let subject = nats.subject_of(envelope).await.expect("the topic's subject");
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in envelope.headers(eda::Binding::Nats) {
+            headers.insert(name.as_str(), value);
+        }
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{}-after-the-window", envelope.id));
+        let js = async_nats::jetstream::new(nats.client().clone());
+        let payload = bytes::Bytes::from(envelope.data.clone());
+        js.publish_with_headers(subject, headers, payload).await.expect("publish").await.expect("stored");
+    }
+
+    /// How many publications the broker dropped as duplicates (0 where it does not deduplicate).
+    pub fn deduplicated_publications(&self) -> u64 {
+        self.nats.as_ref().map_or(0, NatsTransport::deduplicated)
     }
 
     /// The transport, to give to runtimes.
@@ -58,6 +106,119 @@ impl Bus {
     /// Total lag of `group` on `topic`.
     pub async fn lag(&self, group: &str, topic: &str) -> u64 {
         self.transport.lag(group, topic).await.expect("lag").iter().map(|p| p.lag).sum()
+    }
+}
+
+/// Removes what a test left on a broker (see [`Bus::cleanup`]).
+pub struct Cleanup(Option<NatsTransport>);
+
+impl Cleanup {
+    /// Deletes the test's streams.
+    pub async fn run(self) {
+        if let Some(nats) = self.0 {
+            nats.delete_namespace().await.expect("the test's NATS streams can be deleted");
+        }
+    }
+}
+
+/// The NATS server the tests use: `EDA_TEST_NATS_URL`, or the local one.
+pub fn nats_url() -> String {
+    std::env::var("EDA_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// NATS settings for tests: a short ack wait, so an event whose settlement was lost (a
+/// server restart) comes back quickly.
+pub fn nats_options() -> NatsOptions {
+    NatsOptions::new(nats_url()).ack_wait(Duration::from_secs(3)).max_age(Some(Duration::from_secs(3600)))
+}
+
+/// A NATS namespace no other test uses.
+pub fn fresh_namespace() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A nats-server of a test's own: the machine's binary on a free port, with a store in a
+/// temporary directory, so a test can stop, kill and restart it without touching the shared
+/// server.
+pub struct NatsServer {
+    binary: std::path::PathBuf,
+    port: u16,
+    args: Vec<String>,
+    store: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    /// Starts one with JetStream.
+    pub fn start() -> Self {
+        Self::start_with(&["-js"])
+    }
+
+    /// Starts one with these extra arguments.
+    pub fn start_with(args: &[&str]) -> Self {
+        let binary = std::env::var_os("EDA_TEST_NATS_SERVER")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                let path = std::env::var_os("PATH")?;
+                std::env::split_paths(&path).map(|d| d.join("nats-server")).find(|p| p.is_file())
+            })
+            .or_else(|| Some(std::path::PathBuf::from("/usr/sbin/nats-server")).filter(|p| p.is_file()))
+            .expect("this test runs its own nats-server: install it (Debian package nats-server) or set EDA_TEST_NATS_SERVER");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut server =
+            Self { binary, port, args, store: tempfile::tempdir().expect("a store directory"), child: None };
+        server.run();
+        server
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again).
+    pub fn run(&mut self) {
+        let child = std::process::Command::new(&self.binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.store.path())
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} starts: {e}", self.binary.display()));
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the test's nats-server did not open port {}", self.port);
+    }
+
+    /// Stops the server with `signal` (`-TERM`, `-KILL`) and waits until it is gone.
+    pub fn stop(&mut self, signal: &str) {
+        let Some(mut child) = self.child.take() else { return };
+        let status =
+            std::process::Command::new("kill").args([signal, &child.id().to_string()]).status().expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+        child.wait().expect("the server exits");
+    }
+
+    /// Stops it with `signal` and starts it again on the same port and store.
+    pub fn restart(&mut self, signal: &str) {
+        self.stop(signal);
+        self.run();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -144,27 +305,20 @@ pub async fn postgres_url() -> String {
 #[macro_export]
 macro_rules! on_every_transport {
     ($($test:ident),* $(,)?) => {
-        mod memory {
+        $crate::on_every_transport!(@kind memory Memory $($test),*);
+        $crate::on_every_transport!(@kind sqlite Sqlite $($test),*);
+        $crate::on_every_transport!(@kind postgres Postgres $($test),*);
+        $crate::on_every_transport!(@kind nats Nats $($test),*);
+    };
+    (@kind $module:ident $kind:ident $($test:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test($crate::Bus::new($crate::Kind::Memory).await).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test($crate::Bus::new($crate::Kind::Sqlite).await).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test($crate::Bus::new($crate::Kind::Postgres).await).await
+                    let bus = $crate::Bus::new($crate::Kind::$kind).await;
+                    let cleanup = bus.cleanup();
+                    super::$test(bus).await;
+                    cleanup.run().await;
                 }
             )*
         }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit, doc, UI (trybuild), end-to-end and process
 # tests. It starts what the tests need and fails loudly when it cannot: PostgreSQL on
-# 127.0.0.1:5432 (trust auth), for the PostgreSQL log.
+# 127.0.0.1:5432 (trust auth), for the PostgreSQL log, and NATS with JetStream on
+# 127.0.0.1:4222, for the NATS transport.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,27 @@ fi
 # A fresh database for every run: each test makes its own tables in it, under its own prefix.
 psql -h 127.0.0.1 -U postgres -d postgres -v ON_ERROR_STOP=1 -q \
     -c "DROP DATABASE IF EXISTS eda_test WITH (FORCE)" -c "CREATE DATABASE eda_test"
+
+step "NATS with JetStream on 127.0.0.1:4222"
+nats_up() { (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; }
+if ! nats_up; then
+    echo "NATS is not accepting connections; starting it"
+    if command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; then
+        server=$(command -v nats-server || echo /usr/sbin/nats-server)
+        mkdir -p /var/lib/nats-server
+        start-stop-daemon --start --oknodo --background --exec "$server" -- \
+            -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log || true
+        for _ in $(seq 1 30); do
+            nats_up && break
+            sleep 1
+        done
+    fi
+fi
+if ! nats_up; then
+    echo "NATS with JetStream is needed on 127.0.0.1:4222 (nats-server -js); start it and run again" >&2
+    exit 1
+fi
+echo "accepting connections"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
