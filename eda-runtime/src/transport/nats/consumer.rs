@@ -218,13 +218,16 @@ impl Worker {
 
     /// Pulls until the subscription is dropped.
     async fn pull(&self, inbox_sub: &mut async_nats::Subscriber, inbox: &str) {
-        let client = &self.transport.inner.client;
-        let next = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.layout.stream, self.consumer);
-        let request = Bytes::from(format!(
-            r#"{{"batch":1,"expires":{},"idle_heartbeat":{}}}"#,
-            PULL_EXPIRES.as_nanos(),
-            PULL_HEARTBEAT.as_nanos()
-        ));
+        let request = PullRequest {
+            client: self.transport.inner.client.clone(),
+            subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.layout.stream, self.consumer).into(),
+            inbox: inbox.to_owned().into(),
+            body: Bytes::from(format!(
+                r#"{{"batch":1,"expires":{},"idle_heartbeat":{}}}"#,
+                PULL_EXPIRES.as_nanos(),
+                PULL_HEARTBEAT.as_nanos()
+            )),
+        };
         let mut connections = self.transport.inner.connections.clone();
         connections.borrow_and_update();
         let mut requested = false;
@@ -235,7 +238,7 @@ impl Worker {
                 return;
             }
             if !requested {
-                if let Err(e) = client.publish_with_reply(next.clone(), inbox.to_owned(), request.clone()).await {
+                if let Err(e) = request.send().await {
                     failures += 1;
                     tracing::warn!(consumer = %self.consumer, error = %e, "cannot send a pull request; trying again");
                     tokio::time::sleep(pause(failures)).await;
@@ -270,11 +273,12 @@ impl Worker {
             match message.status {
                 None | Some(StatusCode::OK) => {
                     failures = 0;
-                    if let Some(held) = self.hold(message) {
-                        self.take(held).await;
-                    }
-                    // A batch of one: that request is done.
-                    requested = false;
+                    // A batch of one: that request is done; settling may have sent the next.
+                    requested = match self.hold(message) {
+                        Some(held) => self.take(held, &request).await,
+                        None => false,
+                    };
+                    quiet_until = Instant::now() + PULL_HEARTBEAT * 3;
                 }
                 Some(StatusCode::IDLE_HEARTBEAT) => {}
                 Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => requested = false,
@@ -330,8 +334,9 @@ impl Worker {
         }
     }
 
-    /// Hands a delivery to the runtime and settles it as the runtime says.
-    async fn take(&self, held: Held) {
+    /// Hands a delivery to the runtime and settles it as the runtime says. Returns true when it
+    /// already asked for the next message.
+    async fn take(&self, held: Held, request: &PullRequest) -> bool {
         let o = &self.transport.inner.options;
         if held.delivered > o.max_deliver {
             let reason = DeadLetterReason {
@@ -344,7 +349,7 @@ impl Worker {
                 permanent: false,
             };
             self.dead_letter_now(&held, reason, held.delivered - 1).await;
-            return;
+            return false;
         }
         let envelope = {
             let headers = held.message.headers.iter().flat_map(|h| h.iter());
@@ -362,7 +367,7 @@ impl Worker {
                     permanent: true,
                 };
                 self.dead_letter_now(&held, reason, held.delivered).await;
-                return;
+                return false;
             }
         };
         let (settle, mut settled) = oneshot::channel();
@@ -376,7 +381,7 @@ impl Worker {
                     Ok(slot) => break slot,
                     Err(_) => {
                         held.nak(Duration::ZERO).await;
-                        return;
+                        return false;
                     }
                 },
                 _ = keep_alive.tick() => held.in_progress().await,
@@ -386,27 +391,41 @@ impl Worker {
         loop {
             tokio::select! {
                 how = &mut settled => {
-                    match how {
+                    return match how {
+                        Ok((Settle::Ack, reply)) if !self.tx.is_closed() => {
+                            // Ask for the next message while the ack is confirmed: the server
+                            // holds the request until the ack frees the partition.
+                            let (acked, asked) = tokio::join!(self.ack(&held), request.send());
+                            let _ = reply.send(acked);
+                            asked.is_ok()
+                        }
                         Ok((how, reply)) => {
                             let result = self.settle(&held, how).await;
                             let _ = reply.send(result);
+                            false
                         }
                         // Dropped unsettled: the consumer stopped or died with it.
-                        Err(_) => held.nak(Duration::ZERO).await,
-                    }
-                    return;
+                        Err(_) => {
+                            held.nak(Duration::ZERO).await;
+                            false
+                        }
+                    };
                 }
                 _ = keep_alive.tick() => held.in_progress().await,
             }
         }
     }
 
+    async fn ack(&self, held: &Held) -> Result<(), TransportError> {
+        held.message.double_ack().await.map_err(|e| TransportError::Unreachable {
+            transport: NAME,
+            reason: format!("the server did not confirm an ack: {e}"),
+        })
+    }
+
     async fn settle(&self, held: &Held, how: Settle) -> Result<(), TransportError> {
         match how {
-            Settle::Ack => held.message.double_ack().await.map_err(|e| TransportError::Unreachable {
-                transport: NAME,
-                reason: format!("the server did not confirm an ack: {e}"),
-            }),
+            Settle::Ack => self.ack(held).await,
             Settle::Nak(delay) => {
                 held.nak(self.nak_delay(delay, held.delivered)).await;
                 Ok(())
@@ -453,6 +472,20 @@ impl Worker {
         if let Err(e) = self.dead_letter(held, &reason, attempts).await {
             tracing::warn!(group = %self.group, error = %e, "could not dead-letter a message; it comes again");
         }
+    }
+}
+
+/// A pull request for one message, to one worker's inbox.
+struct PullRequest {
+    client: async_nats::Client,
+    subject: async_nats::Subject,
+    inbox: async_nats::Subject,
+    body: Bytes,
+}
+
+impl PullRequest {
+    async fn send(&self) -> Result<(), async_nats::PublishError> {
+        self.client.publish_with_reply(self.subject.clone(), self.inbox.clone(), self.body.clone()).await
     }
 }
 
