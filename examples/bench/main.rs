@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p eda-examples --bin bench -- \
-//!     [--transport memory,sqlite,postgres,postgres-outbox] [--events N] [--payload BYTES] \
+//!     [--transport memory,sqlite,postgres,postgres-outbox,nats] [--events N] [--payload BYTES] \
 //!     [--in-flight N] [--groups 1..4] [--rounds N] [--json]
 //! ```
 //!
@@ -15,12 +15,19 @@
 //!   inserts and selects (a log table, an inbox, an effects table, an outbox, an offset).
 //! - `postgres-outbox`: N events already in a PostgreSQL outbox; eda's relay carries them to an
 //!   in-memory target, beside a plain `FOR UPDATE SKIP LOCKED` relay doing the same.
+//! - `nats`: eda on NATS JetStream (16 partitions, per-key order across instances, the
+//!   idempotency guard, each handling emitting an event), beside raw async-nats doing the same
+//!   on the same server: a stream with one subject per partition, a durable pull consumer per
+//!   partition with `max_ack_pending` 1 pulling one message at a time, a dedupe set, and a
+//!   confirmed publish of what it emits and a confirmed ack per message. `nats-drain` does the
+//!   same with the N events published first (pipelined), and times only their handling.
 //! - `sqlite-backlog`, `postgres-backlog`: N events (1,000,000 by default) waiting in the log;
 //!   a consumer works through them for `--seconds` (10 by default). It reports the rate and the
 //!   peak RSS, which the in-flight limit bounds whatever the backlog.
 //!
 //! PostgreSQL runs use `EDA_BENCH_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
-//! and tables under a fresh prefix.
+//! and tables under a fresh prefix; NATS runs `EDA_BENCH_NATS_URL` (default
+//! `nats://127.0.0.1:4222`) and streams under a fresh namespace, deleted afterwards.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,8 +35,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use eda::sql::{sqlx, Relay, SqlOptions, SqlTransport};
-use eda::transport::MemoryTransport;
+use eda::transport::nats::{NatsOptions, NatsTransport};
+use eda::transport::{partition_of, MemoryTransport};
 use eda::{event, handler, Ctx, Handler as _, Registry, Runtime, Transport};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 #[event(topic = "bench", key = key)]
@@ -127,11 +136,20 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     for t in &args.transports {
-        if !["memory", "sqlite", "postgres", "postgres-outbox", "sqlite-backlog", "postgres-backlog"]
-            .contains(&t.as_str())
+        if ![
+            "memory",
+            "sqlite",
+            "postgres",
+            "postgres-outbox",
+            "nats",
+            "nats-drain",
+            "sqlite-backlog",
+            "postgres-backlog",
+        ]
+        .contains(&t.as_str())
         {
             return Err(format!(
-                "unknown transport `{t}`: use memory, sqlite, postgres, postgres-outbox, sqlite-backlog or postgres-backlog"
+                "unknown transport `{t}`: use memory, sqlite, postgres, postgres-outbox, nats, nats-drain, sqlite-backlog or postgres-backlog"
             ));
         }
     }
@@ -546,6 +564,164 @@ async fn raw_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
     })
 }
 
+fn nats_url() -> String {
+    std::env::var("EDA_BENCH_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// How many partitions both NATS runs use.
+const NATS_PARTITIONS: u32 = 16;
+
+fn nats_namespace() -> String {
+    format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+async fn eda_nats(a: &Args, n: u64, drain: bool) -> Result<Sample, BoxError> {
+    let nats = NatsOptions::new(nats_url()).namespace(nats_namespace()).partitions(NATS_PARTITIONS).connect().await?;
+    let sample =
+        if drain { eda_drain(nats.clone(), a, n).await } else { eda_run(Arc::new(nats.clone()), None, a, n).await };
+    nats.delete_namespace().await?;
+    sample
+}
+
+/// eda: `n` events already waiting on the transport; handle them in `groups` groups.
+async fn eda_drain(transport: NatsTransport, a: &Args, n: u64) -> Result<Sample, BoxError> {
+    let body = "x".repeat(a.payload);
+    let start = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let envelopes = chunk
+            .iter()
+            .map(|seq| Ok(eda::Envelope::root("bench", eda::PendingEvent::new(&tick(*seq, &body))?, None)))
+            .collect::<Result<Vec<_>, eda::CodecError>>()?;
+        transport.publish_all(&envelopes).await?;
+    }
+    let published = start.elapsed();
+    let all = [handle_1::descriptor(), handle_2::descriptor(), handle_3::descriptor(), handle_4::descriptor()];
+    let mut registry = Registry::builder().publishes::<Tick>();
+    for d in all.into_iter().take(a.groups) {
+        registry = registry.descriptor(d);
+    }
+    let sink = Arc::new(Sink { handled: AtomicU64::new(0), latencies_us: Mutex::default(), insert_effect: None });
+    let start = Instant::now();
+    let runtime = Runtime::builder(registry.build())
+        .shared_state(sink.clone())
+        .transport(transport)
+        .max_in_flight(a.in_flight)
+        .journal_capacity(0)
+        .start()
+        .await?;
+    wait_for(|| sink.handled.load(Ordering::Relaxed), n * a.groups as u64, "eda").await?;
+    let total = start.elapsed();
+    runtime.shutdown().await;
+    Ok(Sample {
+        publish_eps: n as f64 / published.as_secs_f64(),
+        e2e_eps: n as f64 / total.as_secs_f64(),
+        latencies_us: vec![],
+    })
+}
+
+/// Raw async-nats doing what eda does on NATS, with the same guarantees: per-key order across
+/// instances (a subject and a `max_ack_pending` 1 consumer per partition), a dedupe set,
+/// confirmed publishes of the event and of what each handling emits, confirmed acks. With
+/// `drain`, the events are published first and only the handling is timed.
+async fn raw_nats(a: &Args, n: u64, drain: bool) -> Result<Sample, BoxError> {
+    use async_nats::jetstream::{self, consumer, stream};
+    let client = async_nats::connect(nats_url()).await?;
+    let js = jetstream::new(client);
+    let ns = nats_namespace();
+    let subjects = |topic: &str| (0..NATS_PARTITIONS).map(|p| format!("{ns}.{topic}.{p}")).collect::<Vec<_>>();
+    let (ticks, tocks) = (format!("{ns}_ticks"), format!("{ns}_tocks"));
+    js.create_stream(stream::Config { name: ticks.clone(), subjects: subjects("bench"), ..Default::default() }).await?;
+    js.create_stream(stream::Config { name: tocks.clone(), subjects: subjects("bench-out"), ..Default::default() })
+        .await?;
+    let body = "x".repeat(a.payload);
+    let publish = |seq: u64| {
+        let t = tick(seq, &body);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string());
+        // The same placement as eda's, so both runs spread the keys alike.
+        let subject = format!("{ns}.bench.{}", partition_of(&t.key.to_string(), NATS_PARTITIONS));
+        let js = js.clone();
+        async move {
+            let payload = serde_json::to_vec(&t)?;
+            Ok::<_, BoxError>(js.publish_with_headers(subject, headers, payload.into()).await?)
+        }
+    };
+    let start = Instant::now();
+    if drain {
+        for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for seq in chunk {
+                acks.push(publish(*seq).await?);
+            }
+            for ack in acks {
+                ack.await?;
+            }
+        }
+    }
+    let prefilled = start.elapsed();
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let handled = Arc::new(AtomicU64::new(0));
+    let mut consumers = Vec::new();
+    let start = Instant::now();
+    for g in 0..a.groups {
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        for p in 0..NATS_PARTITIONS {
+            let stream = js.get_stream(&ticks).await?;
+            let consumer = stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(format!("g{g}_{p}")),
+                    filter_subject: format!("{ns}.bench.{p}"),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    max_ack_pending: 1,
+                    ..Default::default()
+                })
+                .await?;
+            let (js, ns, seen, latencies, handled) =
+                (js.clone(), ns.clone(), seen.clone(), latencies.clone(), handled.clone());
+            consumers.push(tokio::spawn(async move {
+                let mut messages = consumer.stream().max_messages_per_batch(1).messages().await?;
+                while let Some(message) = messages.next().await {
+                    let message = message?;
+                    let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
+                    let tick: Tick = serde_json::from_slice(&message.payload)?;
+                    if seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
+                        let out = serde_json::to_vec(&Tocked { seq: tick.seq, key: tick.key })?;
+                        let partition = partition_of(&tick.key.to_string(), NATS_PARTITIONS);
+                        let subject = format!("{ns}.bench-out.{partition}");
+                        js.publish(subject, out.into()).await?.await?;
+                    }
+                    message.double_ack().await?;
+                    if !drain {
+                        let latency = now_us().saturating_sub(tick.sent_us);
+                        latencies.lock().unwrap_or_else(|p| p.into_inner()).push(latency);
+                    }
+                    handled.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<(), BoxError>(())
+            }));
+        }
+    }
+    if !drain {
+        for seq in 0..n {
+            publish(seq).await?.await?;
+        }
+    }
+    let published = if drain { prefilled } else { start.elapsed() };
+    wait_for(|| handled.load(Ordering::Relaxed), n * a.groups as u64, "raw nats").await?;
+    let total = start.elapsed();
+    for c in &consumers {
+        c.abort();
+    }
+    js.delete_stream(&ticks).await?;
+    js.delete_stream(&tocks).await?;
+    let latencies_us = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(Sample {
+        publish_eps: n as f64 / published.as_secs_f64(),
+        e2e_eps: n as f64 / total.as_secs_f64(),
+        latencies_us,
+    })
+}
+
 /// A large backlog in the log, and a consumer working through it for a while: memory stays
 /// bounded by the in-flight limit, not by the backlog.
 async fn backlog(postgres: bool, a: &Args) -> Result<String, BoxError> {
@@ -592,6 +768,7 @@ async fn measure(transport: &str, a: &Args) -> Result<(u64, &'static str, Summar
     let default_events = match transport {
         "memory" => 50_000,
         "postgres-outbox" => 5_000,
+        "nats-drain" => 10_000,
         _ => 2_000,
     };
     let n = a.events.unwrap_or(default_events);
@@ -606,6 +783,10 @@ async fn measure(transport: &str, a: &Args) -> Result<(u64, &'static str, Summar
                 ("sqlite", false) => raw_sql(false, a, n).await?,
                 ("postgres", true) => eda_sql(true, a, n).await?,
                 ("postgres", false) => raw_sql(true, a, n).await?,
+                ("nats", true) => eda_nats(a, n, false).await?,
+                ("nats", false) => raw_nats(a, n, false).await?,
+                ("nats-drain", true) => eda_nats(a, n, true).await?,
+                ("nats-drain", false) => raw_nats(a, n, true).await?,
                 (_, true) => eda_relay(a, n).await?,
                 (_, false) => raw_relay(a, n).await?,
             };
@@ -619,6 +800,8 @@ async fn measure(transport: &str, a: &Args) -> Result<(u64, &'static str, Summar
     let scenario = match transport {
         "memory" => "in-process dispatch with guard",
         "postgres-outbox" => "relay outbox -> memory",
+        "nats" => "ordered pull, guard, emit, ack",
+        "nats-drain" => "the same, from a backlog",
         _ => "log + inbox + effect + outbox",
     };
     Ok((n, scenario, summarize(&eda), summarize(&raw)))
@@ -632,18 +815,20 @@ async fn main() {
             if !e.is_empty() {
                 eprintln!("error: {e}");
             }
-            eprintln!("usage: bench [--transport memory,sqlite,postgres,postgres-outbox] [--events N] [--payload BYTES] [--in-flight N] [--groups 1..4] [--rounds N] [--json]");
+            eprintln!("usage: bench [--transport memory,sqlite,postgres,postgres-outbox,nats,nats-drain] [--events N] [--payload BYTES] [--in-flight N] [--groups 1..4] [--rounds N] [--json]");
             std::process::exit(2);
         }
     };
     sqlx::any::install_default_drivers();
     if !args.json && args.transports.iter().any(|t| !t.ends_with("-backlog")) {
         println!(
-            "{:<16} {:<32} {:>7} {:>7} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "{:<16} {:<32} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8}",
             "transport",
             "scenario",
             "events",
             "payload",
+            "eda pub/s",
+            "raw pub/s",
             "eda ev/s",
             "raw ev/s",
             "ratio",
@@ -683,11 +868,13 @@ async fn main() {
                     println!("{line}");
                 } else {
                     println!(
-                        "{:<16} {:<32} {:>7} {:>7} {:>10.0} {:>10.0} {:>6.2} {:>7}us {:>7}us {:>7}us {:>7}us {:>8.1}",
+                        "{:<16} {:<32} {:>7} {:>7} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>6.2} {:>7}us {:>7}us {:>7}us {:>7}us {:>8.1}",
                         transport,
                         scenario,
                         n,
                         args.payload,
+                        eda.publish_eps,
+                        raw.publish_eps,
                         eda.e2e_eps,
                         raw.e2e_eps,
                         ratio,

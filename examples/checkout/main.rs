@@ -1,7 +1,8 @@
 //! Runs the checkout saga: three orders (fulfilled, stock short, card declined) and one
 //! duplicate delivery, then prints each saga's trace.
 //!
-//! `checkout` runs it on `EDA_URL` (default `sqlite://checkout.db`, the embedded durable log);
+//! `checkout` runs it on `EDA_URL` (default `sqlite://checkout.db`, the embedded durable log;
+//! `memory://`, `postgres://…` and `nats://127.0.0.1:4222` work the same);
 //! `checkout graph` prints the choreography as Mermaid; `checkout dlq list|show|replay|purge`
 //! works on the dead letters. With `EDA_METRICS_ADDR=127.0.0.1:9464` it serves Prometheus
 //! metrics there and, once the orders have settled, keeps serving them until ctrl-c.
@@ -66,6 +67,9 @@ async fn main() -> eda::Result<()> {
         "handled {}, duplicates absorbed {}, retried {}, dead-lettered {}",
         stats.handled, stats.duplicates, stats.retried, stats.dead_lettered
     );
+    if run.runtime.transport().kind() == "nats" {
+        println!("(on NATS the producer's retry never reaches the guards: the server drops a second publication of an event id within its duplicate window)");
+    }
     if let Some(addr) = run.runtime.metrics_addr() {
         println!("serving metrics on http://{addr}/metrics; ctrl-c stops");
         tokio::signal::ctrl_c().await.map_err(eda::Error::Signal)?;
