@@ -13,6 +13,10 @@
 //! poison is dead-lettered. `eda-test-node dlq <url> <prefix> <dlq command…>` runs eda's
 //! dead-letter commands with that same handler.
 //! `<prefix>` prefixes every table, eda's and the test's, so tests can share a database.
+//! With `EDA_TEST_BROKER=nats://…` set, `publish` and `consume` run on that broker instead, and
+//! the database at `<url>` becomes the inbox and outbox beside it (`.outbox(db)`): guard
+//! records, effects and emitted events commit together there, and the relay carries the
+//! emitted events to the broker.
 
 use std::time::Duration;
 
@@ -140,10 +144,16 @@ async fn main() -> eda::Result<()> {
     let url: String = arg(&args, 2, "a sqlite:// or postgres:// URL")?;
     let prefix: String = arg(&args, 3, "a table prefix")?;
     let (transport, tables) = transport(&url, &prefix).await?;
+    // The database is the log itself, or the inbox and outbox beside a broker.
+    let broker = std::env::var("EDA_TEST_BROKER").ok();
+    let on = |builder: eda::RuntimeBuilder, db: eda::sql::SqlTransport| match &broker {
+        Some(url) => builder.transport_url(url).outbox(db),
+        None => builder.transport(db),
+    };
     match mode.as_str() {
         "publish" => {
             let (count, first): (u32, u32) = (arg(&args, 4, "a count")?, arg(&args, 5, "the first number")?);
-            let runtime = Runtime::builder(Registry::default()).transport(transport).start().await?;
+            let runtime = on(Runtime::builder(Registry::default()), transport).start().await?;
             let publisher = runtime.publisher();
             for n in first..first + count {
                 publisher.publish(&Work { n, key: n % 50 }).await?;
@@ -155,8 +165,7 @@ async fn main() -> eda::Result<()> {
             let expected: i64 = arg(&args, 4, "the number of tallies to wait for")?;
             let pool = transport.pool().clone();
             let count = tables.count_tallies.clone();
-            let runtime =
-                Runtime::builder(registry()).state(tables).transport(transport).max_in_flight(16).start().await?;
+            let runtime = on(Runtime::builder(registry()).state(tables), transport).max_in_flight(16).start().await?;
             let done = async {
                 loop {
                     let tallies: i64 = sqlx::query_scalar(&count).fetch_one(&pool).await.unwrap_or(0);
