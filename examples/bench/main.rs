@@ -685,16 +685,17 @@ async fn raw_nats(a: &Args, n: u64, drain: bool) -> Result<Sample, BoxError> {
                     let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
                     let tick: Tick = serde_json::from_slice(&message.payload)?;
                     if seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
+                        // Where eda's handler records it: before the emitted event and the ack.
+                        if !drain {
+                            let latency = now_us().saturating_sub(tick.sent_us);
+                            latencies.lock().unwrap_or_else(|p| p.into_inner()).push(latency);
+                        }
                         let out = serde_json::to_vec(&Tocked { seq: tick.seq, key: tick.key })?;
                         let partition = partition_of(&tick.key.to_string(), NATS_PARTITIONS);
                         let subject = format!("{ns}.bench-out.{partition}");
                         js.publish(subject, out.into()).await?.await?;
                     }
                     message.double_ack().await?;
-                    if !drain {
-                        let latency = now_us().saturating_sub(tick.sent_us);
-                        latencies.lock().unwrap_or_else(|p| p.into_inner()).push(latency);
-                    }
                     handled.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok::<(), BoxError>(())
