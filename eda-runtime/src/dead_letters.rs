@@ -88,6 +88,17 @@ pub(crate) async fn replay(
             dead.group, dead.id
         )));
     }
+    // A type the group has no handler for would be acknowledged as not its business, and the
+    // dead letter dropped: refuse instead (an unknown version of a handled event still goes
+    // through, and is dead-lettered again until its handler is deployed).
+    let ty = &dead.letter.envelope.ty;
+    let name = dead.letter.envelope.name_and_version().map(|(name, _)| name);
+    if !group.iter().any(|h| h.event.ce_type == ty || Some(h.event.name) == name) {
+        return Err(Error::Config(format!(
+            "dead letter {} is a `{ty}` event, which no handler of group `{}` takes: replaying it would only drop it; `dlq show {}` shows it, `dlq purge {}` removes it",
+            dead.id, dead.group, dead.id, dead.id
+        )));
+    }
     let settled = Arc::new(Mutex::new(None));
     let acker = ReplayAcker { settled: settled.clone(), store };
     let delivery = Delivery::new(dead.letter.envelope.clone(), 1, 0, Box::new(acker));

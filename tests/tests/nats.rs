@@ -138,6 +138,10 @@ async fn a_message_that_is_not_an_eda_event_is_dead_lettered_as_it_came_and_the_
     assert_eq!(copy.headers.get("X-Producer").map(|v| v.as_str()), Some("legacy"));
     assert_eq!(copy.headers.get("eda-dlq-group").map(|v| v.as_str()), Some("shipping"));
 
+    // Replaying it would only drop it: no handler of the group takes it.
+    let replay = rt.replay(dead[0].id, false).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(replay.contains("replaying it would only drop it") && replay.contains("dlq purge"), "{replay}");
+    assert_eq!(rt.dead_letters(None).await.expect("dead letters").len(), 1, "still kept");
     assert!(rt.purge(dead[0].id).await.expect("purge"));
     assert!(!rt.purge(dead[0].id).await.expect("purge again"), "purged once");
     assert!(rt.dead_letters(None).await.expect("dead letters").is_empty());
