@@ -21,8 +21,8 @@ use tracing::Instrument;
 use crate::journal::{EntryKind, Journal};
 use crate::retry::RetryPolicy;
 
-/// How long a delivery waits before it is tried again when its guard or its saga step is
-/// held by another handling.
+/// How long a delivery waits at least before it is tried again when its guard or its saga step
+/// is held by another handling.
 const BUSY_DELAY: Duration = Duration::from_millis(50);
 
 /// Settings of the consumers.
@@ -380,7 +380,19 @@ impl<'a> Job<'a> {
 
     fn store_unavailable(&self, error: &dyn std::fmt::Display) -> Disposition {
         tracing::warn!(handler = %self.name, %error, "store unavailable; the event will be delivered again");
-        Disposition::Redeliver(self.shared.config.retry.backoff(2))
+        self.again_later(Duration::ZERO)
+    }
+
+    /// Back to the transport, to come again after a pause that grows with its deliveries: on a
+    /// broker that counts every delivery (NATS), a store that stays away or a guard held for
+    /// long must not use up the delivery limit in seconds.
+    fn again_later(&self, at_least: Duration) -> Disposition {
+        let attempt = self.delivery.attempt.saturating_add(1);
+        Disposition::Redeliver(self.shared.config.retry.backoff(attempt).max(at_least))
+    }
+
+    fn busy(&self) -> Disposition {
+        self.again_later(BUSY_DELAY)
     }
 
     fn duplicate(&self) -> Disposition {
@@ -395,7 +407,7 @@ impl<'a> Job<'a> {
         match claim {
             Ok(Claim::Acquired) => None,
             Ok(Claim::Done) => Some(self.duplicate()),
-            Ok(Claim::Busy) => Some(Disposition::Redeliver(BUSY_DELAY)),
+            Ok(Claim::Busy) => Some(self.busy()),
             Err(e) => Some(self.store_unavailable(&e)),
         }
     }
@@ -601,7 +613,7 @@ async fn in_transactions(
                         Err(e) => job.store_unavailable(&e),
                     };
                 }
-                Ok(StepState::Running) => return Disposition::Redeliver(BUSY_DELAY),
+                Ok(StepState::Running) => return job.busy(),
                 Err(e) => return job.store_unavailable(&e),
             }
         }
@@ -695,7 +707,7 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>, first: u32) -> Disp
             }
             Ok(StepState::Running) => {
                 release().await;
-                return Disposition::Redeliver(BUSY_DELAY);
+                return job.busy();
             }
             Err(e) => {
                 release().await;
