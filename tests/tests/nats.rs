@@ -427,3 +427,39 @@ async fn bad_settings_an_absent_server_and_a_server_without_jetstream_are_errors
     assert!(no_js.contains("JetStream") && no_js.contains("-js"), "{no_js}");
     plain.stop("-TERM");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_and_streams_removed_under_a_running_service_are_made_again() {
+    let f = Fixture::new(|o| o.partitions(1)).await;
+    let rt = Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
+        .state(Seen::default())
+        .transport(f.nats.clone())
+        .start()
+        .await
+        .expect("start");
+    let seen = || rt.state::<Seen>().expect("state").0.lock().expect("lock").clone();
+    rt.publisher().publish(&OrderPlaced { order: "o-1".into(), cents: 1 }).await.expect("publish");
+    rt.settled(SETTLE).await.expect("settled");
+
+    // An operator removes the group's consumer: it is made again, starts from the stream's
+    // beginning, and the guard absorbs what was handled already.
+    let stream = f.js().get_stream(f.nats.stream_name("orders.placed")).await.expect("stream");
+    stream.delete_consumer("shipping_0").await.expect("delete the consumer");
+    rt.publisher().publish(&OrderPlaced { order: "o-2".into(), cents: 1 }).await.expect("publish");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while seen().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "o-2 never handled: {:?}", seen());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Then the whole stream: publishing makes it again, and the consumer with it.
+    f.js().delete_stream(f.nats.stream_name("orders.placed")).await.expect("delete the stream");
+    rt.publisher().publish(&OrderPlaced { order: "o-3".into(), cents: 1 }).await.expect("publish");
+    while seen().len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "o-3 never handled: {:?}", seen());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.settled(SETTLE).await.expect("settled");
+    assert_eq!(seen(), ["o-1", "o-2", "o-3"], "each handled once");
+    rt.shutdown().await;
+    f.done().await;
+}

@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{other, NatsTransport, TopicLayout, NAME};
+use super::{lock, other, NatsTransport, TopicLayout, NAME};
 
 /// How long one pull request waits for a message before the server ends it.
 const PULL_EXPIRES: Duration = Duration::from_secs(15);
@@ -47,6 +47,8 @@ pub(super) async fn subscribe(
     .await;
     created.into_iter().collect::<Result<Vec<()>, _>>()?;
     let (tx, mut rx) = mpsc::channel(layout.partitions as usize);
+    let mut workers = lock(&transport.inner.workers);
+    workers.retain(|w| !w.task.is_finished());
     for partition in 0..layout.partitions {
         let worker = Worker {
             transport: transport.clone(),
@@ -56,8 +58,9 @@ pub(super) async fn subscribe(
             partition,
             tx: tx.clone(),
         };
-        tokio::spawn(worker.run());
+        workers.push(WorkerHandle { subscription: tx.downgrade(), task: tokio::spawn(worker.run()) });
     }
+    drop(workers);
     Ok(Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))))
 }
 
@@ -72,12 +75,8 @@ impl NatsTransport {
             ack_wait: o.ack_wait,
             // eda dead-letters an event delivered more than `max_deliver` times itself, with the
             // event in hand; the server must never give up on it first and leave it stranded in
-            // the stream. A backoff needs a finite limit: give eda two deliveries to spare.
-            max_deliver: if o.backoff.is_empty() {
-                -1
-            } else {
-                (o.max_deliver as usize + 2).max(o.backoff.len() + 1) as i64
-            },
+            // the stream. A backoff needs a finite limit: one the server never reaches.
+            max_deliver: if o.backoff.is_empty() { -1 } else { i64::from(i32::MAX) },
             backoff: o.backoff.clone(),
             filter_subject: self.subject(&layout.topic, partition),
             // One event of a partition out at a time: per-key order across every instance.
@@ -111,6 +110,20 @@ pub(super) fn consumer_missing(e: &async_nats::error::Error<ConsumerInfoErrorKin
         ConsumerInfoErrorKind::JetStream(js) => js.error_code() == ErrorCode::CONSUMER_NOT_FOUND,
         _ => false,
     }
+}
+
+/// A worker, as the transport keeps track of it.
+pub(super) struct WorkerHandle {
+    subscription: mpsc::WeakSender<Result<Delivery, TransportError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How many workers still run for a subscription that was dropped (they are giving back what
+/// they held).
+pub(super) fn stopping_workers(workers: &std::sync::Mutex<Vec<WorkerHandle>>) -> usize {
+    let mut workers = lock(workers);
+    workers.retain(|w| !w.task.is_finished());
+    workers.iter().filter(|w| w.subscription.upgrade().is_none_or(|tx| tx.is_closed())).count()
 }
 
 /// How the runtime settled a delivery, and where to say whether that worked.
@@ -209,8 +222,10 @@ impl Worker {
         if inbox_sub.drain().await.is_ok() {
             let deadline = Instant::now() + Duration::from_secs(2);
             while let Ok(Some(message)) = tokio::time::timeout_at(deadline, inbox_sub.next()).await {
-                if let Some(held) = self.hold(message) {
-                    held.nak(Duration::ZERO).await;
+                if is_delivery(&message) {
+                    if let Some(held) = self.hold(message) {
+                        held.nak(Duration::ZERO).await;
+                    }
                 }
             }
         }
@@ -233,6 +248,8 @@ impl Worker {
         let mut requested = false;
         let mut quiet_until = Instant::now();
         let mut failures = 0u32;
+        // Pull requests answered "no responders" in a row.
+        let mut unanswered = 0u32;
         loop {
             if self.tx.is_closed() {
                 return;
@@ -266,10 +283,16 @@ impl Worker {
                 }
                 m = inbox_sub.next() => match m {
                     Some(m) => m,
-                    None => return,
+                    None => {
+                        tracing::error!(consumer = %self.consumer, "the pull inbox closed: this partition is not consumed until the subscription is made again");
+                        return;
+                    }
                 },
             };
             quiet_until = Instant::now() + PULL_HEARTBEAT * 3;
+            if message.status != Some(StatusCode::NO_RESPONDERS) {
+                unanswered = 0;
+            }
             match message.status {
                 None | Some(StatusCode::OK) => {
                     failures = 0;
@@ -297,10 +320,22 @@ impl Worker {
                     }
                     requested = false;
                 }
+                Some(StatusCode::NO_RESPONDERS) => {
+                    // Nobody serves the consumer: JetStream is still starting after a restart,
+                    // or the consumer (or its stream) is gone. After a few, make them again.
+                    unanswered += 1;
+                    if unanswered >= 3 {
+                        tracing::warn!(consumer = %self.consumer, stream = %self.layout.stream, "no answer to pull requests; making the stream and consumer again");
+                        if let Err(e) = self.recreate().await {
+                            tracing::warn!(consumer = %self.consumer, error = %e, "cannot make the consumer again yet");
+                        }
+                    }
+                    tokio::time::sleep(pause(unanswered)).await;
+                    requested = false;
+                }
                 Some(status) => {
-                    // 503: JetStream is not answering yet (a server starting up).
                     failures += 1;
-                    tracing::debug!(consumer = %self.consumer, %status, description = ?message.description, "pull request refused; trying again");
+                    tracing::warn!(consumer = %self.consumer, %status, description = ?message.description, "pull request refused; trying again");
                     tokio::time::sleep(pause(failures)).await;
                     requested = false;
                 }
@@ -308,7 +343,14 @@ impl Worker {
         }
     }
 
+    /// Makes the consumer again, and its stream first if that is gone too.
     async fn recreate(&self) -> Result<(), TransportError> {
+        self.transport.forget_topic(&self.layout.topic);
+        let layout = self.transport.topic(&self.layout.topic).await?;
+        if layout.partitions != self.layout.partitions {
+            tracing::error!(topic = %self.layout.topic, was = self.layout.partitions, now = layout.partitions,
+                "the topic's stream was made again with another partition count; restart the service to follow it");
+        }
         let stream = self.transport.inner.js.get_stream_no_info(&self.layout.stream).await.map_err(other)?;
         let config = self.transport.consumer_config(&self.layout, &self.group, self.partition);
         stream
@@ -373,7 +415,7 @@ impl Worker {
         let (settle, mut settled) = oneshot::channel();
         let delivery =
             Delivery::new(envelope, held.delivered, self.partition, Box::new(NatsAcker { settle: Some(settle) }));
-        let every = o.effective_ack_wait() / 3;
+        let every = o.keep_alive_interval();
         let mut keep_alive = tokio::time::interval_at(Instant::now() + every, every);
         let slot = loop {
             tokio::select! {
@@ -391,41 +433,41 @@ impl Worker {
         loop {
             tokio::select! {
                 how = &mut settled => {
-                    return match how {
-                        Ok((Settle::Ack, reply)) if !self.tx.is_closed() => {
+                    let Ok((how, reply)) = how else {
+                        // Dropped unsettled: the consumer stopped or died with it.
+                        held.nak(Duration::ZERO).await;
+                        return false;
+                    };
+                    // Settling can take a while (a dead letter is a publish): keep it alive.
+                    let ask_next = matches!(how, Settle::Ack) && !self.tx.is_closed();
+                    let settling = async {
+                        if ask_next {
                             // Ask for the next message while the ack is confirmed: the server
                             // holds the request until the ack frees the partition.
-                            let (acked, asked) = tokio::join!(self.ack(&held), request.send());
-                            let _ = reply.send(acked);
-                            asked.is_ok()
-                        }
-                        Ok((how, reply)) => {
-                            let result = self.settle(&held, how).await;
-                            let _ = reply.send(result);
-                            false
-                        }
-                        // Dropped unsettled: the consumer stopped or died with it.
-                        Err(_) => {
-                            held.nak(Duration::ZERO).await;
-                            false
+                            let (acked, asked) = tokio::join!(self.settle(&held, how), request.send());
+                            (acked, asked.is_ok())
+                        } else {
+                            (self.settle(&held, how).await, false)
                         }
                     };
+                    tokio::pin!(settling);
+                    let (result, asked) = loop {
+                        tokio::select! {
+                            done = &mut settling => break done,
+                            _ = keep_alive.tick() => held.in_progress().await,
+                        }
+                    };
+                    let _ = reply.send(result);
+                    return asked;
                 }
                 _ = keep_alive.tick() => held.in_progress().await,
             }
         }
     }
 
-    async fn ack(&self, held: &Held) -> Result<(), TransportError> {
-        held.message.double_ack().await.map_err(|e| TransportError::Unreachable {
-            transport: NAME,
-            reason: format!("the server did not confirm an ack: {e}"),
-        })
-    }
-
     async fn settle(&self, held: &Held, how: Settle) -> Result<(), TransportError> {
         match how {
-            Settle::Ack => self.ack(held).await,
+            Settle::Ack => ack(held).await,
             Settle::Nak(delay) => {
                 held.nak(self.nak_delay(delay, held.delivered)).await;
                 Ok(())
@@ -435,11 +477,14 @@ impl Worker {
     }
 
     /// With a backoff, the server adds `backoff[n-1] − backoff[0]` to a nak's delay on the n-th
-    /// delivery; take it off again so the runtime's delay is the one applied.
+    /// delivery; take it off again so the runtime's delay is the one applied. A delay stays a
+    /// delay (at least 1 ms): a nak without one is redelivered at once, backoff or not.
     fn nak_delay(&self, delay: Duration, delivered: u32) -> Duration {
         let backoff = &self.transport.inner.options.backoff;
         match (backoff.first(), backoff.get((delivered as usize).clamp(1, backoff.len().max(1)) - 1)) {
-            (Some(first), Some(nth)) => delay.saturating_sub(nth.saturating_sub(*first)),
+            (Some(first), Some(nth)) if !delay.is_zero() => {
+                delay.saturating_sub(nth.saturating_sub(*first)).max(Duration::from_millis(1))
+            }
             _ => delay,
         }
     }
@@ -456,13 +501,10 @@ impl Worker {
         );
         if let Err(e) = self.transport.publish_messages(std::slice::from_ref(&copy)).await {
             // Not kept as a dead letter: it must stay an event, and come back later.
-            held.nak(Duration::from_secs(5)).await;
+            held.nak(self.nak_delay(Duration::from_secs(5), held.delivered)).await;
             return Err(e);
         }
-        held.message.double_ack().await.map_err(|e| TransportError::Unreachable {
-            transport: NAME,
-            reason: format!("the dead letter is kept, but the server did not confirm the ack of the original: {e}"),
-        })
+        ack(held).await
     }
 
     /// Dead-letters a message without handing it to the runtime, keeping it alive meanwhile.
@@ -473,6 +515,19 @@ impl Worker {
             tracing::warn!(group = %self.group, error = %e, "could not dead-letter a message; it comes again");
         }
     }
+}
+
+/// Acknowledges, and waits for the server to confirm it.
+async fn ack(held: &Held) -> Result<(), TransportError> {
+    held.message.double_ack().await.map_err(|e| TransportError::Unreachable {
+        transport: NAME,
+        reason: format!("the server did not confirm an ack: {e}"),
+    })
+}
+
+/// True for a message the server delivered from the stream (not a status: heartbeat, timeout).
+fn is_delivery(message: &async_nats::Message) -> bool {
+    matches!(message.status, None | Some(StatusCode::OK))
 }
 
 /// A pull request for one message, to one worker's inbox.

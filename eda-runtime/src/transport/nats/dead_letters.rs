@@ -5,7 +5,6 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::header::{NATS_EXPECTED_STREAM, NATS_MESSAGE_ID};
-use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{DeleteMessageErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::ErrorCode;
@@ -17,7 +16,7 @@ use eda_core::{
     TransportError,
 };
 
-use super::{message_size, other, NatsTransport, Outgoing, TopicLayout, DEAD_LETTER_RESERVE};
+use super::{message_size, other, stream_missing, NatsTransport, Outgoing, TopicLayout, DEAD_LETTER_RESERVE};
 
 const GROUP: &str = "eda-dlq-group";
 const TOPIC: &str = "eda-dlq-topic";
@@ -102,6 +101,7 @@ impl NatsTransport {
             subject: Subject::from(self.dead_letter_subject(&layout.topic)),
             headers,
             payload,
+            dead_letter: true,
         }
     }
 
@@ -172,9 +172,7 @@ impl DeadLetterStore for NatsTransport {
     async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
         let mut stream = match self.inner.js.get_stream(self.dead_letter_stream()).await {
             Ok(s) => s,
-            Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
-                return Ok(Vec::new())
-            }
+            Err(e) if stream_missing(&e) => return Ok(Vec::new()),
             Err(e) => return Err(other(e)),
         };
         let state = stream.info().await.map_err(other)?.state.clone();
@@ -217,9 +215,14 @@ impl DeadLetterStore for NatsTransport {
         match stream.delete_message(id).await {
             Ok(deleted) => Ok(deleted),
             Err(e) => match e.kind() {
+                // Deleting a sequence that is not there fails with 10057 ("no message found").
                 DeleteMessageErrorKind::JetStream(js)
-                    if [ErrorCode::NO_MESSAGE_FOUND, ErrorCode::STREAM_NOT_FOUND].contains(&js.error_code())
-                        || js.to_string().contains("no message found") =>
+                    if [
+                        ErrorCode::STREAM_MESSAGE_DELETE_FAILED,
+                        ErrorCode::NO_MESSAGE_FOUND,
+                        ErrorCode::STREAM_NOT_FOUND,
+                    ]
+                    .contains(&js.error_code()) =>
                 {
                     Ok(false)
                 }

@@ -94,6 +94,9 @@ struct Inner {
     /// Counts connections: workers renew their pull requests when it moves.
     connections: watch::Receiver<u64>,
     deduplicated: AtomicU64,
+    /// Every partition worker, with a handle on its subscription's channel, so that closing
+    /// waits for the workers of stopped subscriptions to give back what they held.
+    workers: Mutex<Vec<consumer::WorkerHandle>>,
 }
 
 /// Where a topic lives on the server.
@@ -214,6 +217,7 @@ impl NatsTransport {
             topology: tokio::sync::Mutex::new(()),
             connections,
             deduplicated: AtomicU64::new(0),
+            workers: Mutex::default(),
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -287,6 +291,7 @@ impl NatsTransport {
         if let Some(layout) = lock(&self.inner.topics).get(topic) {
             return Ok(layout.clone());
         }
+        check_name("topic", topic)?;
         let _topology = self.inner.topology.lock().await;
         if let Some(layout) = lock(&self.inner.topics).get(topic) {
             return Ok(layout.clone());
@@ -470,46 +475,52 @@ impl NatsTransport {
         Err(unreachable(format!("could not add `{subject}` to stream `{name}`: it keeps changing under eda")))
     }
 
-    /// Publishes messages in order and waits for the stream to store each. A publish that times
-    /// out (the server is away, or slow) is tried again with the same `Nats-Msg-Id` until the
-    /// publish timeout, from the first one not known to be stored, so order holds and nothing is
-    /// stored twice.
+    /// Publishes messages and waits for the stream to store each. Messages of one subject go
+    /// one after the other, each confirmed before the next: were one lost with a connection
+    /// while the next got through, trying it again would store it after its successor. Subjects
+    /// (partitions) go concurrently.
     async fn publish_messages(&self, messages: &[Outgoing]) -> Result<(), TransportError> {
+        let mut by_subject: Vec<(&Subject, Vec<&Outgoing>)> = Vec::new();
+        for m in messages {
+            match by_subject.iter_mut().find(|(subject, _)| **subject == m.subject) {
+                Some((_, queue)) => queue.push(m),
+                None => by_subject.push((&m.subject, vec![m])),
+            }
+        }
+        let sent = futures_util::future::join_all(by_subject.into_iter().map(|(_, queue)| async move {
+            for m in queue {
+                self.publish_one(m).await?;
+            }
+            Ok::<(), TransportError>(())
+        }))
+        .await;
+        sent.into_iter().collect()
+    }
+
+    /// Publishes one message and waits for the stream to store it. A publish that times out
+    /// (the server is away, or slow) is tried again with the same `Nats-Msg-Id` until the
+    /// publish timeout, so it is stored once.
+    async fn publish_one(&self, m: &Outgoing) -> Result<(), TransportError> {
         let js = &self.inner.js;
         let deadline = Instant::now() + self.inner.options.publish_timeout;
-        let mut stored = 0;
         let mut attempt = 0u32;
-        while stored < messages.len() {
-            let mut acks = Vec::with_capacity(messages.len() - stored);
-            let mut failure = None;
-            for m in &messages[stored..] {
-                let publish =
-                    jetstream::message::PublishMessage::build().payload(m.payload.clone()).headers(m.headers.clone());
-                match js.send_publish(m.subject.clone(), publish).await {
-                    Ok(ack) => acks.push(ack),
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
+        loop {
+            let publish =
+                jetstream::message::PublishMessage::build().payload(m.payload.clone()).headers(m.headers.clone());
+            let stored = match js.send_publish(m.subject.clone(), publish).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            let e = match stored {
+                Ok(ack) => {
+                    if ack.duplicate {
+                        self.inner.deduplicated.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(stream = %ack.stream, sequence = ack.sequence, "the server already had this event");
                     }
+                    return Ok(());
                 }
-            }
-            for ack in acks {
-                match ack.await {
-                    Ok(ack) => {
-                        if ack.duplicate {
-                            self.inner.deduplicated.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(stream = %ack.stream, sequence = ack.sequence, "the server already had this event");
-                        }
-                        stored += 1;
-                    }
-                    Err(e) => {
-                        failure = failure.or(Some(e));
-                        break;
-                    }
-                }
-            }
-            let Some(e) = failure else { continue };
-            let m = &messages[stored];
+                Err(e) => e,
+            };
             let retry = matches!(
                 e.kind(),
                 PublishErrorKind::TimedOut
@@ -533,17 +544,28 @@ impl NatsTransport {
             }
             tracing::debug!(subject = %m.subject, attempt, error = %e, "publish not acknowledged; trying again");
             if e.kind() == PublishErrorKind::StreamNotFound {
-                // The server is back without the stream (or JetStream is still starting): make
-                // sure it exists before trying again.
-                lock(&self.inner.topics).remove(&m.topic);
-                if let Err(e) = self.topic(&m.topic).await {
-                    tracing::debug!(topic = %m.topic, error = %e, "the topic's stream is not there yet");
+                // No stream captures the subject: the server is back without it, JetStream is
+                // still starting, or another instance rewrote the dead-letter stream's subjects.
+                // Make sure it is there before trying again.
+                let ensured = if m.dead_letter {
+                    lock(&self.inner.dead_letter_topics).remove(&m.topic);
+                    self.ensure_dead_letter_subject(&m.topic).await
+                } else {
+                    self.forget_topic(&m.topic);
+                    self.topic(&m.topic).await.map(drop)
+                };
+                if let Err(e) = ensured {
+                    tracing::debug!(topic = %m.topic, error = %e, "the stream is not there yet");
                 }
             }
             let pause = Duration::from_millis(50).saturating_mul(attempt.min(10)).min(deadline - Instant::now());
             tokio::time::sleep(pause).await;
         }
-        Ok(())
+    }
+
+    /// Forgets what this transport knew of a topic's stream, to look it up again.
+    fn forget_topic(&self, topic: &str) {
+        lock(&self.inner.topics).remove(topic);
     }
 
     /// The message of an envelope: subject of its partition, CloudEvents headers, payload.
@@ -583,12 +605,13 @@ impl NatsTransport {
             subject: Subject::from(subject),
             headers,
             payload: Bytes::from(envelope.data.clone()),
+            dead_letter: false,
         })
     }
 }
 
 /// Asks the server's JetStream API for the account's limits: it answers only when JetStream
-/// runs for this account.
+/// runs for this account. (async-nats' `query_account` cannot parse 2.9's answer.)
 async fn check_jetstream(client: &async_nats::Client) -> Result<(), String> {
     let reply = client.request("$JS.API.INFO", Bytes::new()).await.map_err(|e| e.to_string())?;
     let answer: serde_json::Value = serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())?;
@@ -604,6 +627,8 @@ struct Outgoing {
     subject: Subject,
     headers: HeaderMap,
     payload: Bytes,
+    /// A copy for the dead-letter stream (not an event of the topic's stream).
+    dead_letter: bool,
 }
 
 /// What a message takes of the server's `max_payload`: headers as they go on the wire, and the
@@ -618,6 +643,26 @@ fn message_size(headers: &HeaderMap, payload: usize) -> usize {
     "NATS/1.0\r\n\r\n".len() + header_bytes + payload
 }
 
+/// Names eda maps onto subjects, streams and consumers: what `#[event]` and `#[handler]` accept
+/// (letters, digits, `.`, `-`, `_`), checked again for envelopes made by hand.
+fn check_name(what: &str, name: &str) -> Result<(), TransportError> {
+    let valid = !name.is_empty()
+        && name.len() <= 200
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.contains("..");
+    if valid {
+        return Ok(());
+    }
+    Err(TransportError::Config {
+        transport: NAME,
+        reason: format!(
+            "the {what} name `{name}` cannot be a NATS subject token: use letters, digits, `.`, `-` and `_`, with no leading, trailing or double `.`"
+        ),
+    })
+}
+
 fn storage_type(storage: Storage) -> StorageType {
     match storage {
         Storage::File => StorageType::File,
@@ -625,7 +670,7 @@ fn storage_type(storage: Storage) -> StorageType {
     }
 }
 
-fn stream_missing(e: &async_nats::error::Error<GetStreamErrorKind>) -> bool {
+pub(super) fn stream_missing(e: &async_nats::error::Error<GetStreamErrorKind>) -> bool {
     matches!(e.kind(), GetStreamErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
@@ -685,6 +730,7 @@ impl Transport for NatsTransport {
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
+        check_name("group", &subscription.group)?;
         let layout = self.topic(&subscription.topic).await?;
         self.ensure_dead_letter_subject(&subscription.topic).await?;
         consumer::subscribe(self.clone(), layout, subscription.group.clone()).await
@@ -725,8 +771,13 @@ impl Transport for NatsTransport {
     }
 
     async fn close(&self) -> Result<(), TransportError> {
-        // Acks and naks already given leave the client's buffer; the connection stays for
-        // other users of this transport.
+        // The workers of stopped subscriptions give back what they held (naks), then those and
+        // every ack leave the client's buffer. The connection stays for other users of this
+        // transport, and so do the workers of their subscriptions.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while consumer::stopping_workers(&self.inner.workers) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.inner.client.flush().await.map_err(other)
     }
 

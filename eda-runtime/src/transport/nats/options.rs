@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use eda_core::TransportError;
 
-use crate::transport::keys::redact;
-
 /// What a topic's stream keeps: every event until its limits remove it (`Limits`, the default:
 /// a consumer group created later still reads the whole history), or only until every
 /// existing consumer group has acknowledged it (`Interest`).
@@ -15,7 +13,9 @@ use crate::transport::keys::redact;
 pub enum Retention {
     /// Kept until `max_age`, `max_bytes` or `max_messages` removes it.
     Limits,
-    /// Removed once every consumer group that exists has acknowledged it.
+    /// Removed once every consumer group that exists has acknowledged it. An event published
+    /// while no group has subscribed yet is not kept at all, and a group that subscribes later
+    /// starts from what is published after.
     Interest,
 }
 
@@ -131,7 +131,7 @@ impl NatsOptions {
             namespace: "eda".into(),
             partitions: 16,
             ack_wait: Duration::from_secs(30),
-            max_deliver: 10,
+            max_deliver: 20,
             backoff: Vec::new(),
             retention: Retention::Limits,
             storage: Storage::File,
@@ -142,16 +142,40 @@ impl NatsOptions {
             duplicate_window: Duration::from_secs(120),
             publish_timeout: Duration::from_secs(10),
             connection_timeout: Duration::from_secs(5),
-            shown: redact(url.split('?').next().unwrap_or_default()),
+            shown: String::new(),
         }
+        .shown()
+    }
+
+    /// Fills in `shown`: the servers, with the user's name but never a password or token.
+    fn shown(mut self) -> Self {
+        let userinfo = match &self.credentials {
+            Credentials::UserPassword(user, _) => format!("{user}:***@"),
+            Credentials::Token(_) => "***@".to_owned(),
+            _ => String::new(),
+        };
+        let mut servers = self.servers.iter();
+        self.shown = match servers.next().and_then(|first| first.split_once("://")) {
+            Some((scheme, host)) => {
+                let rest: Vec<&str> = servers.map(String::as_str).collect();
+                let rest = if rest.is_empty() { String::new() } else { format!(",{}", rest.join(",")) };
+                format!("{scheme}://{userinfo}{host}{rest}")
+            }
+            None => "(no server)".to_owned(),
+        };
+        self
     }
 
     /// Options from a URL and the settings in its query, for configurations that are one URL
-    /// (`EDA_URL`): `nats://host:4222?namespace=shop&partitions=32&ack_wait=10s`. Every
-    /// builder method has a query key of the same name (durations as `10s`, `500ms`, `7d`;
-    /// `max_age=none` keeps events forever; `backoff=1s,5s,30s`; credentials as
-    /// `creds=/path/app.creds` or `nkey_file=/path/seed`, TLS files as `tls_ca`, `tls_cert`,
-    /// `tls_key`). An unknown key is an error, so a typo does not pass silently.
+    /// (`EDA_URL`): `nats://host:4222?namespace=shop&partitions=32&ack_wait=10s`. The keys are
+    /// the builder methods' names — `namespace`, `partitions`, `ack_wait`, `max_deliver`,
+    /// `backoff`, `retention`, `storage`, `max_age`, `max_bytes`, `max_messages`, `replicas`,
+    /// `duplicate_window`, `publish_timeout`, `connection_timeout` — and `name` (the connection
+    /// name), `creds` (a `.creds` file), `nkey_file` (a file holding an nkey seed),
+    /// `tls_required`, `tls_ca`, `tls_cert` and `tls_key`. Durations are written `10s`, `500ms`,
+    /// `7d`; `max_age=none` keeps events until another limit removes them; `backoff=1s,5s,30s`.
+    /// A user and password or a token go in the URL itself. An unknown key is an error, so a
+    /// typo does not pass silently.
     pub fn from_url(url: &str) -> Result<Self, TransportError> {
         let mut options = Self::new(url);
         let Some((_, query)) = url.split_once('?') else { return Ok(options) };
@@ -249,10 +273,13 @@ impl NatsOptions {
         self
     }
 
-    /// How many deliveries of an event that were never settled (the consumer crashed, hung past
-    /// `ack_wait` or lost its connection every time) the transport allows before it
-    /// dead-letters the event without handing it to a handler again (10 by default). Failed
-    /// handlings are retried and dead-lettered by the runtime's retry policy long before that.
+    /// How many deliveries of an event without an acknowledgement the transport allows before it
+    /// dead-letters the event without handing it to a handler again (20 by default): the guard
+    /// against an event that crashes every consumer taking it. The server counts every
+    /// delivery, also the ones the runtime hands back (shutting down, its store unavailable);
+    /// those come back after pauses that grow with each delivery, so 20 cover minutes of a store
+    /// outage. Failed handlings are retried and dead-lettered by the runtime's retry policy
+    /// long before this limit.
     pub fn max_deliver(mut self, n: u32) -> Self {
         self.max_deliver = n;
         self
@@ -333,13 +360,13 @@ impl NatsOptions {
     /// Authenticates with a user and password (also read from `nats://user:password@host`).
     pub fn user_and_password(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
         self.credentials = Credentials::UserPassword(user.into(), password.into());
-        self
+        self.shown()
     }
 
     /// Authenticates with a token (also read from `nats://token@host`).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.credentials = Credentials::Token(token.into());
-        self
+        self.shown()
     }
 
     /// Authenticates with an nkey seed (`SU…`).
@@ -417,9 +444,10 @@ impl NatsOptions {
         Ok(())
     }
 
-    /// The ack wait the server actually applies: with a backoff, its first value.
-    pub(super) fn effective_ack_wait(&self) -> Duration {
-        self.backoff.first().copied().unwrap_or(self.ack_wait)
+    /// How often a delivery in hand is kept alive: a third of the shortest ack wait the server
+    /// applies (with a backoff, the n-th delivery waits `backoff[n-1]`).
+    pub(super) fn keep_alive_interval(&self) -> Duration {
+        self.backoff.iter().copied().min().unwrap_or(self.ack_wait) / 3
     }
 }
 
@@ -491,6 +519,11 @@ mod tests {
 
     #[test]
     fn secrets_stay_out_of_debug_output_and_messages() {
+        for url in ["u:pw@host:4222", "nats://u:pw@a:4222,b:4222", "s3cr3t@host", "tls://s3cr3t@host"] {
+            let shown = NatsOptions::new(url).shown;
+            assert!(!shown.contains("pw") && !shown.contains("s3cr3t") && shown.contains("***@"), "{url} → {shown}");
+        }
+        assert_eq!(NatsOptions::new("nats://u:pw@a:4222,b:4222").shown, "nats://u:***@a:4222,nats://b:4222");
         let o = NatsOptions::new("nats://app:hunter2@a:4222").token("t0ken");
         let shown = format!("{o:?}");
         assert!(!shown.contains("hunter2") && !shown.contains("t0ken"), "{shown}");
@@ -508,7 +541,7 @@ mod tests {
         assert_eq!((o.partitions, o.ack_wait, o.max_age), (4, Duration::from_secs(2), None));
         assert_eq!(o.backoff, [Duration::from_secs(1), Duration::from_secs(5)]);
         assert_eq!(o.retention, Retention::Interest);
-        assert_eq!(o.effective_ack_wait(), Duration::from_secs(1));
+        assert_eq!(o.keep_alive_interval(), Duration::from_secs(1) / 3);
         let err = NatsOptions::from_url("nats://h?ack_wait=soon").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("ack_wait=soon"), "{err}");
         let err = NatsOptions::from_url("nats://h?tls_cert=/a.pem").err().map(|e| e.to_string()).unwrap_or_default();
