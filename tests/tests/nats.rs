@@ -193,7 +193,7 @@ async fn an_event_whose_consumers_die_every_time_is_dead_lettered_after_max_deli
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].letter.envelope, poison, "the original envelope is kept");
     assert_eq!(dead[0].letter.attempts, 2);
-    assert!(dead[0].letter.reason.error.contains("never settled"), "{}", dead[0].letter.reason.error);
+    assert!(dead[0].letter.reason.error.contains("without being acknowledged"), "{}", dead[0].letter.reason.error);
     rt.shutdown().await;
     f.done().await;
 }

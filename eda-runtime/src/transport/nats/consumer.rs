@@ -381,10 +381,11 @@ impl Worker {
     async fn take(&self, held: Held, request: &PullRequest) -> bool {
         let o = &self.transport.inner.options;
         if held.delivered > o.max_deliver {
+            // Crash loops end here: the event does not reach a handler again.
             let reason = DeadLetterReason {
                 handler: None,
                 error: format!(
-                    "delivered {} times and never settled: every consumer that took it crashed, hung past ack_wait or lost its connection (max_deliver {})",
+                    "delivered {} times without being acknowledged: the consumers that took it crashed, hung past ack_wait, lost their connection or handed it back each time (max_deliver {})",
                     held.delivered - 1,
                     o.max_deliver
                 ),
@@ -412,54 +413,40 @@ impl Worker {
                 return false;
             }
         };
-        let (settle, mut settled) = oneshot::channel();
+        let (settle, settled) = oneshot::channel();
         let delivery =
             Delivery::new(envelope, held.delivered, self.partition, Box::new(NatsAcker { settle: Some(settle) }));
-        let every = o.keep_alive_interval();
-        let mut keep_alive = tokio::time::interval_at(Instant::now() + every, every);
-        let slot = loop {
-            tokio::select! {
-                slot = self.tx.reserve() => match slot {
-                    Ok(slot) => break slot,
-                    Err(_) => {
-                        held.nak(Duration::ZERO).await;
-                        return false;
-                    }
-                },
-                _ = keep_alive.tick() => held.in_progress().await,
-            }
+        let Ok(slot) = self.alive_while(&held, self.tx.reserve()).await else {
+            held.nak(Duration::ZERO).await;
+            return false;
         };
         slot.send(Ok(delivery));
+        let Ok((how, reply)) = self.alive_while(&held, settled).await else {
+            // Dropped unsettled: the consumer stopped or died with it.
+            held.nak(Duration::ZERO).await;
+            return false;
+        };
+        // Settling takes a while too (an ack is a round trip, a dead letter a publish).
+        let (result, asked) = if matches!(how, Settle::Ack) && !self.tx.is_closed() {
+            // Ask for the next message while the ack is confirmed: the server holds the
+            // request until the ack frees the partition.
+            let (acked, asked) = self.alive_while(&held, async { tokio::join!(ack(&held), request.send()) }).await;
+            (acked, asked.is_ok())
+        } else {
+            (self.alive_while(&held, self.settle(&held, how)).await, false)
+        };
+        let _ = reply.send(result);
+        asked
+    }
+
+    /// Runs `work` while keeping the held message alive with `+WPI`.
+    async fn alive_while<T>(&self, held: &Held, work: impl std::future::Future<Output = T>) -> T {
+        let every = self.transport.inner.options.keep_alive_interval();
+        let mut keep_alive = tokio::time::interval_at(Instant::now() + every, every);
+        tokio::pin!(work);
         loop {
             tokio::select! {
-                how = &mut settled => {
-                    let Ok((how, reply)) = how else {
-                        // Dropped unsettled: the consumer stopped or died with it.
-                        held.nak(Duration::ZERO).await;
-                        return false;
-                    };
-                    // Settling can take a while (a dead letter is a publish): keep it alive.
-                    let ask_next = matches!(how, Settle::Ack) && !self.tx.is_closed();
-                    let settling = async {
-                        if ask_next {
-                            // Ask for the next message while the ack is confirmed: the server
-                            // holds the request until the ack frees the partition.
-                            let (acked, asked) = tokio::join!(self.settle(&held, how), request.send());
-                            (acked, asked.is_ok())
-                        } else {
-                            (self.settle(&held, how).await, false)
-                        }
-                    };
-                    tokio::pin!(settling);
-                    let (result, asked) = loop {
-                        tokio::select! {
-                            done = &mut settling => break done,
-                            _ = keep_alive.tick() => held.in_progress().await,
-                        }
-                    };
-                    let _ = reply.send(result);
-                    return asked;
-                }
+                done = &mut work => return done,
                 _ = keep_alive.tick() => held.in_progress().await,
             }
         }
@@ -511,7 +498,7 @@ impl Worker {
     async fn dead_letter_now(&self, held: &Held, reason: DeadLetterReason, attempts: u32) {
         tracing::error!(group = %self.group, topic = %self.layout.topic, stream_sequence = held.stream_sequence,
             error = %reason.error, "dead-lettered by the transport");
-        if let Err(e) = self.dead_letter(held, &reason, attempts).await {
+        if let Err(e) = self.alive_while(held, self.dead_letter(held, &reason, attempts)).await {
             tracing::warn!(group = %self.group, error = %e, "could not dead-letter a message; it comes again");
         }
     }
