@@ -463,3 +463,102 @@ async fn consumers_and_streams_removed_under_a_running_service_are_made_again() 
     rt.shutdown().await;
     f.done().await;
 }
+
+/// A certificate authority and a server certificate for 127.0.0.1, made with openssl.
+fn certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("this test makes its certificates with the openssl command: install it (Debian package openssl)");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=eda test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_a_password_from_the_url_work_and_a_wrong_password_is_refused_without_showing_it() {
+    let dir = tempfile::tempdir().expect("a directory");
+    certificates(dir.path());
+    let path = |f: &str| dir.path().join(f).display().to_string();
+    let (cert, key) = (path("server.pem"), path("server.key"));
+    let mut server = NatsServer::start_with(&[
+        "-js",
+        "--tls",
+        "--tlscert",
+        &cert,
+        "--tlskey",
+        &key,
+        "--user",
+        "app",
+        "--pass",
+        "hunter2",
+    ]);
+    let port = server.url().rsplit(':').next().unwrap_or_default().to_owned();
+    let url = format!("tls://app:hunter2@127.0.0.1:{port}?tls_ca={}&namespace=tlstest", path("ca.pem"));
+    let nats = NatsTransport::connect(&url).await.expect("TLS with the test CA, and the password, are accepted");
+    let rt = Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
+        .state(Seen::default())
+        .transport(nats)
+        .start()
+        .await
+        .expect("start");
+    rt.publisher().publish(&OrderPlaced { order: "o-tls".into(), cents: 1 }).await.expect("publish");
+    rt.settled(SETTLE).await.expect("settled");
+    assert_eq!(rt.state::<Seen>().expect("state").0.lock().expect("lock").clone(), ["o-tls"]);
+    rt.shutdown().await;
+
+    let wrong = format!("tls://app:wrong-secret@127.0.0.1:{port}?tls_ca={}", path("ca.pem"));
+    let err = NatsTransport::connect(&wrong).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("cannot reach the nats broker") && err.contains("app:***@"), "{err}");
+    assert!(!err.contains("wrong-secret"), "the password is not shown: {err}");
+    let untrusted = NatsTransport::connect(&format!("tls://app:hunter2@127.0.0.1:{port}")).await;
+    assert!(untrusted.is_err(), "a server certificate from an unknown authority is refused");
+    server.stop("-TERM");
+}
