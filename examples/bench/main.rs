@@ -267,6 +267,27 @@ async fn wait_for(count: impl Fn() -> u64, target: u64, what: &str) -> Result<()
     Ok(())
 }
 
+/// The benchmark's handlers of the first `n` groups.
+fn groups(n: usize) -> Registry {
+    let all = [handle_1::descriptor(), handle_2::descriptor(), handle_3::descriptor(), handle_4::descriptor()];
+    all.into_iter().take(n).fold(Registry::builder().publishes::<Tick>(), |r, d| r.descriptor(d)).build()
+}
+
+/// Publishes `n` ticks on a transport in batches of `batch`; returns how long it took.
+async fn fill(transport: &impl Transport, n: u64, payload: usize, batch: u64) -> Result<Duration, BoxError> {
+    let body = "x".repeat(payload);
+    let start = Instant::now();
+    let mut seq = 0;
+    while seq < n {
+        let envelopes = (seq..(seq + batch).min(n))
+            .map(|s| Ok(eda::Envelope::root("bench", eda::PendingEvent::new(&tick(s, &body))?, None)))
+            .collect::<Result<Vec<_>, eda::CodecError>>()?;
+        seq += envelopes.len() as u64;
+        transport.publish_all(&envelopes).await?;
+    }
+    Ok(start.elapsed())
+}
+
 /// eda: publish `n` events, handle them in `groups` groups.
 async fn eda_run(
     transport: Arc<dyn Transport>,
@@ -274,13 +295,9 @@ async fn eda_run(
     a: &Args,
     n: u64,
 ) -> Result<Sample, BoxError> {
-    let all = [handle_1::descriptor(), handle_2::descriptor(), handle_3::descriptor(), handle_4::descriptor()];
-    let mut registry = Registry::builder().publishes::<Tick>();
-    for d in all.into_iter().take(a.groups) {
-        registry = registry.descriptor(d);
-    }
+    let registry = groups(a.groups);
     let sink = Arc::new(Sink { handled: AtomicU64::new(0), latencies_us: Mutex::default(), insert_effect });
-    let runtime = Runtime::builder(registry.build())
+    let runtime = Runtime::builder(registry)
         .shared_state(sink.clone())
         .shared_transport(transport)
         .max_in_flight(a.in_flight)
@@ -482,16 +499,7 @@ async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
 async fn eda_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
     let db = Db::new(true)?;
     let outbox = SqlOptions::new(&db.url).table_prefix(&db.prefix).connect().await?;
-    let body = "x".repeat(a.payload);
-    let start = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let envelopes = chunk
-            .iter()
-            .map(|seq| Ok(eda::Envelope::root("bench", eda::PendingEvent::new(&tick(*seq, &body))?, None)))
-            .collect::<Result<Vec<_>, eda::CodecError>>()?;
-        outbox.publish_all(&envelopes).await?;
-    }
-    let published = start.elapsed();
+    let published = fill(&outbox, n, a.payload, 500).await?;
     let target = MemoryTransport::new();
     let start = Instant::now();
     let relay = Relay::new(outbox.clone(), Arc::new(target.clone())).in_flight(a.in_flight).spawn();
@@ -585,24 +593,11 @@ async fn eda_nats(a: &Args, n: u64, drain: bool) -> Result<Sample, BoxError> {
 
 /// eda: `n` events already waiting on the transport; handle them in `groups` groups.
 async fn eda_drain(transport: NatsTransport, a: &Args, n: u64) -> Result<Sample, BoxError> {
-    let body = "x".repeat(a.payload);
-    let start = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let envelopes = chunk
-            .iter()
-            .map(|seq| Ok(eda::Envelope::root("bench", eda::PendingEvent::new(&tick(*seq, &body))?, None)))
-            .collect::<Result<Vec<_>, eda::CodecError>>()?;
-        transport.publish_all(&envelopes).await?;
-    }
-    let published = start.elapsed();
-    let all = [handle_1::descriptor(), handle_2::descriptor(), handle_3::descriptor(), handle_4::descriptor()];
-    let mut registry = Registry::builder().publishes::<Tick>();
-    for d in all.into_iter().take(a.groups) {
-        registry = registry.descriptor(d);
-    }
+    let published = fill(&transport, n, a.payload, 500).await?;
+    let registry = groups(a.groups);
     let sink = Arc::new(Sink { handled: AtomicU64::new(0), latencies_us: Mutex::default(), insert_effect: None });
     let start = Instant::now();
-    let runtime = Runtime::builder(registry.build())
+    let runtime = Runtime::builder(registry)
         .shared_state(sink.clone())
         .transport(transport)
         .max_in_flight(a.in_flight)
@@ -729,17 +724,7 @@ async fn backlog(postgres: bool, a: &Args) -> Result<String, BoxError> {
     let n = a.events.unwrap_or(1_000_000);
     let db = Db::new(postgres)?;
     let transport = SqlOptions::new(&db.url).table_prefix(&db.prefix).connect().await?;
-    let body = "x".repeat(a.payload);
-    let start = Instant::now();
-    let mut seq = 0;
-    while seq < n {
-        let batch = (seq..(seq + 5_000).min(n))
-            .map(|s| Ok(eda::Envelope::root("bench", eda::PendingEvent::new(&tick(s, &body))?, None)))
-            .collect::<Result<Vec<_>, eda::CodecError>>()?;
-        seq += batch.len() as u64;
-        transport.publish_all(&batch).await?;
-    }
-    let filled = start.elapsed();
+    let filled = fill(&transport, n, a.payload, 5_000).await?;
     let rss_before = peak_rss_mb();
     let sink = Arc::new(Sink { handled: AtomicU64::new(0), latencies_us: Mutex::default(), insert_effect: None });
     let runtime = Runtime::builder(Registry::builder().descriptor(handle_1::descriptor()).publishes::<Tick>().build())

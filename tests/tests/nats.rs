@@ -60,6 +60,13 @@ async fn ship(ev: OrderPlaced, seen: Ctx<'_, Seen>) {
     seen.0.lock().expect("lock").push(ev.order);
 }
 
+/// A service whose group `shipping` records the orders it sees, on `nats`.
+fn shipping(nats: NatsTransport) -> eda::RuntimeBuilder {
+    Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
+        .state(Seen::default())
+        .transport(nats)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_cloudevents_in_binary_mode_that_a_plain_nats_client_reads() {
     let f = Fixture::new(|o| o).await;
@@ -101,12 +108,7 @@ async fn events_are_cloudevents_in_binary_mode_that_a_plain_nats_client_reads() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_is_not_an_eda_event_is_dead_lettered_as_it_came_and_the_rest_go_on() {
     let f = Fixture::new(|o| o.partitions(1)).await;
-    let rt = Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
-        .state(Seen::default())
-        .transport(f.nats.clone())
-        .start()
-        .await
-        .expect("start");
+    let rt = shipping(f.nats.clone()).start().await.expect("start");
     rt.publisher().publish(&OrderPlaced { order: "o-1".into(), cents: 1 }).await.expect("publish");
     // Another producer writes to eda's subject without CloudEvents attributes.
     let subject = f.nats.subject("orders.placed", 0);
@@ -152,13 +154,7 @@ async fn a_message_that_is_not_an_eda_event_is_dead_lettered_as_it_came_and_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_consumers_die_every_time_is_dead_lettered_after_max_deliver() {
     let f = Fixture::new(|o| o.partitions(1).max_deliver(2).ack_wait(Duration::from_millis(500))).await;
-    let rt = Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
-        .state(Seen::default())
-        .transport(f.nats.clone())
-        .without_consumers()
-        .start()
-        .await
-        .expect("start");
+    let rt = shipping(f.nats.clone()).without_consumers().start().await.expect("start");
     let poison = rt.publisher().publish(&OrderPlaced { order: "o-poison".into(), cents: 1 }).await.expect("publish");
     rt.publisher().publish(&OrderPlaced { order: "o-next".into(), cents: 1 }).await.expect("publish");
     rt.shutdown().await;
@@ -181,12 +177,7 @@ async fn an_event_whose_consumers_die_every_time_is_dead_lettered_after_max_deli
 
     // The next consumer to get it is eda's: the event is dead-lettered, not handled, and the
     // one behind it goes on.
-    let rt = Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
-        .state(Seen::default())
-        .transport(f.nats.clone())
-        .start()
-        .await
-        .expect("start");
+    let rt = shipping(f.nats.clone()).start().await.expect("start");
     rt.settled(SETTLE).await.expect("settled");
     assert_eq!(rt.state::<Seen>().expect("state").0.lock().expect("lock").clone(), ["o-next"]);
     let dead = rt.dead_letters(Some("shipping")).await.expect("dead letters");
@@ -288,12 +279,7 @@ async fn an_existing_stream_keeps_its_partitions_and_takes_the_configured_limits
 
     // Another deployment of the same namespace, configured for more partitions and a longer age.
     let other = f.peer(|o| o.partitions(8).max_age(Some(Duration::from_secs(7200)))).await;
-    let rt = Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
-        .state(Seen::default())
-        .transport(other.clone())
-        .start()
-        .await
-        .expect("start");
+    let rt = shipping(other.clone()).start().await.expect("start");
     rt.publisher().publish(&OrderPlaced { order: "o-late".into(), cents: 1 }).await.expect("publish");
     rt.settled(SETTLE).await.expect("settled");
     assert_eq!(rt.state::<Seen>().expect("state").0.lock().expect("lock").len(), 11, "every event, on 3 partitions");
@@ -324,12 +310,7 @@ async fn lag_counts_what_waits_for_a_group_before_and_after_it_subscribes() {
     assert_eq!(waiting.len(), 2);
     assert_eq!(total(waiting), 5, "the group has not subscribed: all five wait for it");
 
-    let rt = Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
-        .state(Seen::default())
-        .transport(f.nats.clone())
-        .start()
-        .await
-        .expect("start");
+    let rt = shipping(f.nats.clone()).start().await.expect("start");
     rt.settled(SETTLE).await.expect("settled");
     assert_eq!(total(f.nats.lag("shipping", "orders.placed").await.expect("lag")), 0);
     rt.shutdown().await;
@@ -431,12 +412,7 @@ async fn bad_settings_an_absent_server_and_a_server_without_jetstream_are_errors
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_and_streams_removed_under_a_running_service_are_made_again() {
     let f = Fixture::new(|o| o.partitions(1)).await;
-    let rt = Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
-        .state(Seen::default())
-        .transport(f.nats.clone())
-        .start()
-        .await
-        .expect("start");
+    let rt = shipping(f.nats.clone()).start().await.expect("start");
     let seen = || rt.state::<Seen>().expect("state").0.lock().expect("lock").clone();
     rt.publisher().publish(&OrderPlaced { order: "o-1".into(), cents: 1 }).await.expect("publish");
     rt.settled(SETTLE).await.expect("settled");
@@ -543,12 +519,7 @@ async fn tls_and_a_password_from_the_url_work_and_a_wrong_password_is_refused_wi
     let port = server.url().rsplit(':').next().unwrap_or_default().to_owned();
     let url = format!("tls://app:hunter2@127.0.0.1:{port}?tls_ca={}&namespace=tlstest", path("ca.pem"));
     let nats = NatsTransport::connect(&url).await.expect("TLS with the test CA, and the password, are accepted");
-    let rt = Runtime::builder(Registry::builder().handler::<ship>().publishes::<OrderPlaced>().build())
-        .state(Seen::default())
-        .transport(nats)
-        .start()
-        .await
-        .expect("start");
+    let rt = shipping(nats).start().await.expect("start");
     rt.publisher().publish(&OrderPlaced { order: "o-tls".into(), cents: 1 }).await.expect("publish");
     rt.settled(SETTLE).await.expect("settled");
     assert_eq!(rt.state::<Seen>().expect("state").0.lock().expect("lock").clone(), ["o-tls"]);
