@@ -26,8 +26,11 @@
 //! A delivery the runtime holds is kept alive with `+WPI` every third of the ack wait, so slow
 //! handlers and retries with backoff keep their event; one dropped unsettled (a consumer that
 //! stops or dies) is given back at once with a `-NAK`. An event delivered more than
-//! [`max_deliver`](NatsOptions::max_deliver) times without ever being settled — a consumer that
-//! crashes on it — is dead-lettered without being handed out again.
+//! [`max_deliver`](NatsOptions::max_deliver) times without being acknowledged — its consumers
+//! crash on it — is dead-lettered without being handed out again.
+//!
+//! A handler that hangs forever keeps its event alive, and so holds its partition: as on the
+//! SQL log, where its lease is renewed, eda does not cut a running handler short.
 //!
 //! The client reconnects for as long as the server is away; pull requests are renewed when it is
 //! back, publishes retry with the same `Nats-Msg-Id` for [`publish_timeout`](NatsOptions::publish_timeout),
