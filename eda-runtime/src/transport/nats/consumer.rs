@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{lock, other, NatsTransport, TopicLayout, NAME};
+use super::{lock, other, retry_pause, NatsTransport, TopicLayout, NAME};
 
 /// How long one pull request waits for a message before the server ends it.
 const PULL_EXPIRES: Duration = Duration::from_secs(15);
@@ -212,7 +212,7 @@ impl Worker {
                     if self.tx.is_closed() {
                         return;
                     }
-                    tokio::time::sleep(pause(failures)).await;
+                    tokio::time::sleep(retry_pause(failures)).await;
                 }
             }
         };
@@ -258,7 +258,7 @@ impl Worker {
                 if let Err(e) = request.send().await {
                     failures += 1;
                     tracing::warn!(consumer = %self.consumer, error = %e, "cannot send a pull request; trying again");
-                    tokio::time::sleep(pause(failures)).await;
+                    tokio::time::sleep(retry_pause(failures)).await;
                     if self.tx.is_closed() {
                         return;
                     }
@@ -312,7 +312,7 @@ impl Worker {
                         if let Err(e) = self.recreate().await {
                             failures += 1;
                             tracing::warn!(consumer = %self.consumer, error = %e, "cannot create the consumer again");
-                            tokio::time::sleep(pause(failures)).await;
+                            tokio::time::sleep(retry_pause(failures)).await;
                         }
                     } else {
                         tracing::debug!(consumer = %self.consumer, reason = %why, "pull request ended");
@@ -330,13 +330,13 @@ impl Worker {
                             tracing::warn!(consumer = %self.consumer, error = %e, "cannot make the consumer again yet");
                         }
                     }
-                    tokio::time::sleep(pause(unanswered)).await;
+                    tokio::time::sleep(retry_pause(unanswered)).await;
                     requested = false;
                 }
                 Some(status) => {
                     failures += 1;
                     tracing::warn!(consumer = %self.consumer, %status, description = ?message.description, "pull request refused; trying again");
-                    tokio::time::sleep(pause(failures)).await;
+                    tokio::time::sleep(retry_pause(failures)).await;
                     requested = false;
                 }
             }
@@ -529,9 +529,4 @@ impl PullRequest {
     async fn send(&self) -> Result<(), async_nats::PublishError> {
         self.client.publish_with_reply(self.subject.clone(), self.inbox.clone(), self.body.clone()).await
     }
-}
-
-/// A growing pause after repeated failures, up to 2 s.
-fn pause(failures: u32) -> Duration {
-    Duration::from_millis(100).saturating_mul(failures.min(20)).min(Duration::from_secs(2))
 }

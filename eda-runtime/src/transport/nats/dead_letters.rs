@@ -170,12 +170,13 @@ fn no_message(e: &async_nats::error::Error<RawMessageErrorKind>) -> bool {
 #[async_trait]
 impl DeadLetterStore for NatsTransport {
     async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
-        let mut stream = match self.inner.js.get_stream(self.dead_letter_stream()).await {
+        let stream = match self.inner.js.get_stream(self.dead_letter_stream()).await {
             Ok(s) => s,
             Err(e) if stream_missing(&e) => return Ok(Vec::new()),
             Err(e) => return Err(other(e)),
         };
-        let state = stream.info().await.map_err(other)?.state.clone();
+        // get_stream fetched the info already.
+        let state = stream.cached_info().state.clone();
         let mut letters = Vec::new();
         let (mut sequence, mut seen) = (state.first_sequence.max(1), 0);
         while sequence <= state.last_sequence && seen < state.messages {

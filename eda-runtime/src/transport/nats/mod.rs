@@ -149,10 +149,8 @@ impl NatsTransport {
         let mut connect = async_nats::ConnectOptions::new()
             .connection_timeout(options.connection_timeout)
             .name(options.name.clone().unwrap_or_else(|| format!("eda {}", env!("CARGO_PKG_VERSION"))))
-            // Quick to come back after a server restart, never hammering one that stays away.
             .reconnect_delay_callback(|attempts| {
-                let base = Duration::from_millis(100).saturating_mul(attempts.min(20) as u32);
-                base.min(Duration::from_secs(2)) + Duration::from_millis(fastrand::u64(0..100))
+                retry_pause(u32::try_from(attempts).unwrap_or(u32::MAX)) + Duration::from_millis(fastrand::u64(0..100))
             })
             .event_callback({
                 let shown = shown.clone();
@@ -310,14 +308,12 @@ impl NatsTransport {
             return Ok(Some(layout.clone()));
         }
         match self.inner.js.get_stream(self.stream_name(topic)).await {
-            Ok(mut stream) => {
-                let info = stream.info().await.map_err(other)?;
-                let partitions = self.partitions_of(topic, &info.config)?;
-                Ok(Some(Arc::new(TopicLayout {
-                    topic: topic.to_owned(),
-                    stream: info.config.name.clone(),
-                    partitions,
-                })))
+            Ok(stream) => {
+                let config = &stream.cached_info().config;
+                let partitions = self.partitions_of(topic, config)?;
+                // Not remembered: the first publish or subscription still brings the stream to
+                // the configured limits.
+                Ok(Some(Arc::new(TopicLayout { topic: topic.to_owned(), stream: config.name.clone(), partitions })))
             }
             Err(e) if stream_missing(&e) => Ok(None),
             Err(e) => Err(other(e)),
@@ -384,8 +380,8 @@ impl NatsTransport {
         let name = self.stream_name(topic);
         for _ in 0..3 {
             match js.get_stream(&name).await {
-                Ok(mut stream) => {
-                    let existing = stream.info().await.map_err(other)?.config.clone();
+                Ok(stream) => {
+                    let existing = stream.cached_info().config.clone();
                     let partitions = self.partitions_of(topic, &existing)?;
                     if partitions != self.inner.options.partitions {
                         tracing::warn!(topic, stream = %name, partitions, configured = self.inner.options.partitions,
@@ -445,8 +441,8 @@ impl NatsTransport {
         // Another process may update the subjects at the same moment: read again until ours is in.
         for _ in 0..10 {
             match js.get_stream(&name).await {
-                Ok(mut stream) => {
-                    let mut config = stream.info().await.map_err(other)?.config.clone();
+                Ok(stream) => {
+                    let mut config = stream.cached_info().config.clone();
                     if config.subjects.contains(&subject) {
                         lock(&self.inner.dead_letter_topics).insert(topic.to_owned());
                         return Ok(());
@@ -644,6 +640,12 @@ fn message_size(headers: &HeaderMap, payload: usize) -> usize {
         })
         .sum();
     "NATS/1.0\r\n\r\n".len() + header_bytes + payload
+}
+
+/// A pause that grows with repeated failures, 100 ms each, up to 2 s: quick to come back after a
+/// server restart, never hammering one that stays away.
+fn retry_pause(failures: u32) -> Duration {
+    Duration::from_millis(100).saturating_mul(failures.min(20)).min(Duration::from_secs(2))
 }
 
 /// Names eda maps onto subjects, streams and consumers: what `#[event]` and `#[handler]` accept
