@@ -47,6 +47,8 @@ extern crate self as eda;
 pub mod cli;
 mod consumer;
 mod dead_letters;
+#[cfg(any(feature = "nats", test))]
+mod engine;
 mod errors;
 mod inbox;
 mod journal;

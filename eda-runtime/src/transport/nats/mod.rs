@@ -41,6 +41,7 @@
 
 mod consumer;
 mod dead_letters;
+mod leases;
 mod options;
 
 use std::collections::{HashMap, HashSet};
@@ -57,7 +58,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use eda_core::{Binding, DeadLetterStore, Deliveries, Envelope, PartitionLag, Subscription, Transport, TransportError};
 use futures_util::TryStreamExt;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::keys::{fnv1a, partition_of};
@@ -94,12 +94,12 @@ struct Inner {
     dead_letter_topics: Mutex<HashSet<String>>,
     /// Serializes changes to streams, so one process does not race itself.
     topology: tokio::sync::Mutex<()>,
-    /// Counts connections: workers renew their pull requests when it moves.
-    connections: watch::Receiver<u64>,
     deduplicated: AtomicU64,
-    /// Every partition worker, with a handle on its subscription's channel, so that closing
-    /// waits for the workers of stopped subscriptions to give back what they held.
-    workers: Mutex<Vec<consumer::WorkerHandle>>,
+    /// The engine of every subscription, so that closing waits for those of stopped
+    /// subscriptions to settle what is done and hand their partitions over.
+    engines: Mutex<Vec<crate::engine::EngineTask>>,
+    /// The engine's leases, once a subscription needs them.
+    leases: tokio::sync::OnceCell<Arc<leases::NatsLeases>>,
 }
 
 /// Where a topic lives on the server.
@@ -144,8 +144,6 @@ impl NatsTransport {
     pub async fn open(options: NatsOptions) -> Result<Self, TransportError> {
         options.validate()?;
         let shown = options.shown.clone();
-        let (connections_tx, connections) = watch::channel(0u64);
-        let connections_tx = Arc::new(connections_tx);
         let mut connect = async_nats::ConnectOptions::new()
             .connection_timeout(options.connection_timeout)
             .name(options.name.clone().unwrap_or_else(|| format!("eda {}", env!("CARGO_PKG_VERSION"))))
@@ -155,13 +153,10 @@ impl NatsTransport {
             .event_callback({
                 let shown = shown.clone();
                 move |event| {
-                    let (connections_tx, shown) = (connections_tx.clone(), shown.clone());
+                    let shown = shown.clone();
                     async move {
                         match event {
-                            async_nats::Event::Connected => {
-                                tracing::info!(server = %shown, "connected to NATS");
-                                connections_tx.send_modify(|n| *n += 1);
-                            }
+                            async_nats::Event::Connected => tracing::info!(server = %shown, "connected to NATS"),
                             async_nats::Event::Disconnected => {
                                 tracing::warn!(server = %shown, "lost the connection to NATS; reconnecting")
                             }
@@ -216,9 +211,9 @@ impl NatsTransport {
             topics: Mutex::default(),
             dead_letter_topics: Mutex::default(),
             topology: tokio::sync::Mutex::new(()),
-            connections,
             deduplicated: AtomicU64::new(0),
-            workers: Mutex::default(),
+            engines: Mutex::default(),
+            leases: tokio::sync::OnceCell::new(),
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -277,7 +272,11 @@ impl NatsTransport {
         let ns = &self.inner.options.namespace;
         let names: Vec<String> = self.inner.js.stream_names().try_collect().await.map_err(other)?;
         let mut deleted = 0;
-        for name in names.iter().filter(|n| n.starts_with(&format!("{ns}_")) || **n == self.dead_letter_stream()) {
+        let leases = format!("KV_{ns}_leases");
+        for name in names
+            .iter()
+            .filter(|n| n.starts_with(&format!("{ns}_")) || **n == self.dead_letter_stream() || **n == leases)
+        {
             self.inner.js.delete_stream(name).await.map_err(other)?;
             deleted += 1;
         }
@@ -738,7 +737,24 @@ impl Transport for NatsTransport {
         check_name("group", &subscription.group)?;
         let layout = self.topic(&subscription.topic).await?;
         self.ensure_dead_letter_subject(&subscription.topic).await?;
-        consumer::subscribe(self.clone(), layout, subscription.group.clone()).await
+        let leases = self
+            .inner
+            .leases
+            .get_or_try_init(|| async {
+                leases::NatsLeases::open(&self.inner.js, &self.inner.options).await.map(Arc::new)
+            })
+            .await?
+            .clone();
+        let group = subscription.group.clone();
+        let scope = consumer::scope(&group, &subscription.topic);
+        let member = format!("{} pid {}", self.inner.options.name.as_deref().unwrap_or("eda"), std::process::id());
+        let log = Arc::new(consumer::NatsPartitions { transport: self.clone(), layout, group });
+        let (deliveries, engine) =
+            crate::engine::subscribe(log, leases, scope, member, NAME, self.inner.options.engine.clone()).await?;
+        let mut engines = lock(&self.inner.engines);
+        engines.retain(|e| !e.finished());
+        engines.push(engine);
+        Ok(deliveries)
     }
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
@@ -776,11 +792,12 @@ impl Transport for NatsTransport {
     }
 
     async fn close(&self) -> Result<(), TransportError> {
-        // The workers of stopped subscriptions give back what they held (naks), then those and
-        // every ack leave the client's buffer. The connection stays for other users of this
-        // transport, and so do the workers of their subscriptions.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while consumer::stopping_workers(&self.inner.workers) > 0 && Instant::now() < deadline {
+        // The engines of stopped subscriptions settle what is done and hand their partitions
+        // over, then those acks leave the client's buffer. The connection stays for other users
+        // of this transport, and so do the engines of their subscriptions.
+        let deadline = Instant::now() + self.inner.options.engine.handover_timeout + Duration::from_secs(2);
+        let stopping = || lock(&self.inner.engines).iter().any(|e| e.stopping());
+        while stopping() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.inner.client.flush().await.map_err(other)

@@ -68,8 +68,6 @@ pub struct NatsOptions {
     pub(super) namespace: String,
     pub(super) partitions: u32,
     pub(super) ack_wait: Duration,
-    pub(super) max_deliver: u32,
-    pub(super) backoff: Vec<Duration>,
     pub(super) retention: Retention,
     pub(super) storage: Storage,
     pub(super) max_age: Option<Duration>,
@@ -79,6 +77,8 @@ pub struct NatsOptions {
     pub(super) duplicate_window: Duration,
     pub(super) publish_timeout: Duration,
     pub(super) connection_timeout: Duration,
+    /// The delivery engine: window, leases, handover.
+    pub(super) engine: crate::engine::EngineOptions,
     /// The URL as given, secrets hidden: for messages.
     pub(super) shown: String,
 }
@@ -99,19 +99,22 @@ impl fmt::Debug for NatsOptions {
             .field("namespace", &self.namespace)
             .field("partitions", &self.partitions)
             .field("ack_wait", &self.ack_wait)
-            .field("max_deliver", &self.max_deliver)
-            .field("backoff", &self.backoff)
+            .field("max_deliver", &self.engine.max_deliver)
             .field("retention", &self.retention)
             .field("storage", &self.storage)
             .field("max_age", &self.max_age)
             .field("duplicate_window", &self.duplicate_window)
+            .field("window", &self.engine.window)
+            .field("lease_ttl", &self.engine.lease_ttl)
+            .field("heartbeat", &self.engine.heartbeat)
+            .field("handover_timeout", &self.engine.handover_timeout)
             .finish_non_exhaustive()
     }
 }
 
-const KNOWN: &str = "namespace, partitions, ack_wait, max_deliver, backoff, retention, storage, max_age, max_bytes, \
+const KNOWN: &str = "namespace, partitions, ack_wait, max_deliver, retention, storage, max_age, max_bytes, \
      max_messages, replicas, duplicate_window, publish_timeout, connection_timeout, name, creds, nkey_file, \
-     tls_required, tls_ca, tls_cert, tls_key";
+     tls_required, tls_ca, tls_cert, tls_key, window, lease_ttl, heartbeat, handover_timeout";
 
 impl NatsOptions {
     /// Options for the servers at `url`: `nats://host:4222` (several as
@@ -131,8 +134,6 @@ impl NatsOptions {
             namespace: "eda".into(),
             partitions: 16,
             ack_wait: Duration::from_secs(30),
-            max_deliver: 20,
-            backoff: Vec::new(),
             retention: Retention::Limits,
             storage: Storage::File,
             max_age: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -142,6 +143,7 @@ impl NatsOptions {
             duplicate_window: Duration::from_secs(120),
             publish_timeout: Duration::from_secs(10),
             connection_timeout: Duration::from_secs(5),
+            engine: crate::engine::EngineOptions::default(),
             shown: String::new(),
         }
         .shown()
@@ -169,11 +171,12 @@ impl NatsOptions {
     /// Options from a URL and the settings in its query, for configurations that are one URL
     /// (`EDA_URL`): `nats://host:4222?namespace=shop&partitions=32&ack_wait=10s`. The keys are
     /// the builder methods' names — `namespace`, `partitions`, `ack_wait`, `max_deliver`,
-    /// `backoff`, `retention`, `storage`, `max_age`, `max_bytes`, `max_messages`, `replicas`,
-    /// `duplicate_window`, `publish_timeout`, `connection_timeout` — and `name` (the connection
+    /// `retention`, `storage`, `max_age`, `max_bytes`, `max_messages`, `replicas`,
+    /// `duplicate_window`, `publish_timeout`, `connection_timeout`, `window`, `lease_ttl`,
+    /// `heartbeat`, `handover_timeout` — and `name` (the connection
     /// name), `creds` (a `.creds` file), `nkey_file` (a file holding an nkey seed),
     /// `tls_required`, `tls_ca`, `tls_cert` and `tls_key`. Durations are written `10s`, `500ms`,
-    /// `7d`; `max_age=none` keeps events until another limit removes them; `backoff=1s,5s,30s`.
+    /// `7d`; `max_age=none` keeps events until another limit removes them.
     /// A user and password or a token go in the URL itself. An unknown key is an error, so a
     /// typo does not pass silently.
     pub fn from_url(url: &str) -> Result<Self, TransportError> {
@@ -192,7 +195,6 @@ impl NatsOptions {
                 "partitions" => options.partitions(number(&v)?.try_into().map_err(|_| bad("too large"))?),
                 "ack_wait" => options.ack_wait(duration(&v)?),
                 "max_deliver" => options.max_deliver(number(&v)?.try_into().map_err(|_| bad("too large"))?),
-                "backoff" => options.backoff(v.split(',').map(|d| duration(d.trim())).collect::<Result<_, _>>()?),
                 "retention" => options.retention(match v.as_str() {
                     "limits" => Retention::Limits,
                     "interest" => Retention::Interest,
@@ -212,6 +214,10 @@ impl NatsOptions {
                 "publish_timeout" => options.publish_timeout(duration(&v)?),
                 "connection_timeout" => options.connection_timeout(duration(&v)?),
                 "name" => options.connection_name(v),
+                "window" => options.window(number(&v)?.try_into().map_err(|_| bad("too large"))?),
+                "lease_ttl" => options.lease_ttl(duration(&v)?),
+                "heartbeat" => options.heartbeat(duration(&v)?),
+                "handover_timeout" => options.handover_timeout(duration(&v)?),
                 "creds" => options.credentials_file(v),
                 "nkey_file" => {
                     let seed =
@@ -264,32 +270,55 @@ impl NatsOptions {
         self
     }
 
-    /// How long the server waits for a delivery to be settled before it delivers it again (30 s
-    /// by default). eda tells the server a handling is still in progress every third of this
-    /// time, so slow handlers keep their event; the wait matters when a consumer dies, as its
-    /// partition waits this long before another instance gets the event.
+    /// How long the server waits for a delivery to be settled before it delivers it again to the
+    /// partition's owner (30 s by default). The owner ignores such repeats of what it holds; the
+    /// wait matters only when deliveries are lost on the way. When an instance dies, the next
+    /// owner starts from the settled point after `lease_ttl`, not after this wait.
     pub fn ack_wait(mut self, wait: Duration) -> Self {
         self.ack_wait = wait;
         self
     }
 
-    /// How many deliveries of an event without an acknowledgement the transport allows before it
+    /// How many deliveries of an event without its settlement the transport allows before it
     /// dead-letters the event without handing it to a handler again (20 by default): the guard
-    /// against an event that crashes every consumer taking it. The server counts every
-    /// delivery, also the ones the runtime hands back (shutting down, its store unavailable);
-    /// those come back after pauses that grow with each delivery, so 20 cover minutes of a store
-    /// outage. Failed handlings are retried and dead-lettered by the runtime's retry policy
-    /// long before this limit.
+    /// against an event that crashes every consumer taking it. Counted are the owners of its
+    /// partition that died holding it, and the times the runtime handed it back (shutting down,
+    /// its store unavailable); those come back after pauses that grow with each delivery.
+    /// Failed handlings are retried and dead-lettered by the runtime's retry policy long before
+    /// this limit.
     pub fn max_deliver(mut self, n: u32) -> Self {
-        self.max_deliver = n;
+        self.engine.max_deliver = n;
         self
     }
 
-    /// The server's waits before redelivering an event whose delivery timed out, one per
-    /// redelivery, the last repeating (none by default: `ack_wait` each time). With a backoff
-    /// the server uses its first value as the ack wait.
-    pub fn backoff(mut self, backoff: Vec<Duration>) -> Self {
-        self.backoff = backoff;
+    /// How many events of one partition a group's owner has in flight at most — handed out,
+    /// waiting in their key's lane, or done but not yet settled (1024 by default). Events of
+    /// different keys run concurrently up to the runtime's in-flight limit; one event that keeps
+    /// failing holds back its partition once the window behind it is full.
+    pub fn window(mut self, events: usize) -> Self {
+        self.engine.window = events;
+        self
+    }
+
+    /// How long an instance's hold on a partition lasts without renewal (10 s by default): when
+    /// an instance dies, another takes its partitions after this long.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.engine.lease_ttl = ttl;
+        self
+    }
+
+    /// How often leases are renewed and the group's instances counted (2 s by default; at most
+    /// a third of `lease_ttl`).
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.engine.heartbeat = every;
+        self
+    }
+
+    /// How long an instance handing a partition over (another instance joined, or it stops)
+    /// waits for the events it has in flight before it lets go (10 s by default). What has not
+    /// finished by then is handled again by the next owner, and its guard absorbs the repeat.
+    pub fn handover_timeout(mut self, timeout: Duration) -> Self {
+        self.engine.handover_timeout = timeout;
         self
     }
 
@@ -424,12 +453,6 @@ impl NatsOptions {
         if self.ack_wait < Duration::from_millis(300) {
             return Err(config(format!("ack_wait {:?} is too short to renew: use at least 300 ms", self.ack_wait)));
         }
-        if self.backoff.iter().any(|d| *d < Duration::from_millis(300)) {
-            return Err(config("every NATS backoff value must be at least 300 ms"));
-        }
-        if self.max_deliver == 0 {
-            return Err(config("max_deliver 0 would dead-letter every event: use 1 or more"));
-        }
         if let Some(age) = self.max_age {
             if age < self.duplicate_window {
                 return Err(config(format!(
@@ -441,13 +464,8 @@ impl NatsOptions {
         if self.replicas == 0 {
             return Err(config("replicas 0: a stream has at least one"));
         }
+        self.engine.check().map_err(config)?;
         Ok(())
-    }
-
-    /// How often a delivery in hand is kept alive: a third of the shortest ack wait the server
-    /// applies (with a backoff, the n-th delivery waits `backoff[n-1]`).
-    pub(super) fn keep_alive_interval(&self) -> Duration {
-        self.backoff.iter().copied().min().unwrap_or(self.ack_wait) / 3
     }
 }
 
@@ -535,13 +553,14 @@ mod tests {
     #[test]
     fn query_settings_are_read_and_checked() {
         let o = NatsOptions::from_url(
-            "nats://h:4222?partitions=4&ack_wait=2s&backoff=1s,5s&max_age=none&retention=interest",
+            "nats://h:4222?partitions=4&ack_wait=2s&window=64&lease_ttl=3s&heartbeat=1s&max_age=none&retention=interest",
         )
         .expect("valid");
         assert_eq!((o.partitions, o.ack_wait, o.max_age), (4, Duration::from_secs(2), None));
-        assert_eq!(o.backoff, [Duration::from_secs(1), Duration::from_secs(5)]);
+        assert_eq!((o.engine.window, o.engine.lease_ttl), (64, Duration::from_secs(3)));
         assert_eq!(o.retention, Retention::Interest);
-        assert_eq!(o.keep_alive_interval(), Duration::from_secs(1) / 3);
+        let slow = NatsOptions::new("nats://h").heartbeat(Duration::from_secs(5)).validate();
+        assert!(slow.err().map(|e| e.to_string()).unwrap_or_default().contains("lease_ttl"));
         let err = NatsOptions::from_url("nats://h?ack_wait=soon").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("ack_wait=soon"), "{err}");
         let err = NatsOptions::from_url("nats://h?tls_cert=/a.pem").err().map(|e| e.to_string()).unwrap_or_default();
