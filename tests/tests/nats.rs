@@ -9,11 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
 use eda::transport::nats::{NatsOptions, NatsTransport};
 use eda::{event, handler, Ctx, HandlerError, Registry, Replay, Runtime, Transport};
 use eda_tests::{fresh_namespace, nats_options, NatsServer};
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -147,44 +145,6 @@ async fn a_message_that_is_not_an_eda_event_is_dead_lettered_as_it_came_and_the_
     assert!(rt.purge(dead[0].id).await.expect("purge"));
     assert!(!rt.purge(dead[0].id).await.expect("purge again"), "purged once");
     assert!(rt.dead_letters(None).await.expect("dead letters").is_empty());
-    rt.shutdown().await;
-    f.done().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_whose_consumers_die_every_time_is_dead_lettered_after_max_deliver() {
-    let f = Fixture::new(|o| o.partitions(1).max_deliver(2).ack_wait(Duration::from_millis(500))).await;
-    let rt = shipping(f.nats.clone()).without_consumers().start().await.expect("start");
-    let poison = rt.publisher().publish(&OrderPlaced { order: "o-poison".into(), cents: 1 }).await.expect("publish");
-    rt.publisher().publish(&OrderPlaced { order: "o-next".into(), cents: 1 }).await.expect("publish");
-    rt.shutdown().await;
-
-    // The group's consumers exist (a subscription made them); then consumers take the event
-    // and die before settling it — nothing acks, nothing naks — until it was delivered twice.
-    let subscription = eda::Subscription { group: "shipping".into(), topic: "orders.placed".into(), prefetch: 1 };
-    drop(f.nats.subscribe(&subscription).await.expect("the group's consumers are made"));
-    let stream = f.js().get_stream(f.nats.stream_name("orders.placed")).await.expect("stream");
-    let consumer: PullConsumer = stream.get_consumer("shipping_0").await.expect("consumer");
-    let mut delivered = 0;
-    while delivered < 2 {
-        let mut batch =
-            consumer.fetch().max_messages(1).expires(Duration::from_secs(3)).messages().await.expect("fetch");
-        let message = batch.next().await.expect("a message").expect("delivered");
-        assert_eq!(message.payload, poison.data, "the first event comes first");
-        delivered = message.info().expect("info").delivered;
-        drop(message); // its consumer dies with it
-    }
-
-    // The next consumer to get it is eda's: the event is dead-lettered, not handled, and the
-    // one behind it goes on.
-    let rt = shipping(f.nats.clone()).start().await.expect("start");
-    rt.settled(SETTLE).await.expect("settled");
-    assert_eq!(rt.state::<Seen>().expect("state").0.lock().expect("lock").clone(), ["o-next"]);
-    let dead = rt.dead_letters(Some("shipping")).await.expect("dead letters");
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].letter.envelope, poison, "the original envelope is kept");
-    assert_eq!(dead[0].letter.attempts, 2);
-    assert!(dead[0].letter.reason.error.contains("without being acknowledged"), "{}", dead[0].letter.reason.error);
     rt.shutdown().await;
     f.done().await;
 }

@@ -224,7 +224,8 @@ impl<M> Window<M> {
                 Some(DeadLetterReason {
                     handler: None,
                     error: format!(
-                        "delivered {attempt} times without being settled: the consumers holding it stopped each time (a crash on it?)"
+                        "delivered {} times without being settled: the owners of its partition died holding it each time (max_deliver {max_deliver})",
+                        attempt - 1
                     ),
                     permanent: false,
                 }),
@@ -234,7 +235,7 @@ impl<M> Window<M> {
         };
         self.slots.insert(offset, Slot { message, envelope, attempt, state: State::Waiting, due: None });
         if let Some(reason) = dead {
-            return Some((offset, reason, attempt));
+            return Some((offset, reason, attempt.saturating_sub(1).max(1)));
         }
         match self.slots.get(&offset).and_then(Slot::key).map(str::to_owned) {
             Some(key) => {
@@ -665,7 +666,7 @@ mod tests {
         assert!(w.admit(fetched(4, "a"), 20).is_none());
         assert!(w.slots.is_empty());
         let dead = w.admit(fetched(6, "a"), 20).map(|(o, _, a)| (o, a));
-        assert_eq!(dead, Some((6, 21)), "the first event after a run of crashes is dead-lettered");
+        assert_eq!(dead, Some((6, 20)), "the first event after a run of crashes is dead-lettered");
         assert!(w.admit(fetched(7, "a"), 20).is_none());
         assert_eq!(w.slots.get(&7).map(|s| s.attempt), Some(1));
         assert!(w.admit(fetched(7, "a"), 20).is_none(), "a repeat of 7 changes nothing");
