@@ -21,6 +21,9 @@
 //!   partition with `max_ack_pending` 1 pulling one message at a time, a dedupe set, and a
 //!   confirmed publish of what it emits and a confirmed ack per message. `nats-drain` does the
 //!   same with the N events published first (pipelined), and times only their handling.
+//! - `nats-peak`: eda on NATS beside async-nats at its best (one wide pull consumer, no
+//!   ordering, no dedupe), publish bare and with eda's headers, and latency at 1,000 events/s;
+//!   see `nats_peak.rs`.
 //! - `sqlite-backlog`, `postgres-backlog`: N events (1,000,000 by default) waiting in the log;
 //!   a consumer works through them for `--seconds` (10 by default). It reports the rate and the
 //!   peak RSS, which the in-flight limit bounds whatever the backlog.
@@ -40,6 +43,8 @@ use eda::transport::{partition_of, MemoryTransport};
 use eda::{event, handler, Ctx, Handler as _, Registry, Runtime, Transport};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+
+mod nats_peak;
 
 #[event(topic = "bench", key = key)]
 #[derive(Serialize, Deserialize)]
@@ -143,13 +148,14 @@ fn parse_args() -> Result<Args, String> {
             "postgres-outbox",
             "nats",
             "nats-drain",
+            "nats-peak",
             "sqlite-backlog",
             "postgres-backlog",
         ]
         .contains(&t.as_str())
         {
             return Err(format!(
-                "unknown transport `{t}`: use memory, sqlite, postgres, postgres-outbox, nats, nats-drain, sqlite-backlog or postgres-backlog"
+                "unknown transport `{t}`: use memory, sqlite, postgres, postgres-outbox, nats, nats-drain, nats-peak, sqlite-backlog or postgres-backlog"
             ));
         }
     }
@@ -806,7 +812,7 @@ async fn main() {
         }
     };
     sqlx::any::install_default_drivers();
-    if !args.json && args.transports.iter().any(|t| !t.ends_with("-backlog")) {
+    if !args.json && args.transports.iter().any(|t| !t.ends_with("-backlog") && t != "nats-peak") {
         println!(
             "{:<16} {:<32} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8}",
             "transport",
@@ -827,6 +833,13 @@ async fn main() {
     }
     let mut failed = false;
     for transport in &args.transports {
+        if transport == "nats-peak" {
+            if let Err(e) = nats_peak::run(args.events.unwrap_or(20_000), args.rounds, args.json).await {
+                eprintln!("{transport}: {e}");
+                failed = true;
+            }
+            continue;
+        }
         if let Some(db) = transport.strip_suffix("-backlog") {
             match backlog(db == "postgres", &args).await {
                 Ok(line) if args.json => println!("{}", serde_json::json!({ "transport": transport, "report": line })),
