@@ -10,32 +10,35 @@
 //!   the duplicate window is dropped by the server) and the payload as the message body.
 //!   Publishing waits for the stream's acknowledgement.
 //! - **A durable pull consumer per group and partition**, `<group>_<n>`, filtered on that
-//!   partition's subject, with explicit acks and `max_ack_pending` 1. The server hands out a
-//!   partition's next event only when the one before is settled, so events of one key are
-//!   handled in publish order by the whole group — across its instances, across redeliveries and
-//!   across crashes — without any coordination between the instances: they pull from the same
-//!   consumers, and whichever asks first gets the next event. Keys in different partitions run
-//!   concurrently, so a group handles up to P events of a topic at once. (In-process sequencing
-//!   with a wider `max_ack_pending` would order a key within one instance only, and a
-//!   redelivery could overtake its successors; this is the design that keeps the promise.)
+//!   partition's subject, with `AckPolicy::All` and `max_ack_pending` equal to the window
+//!   ([`NatsOptions::window`], 1024 by default). Each partition has one owner among the group's
+//!   live instances at a time, by a lease in the key-value bucket `<namespace>_leases` (see
+//!   the delivery engine): the owner has a window of the partition in flight at once, hands out
+//!   one event per key at a time (also across retries) while other keys run concurrently, and
+//!   settles the contiguous done prefix with one `+ACK` per batch. So events of one key are
+//!   handled in publish order by the whole group, across its instances, redeliveries and
+//!   crashes. An owner that dies is replaced after [`NatsOptions::lease_ttl`]; the new owner
+//!   makes the consumer anew from its ack floor, so whatever was left unsettled comes first and
+//!   in order (repeats are absorbed by the idempotency guards). An instance that joins gets a
+//!   share: the others hand partitions over (intake stops, what is out finishes within
+//!   [`NatsOptions::handover_timeout`], the done prefix is settled, the lease is deleted).
 //! - **Dead letters** in the stream `eda-dead-letters`, on the subjects `eda.<topic>.dlq`: the
 //!   original message, byte for byte, with `eda-dlq-*` headers saying which group gave up, why,
 //!   after how many attempts and when. [`DeadLetterStore`] lists, shows and removes them, so
 //!   `<app> dlq list|show|replay|purge` work on NATS as on the other transports.
 //!
-//! A delivery the runtime holds is kept alive with `+WPI` every third of the ack wait, so slow
-//! handlers and retries with backoff keep their event; one dropped unsettled (a consumer that
-//! stops or dies) is given back at once with a `-NAK`. An event delivered more than
-//! [`max_deliver`](NatsOptions::max_deliver) times without being acknowledged — its consumers
-//! crash on it — is dead-lettered without being handed out again.
+//! An event handed out more than [`max_deliver`](NatsOptions::max_deliver) times without being
+//! settled — owners of its partition died holding it, or the runtime handed it back each time —
+//! is dead-lettered without being handed out again.
 //!
-//! A handler that hangs forever keeps its event alive, and so holds its partition: as on the
-//! SQL log, where its lease is renewed, eda does not cut a running handler short.
+//! A handler that hangs forever holds its key, and once the window behind it is full, its
+//! partition: as on the SQL log, eda does not cut a running handler short.
 //!
-//! The client reconnects for as long as the server is away; pull requests are renewed when it is
-//! back, publishes retry with the same `Nats-Msg-Id` for [`publish_timeout`](NatsOptions::publish_timeout),
-//! and acknowledgements lost with the connection make their events come again, which the
-//! idempotency guards absorb.
+//! The client reconnects for as long as the server is away; a partition whose deliveries were
+//! lost on the way (a gap in the consumer's sequence) or whose reading failed is opened again
+//! from its ack floor; publishes retry with the same `Nats-Msg-Id` for
+//! [`publish_timeout`](NatsOptions::publish_timeout); acknowledgements lost with the connection
+//! make their events come again, which the idempotency guards absorb.
 //!
 //! Lag is, per partition, the consumer's `num_pending` plus `num_ack_pending`.
 
