@@ -103,8 +103,14 @@ pub(crate) trait PartitionLog: Send + Sync + 'static {
 
     /// Opens `partition` for reading from just after its settled point, with at most `window`
     /// messages delivered and not settled. Whatever an earlier reader left unsettled comes
-    /// again, in order.
-    async fn open(&self, partition: u32, window: usize) -> Result<Opened<Self::Message>, TransportError>;
+    /// again, in order. `known_floor` is the settled point the leases last recorded, for a
+    /// broker that lost its own.
+    async fn open(
+        &self,
+        partition: u32,
+        window: usize,
+        known_floor: u64,
+    ) -> Result<Opened<Self::Message>, TransportError>;
 
     /// Settles every message of its partition up to and including `message`; with `confirm`,
     /// waits until the broker has it.

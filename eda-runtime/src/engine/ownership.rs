@@ -28,8 +28,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eda_core::{Deliveries, Delivery, TransportError};
 use futures_core::Stream;
-use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -64,8 +65,8 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
     async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), TransportError>;
 }
 
-/// What a lease key holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a lease key holds, written `<owner> <floor> <strikes>`; no owner when it was given back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Lease {
     /// The member that holds it.
     pub owner: String,
@@ -73,6 +74,21 @@ pub(crate) struct Lease {
     pub floor: u64,
     /// Owners in a row whose lease lapsed on this settled point.
     pub strikes: u32,
+}
+
+impl Lease {
+    fn encode(&self) -> Vec<u8> {
+        format!("{} {} {}", self.owner, self.floor, self.strikes).into_bytes()
+    }
+
+    fn decode(value: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(value);
+        let mut parts = text.split(' ');
+        let owner = parts.next().unwrap_or_default().to_owned();
+        let floor = parts.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+        let strikes = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        Self { owner, floor, strikes }
+    }
 }
 
 /// Starts the engine for one subscription: the member joins the group's partitions on `log`,
@@ -88,7 +104,7 @@ pub(crate) async fn subscribe<L: PartitionLog>(
 ) -> Result<(Deliveries, EngineTask), TransportError> {
     let watch = leases.watch(&scope).await?;
     let me = uuid::Uuid::new_v4().simple().to_string();
-    leases.put(&format!("{scope}.m.{me}"), member.into_bytes()).await?;
+    leases.put(&format!("{scope}.m.{me}"), member.clone().into_bytes()).await?;
     let capacity = options.window.min(4096);
     let (tx, mut rx) = mpsc::channel(capacity);
     let owner = Owner {
@@ -96,6 +112,7 @@ pub(crate) async fn subscribe<L: PartitionLog>(
         leases,
         scope,
         me,
+        member,
         options,
         transport,
         deliveries: tx,
@@ -149,6 +166,8 @@ struct Owner<L: PartitionLog> {
     leases: Arc<dyn LeaseStore>,
     scope: String,
     me: String,
+    /// Who this is, for operators reading the bucket.
+    member: String,
     options: EngineOptions,
     transport: &'static str,
     deliveries: mpsc::Sender<Result<Delivery, TransportError>>,
@@ -198,9 +217,11 @@ impl<L: PartitionLog> Owner<L> {
                         }
                         tokio::time::sleep(Duration::from_millis(100).saturating_mul(failures.min(20))).await;
                         watch = self.leases.watch(&self.scope).await.ok();
-                        // Whatever moved meanwhile comes again; until then nothing has lapsed.
+                        // Whatever moved meanwhile comes again; until then no lease has lapsed.
+                        // Members keep their clocks: one that died meanwhile must not count.
                         let now = Instant::now();
-                        self.view.values_mut().for_each(|s| s.since = now);
+                        let leases = format!("{}.p.", self.scope);
+                        self.view.iter_mut().filter(|(k, _)| k.starts_with(&leases)).for_each(|(_, s)| s.since = now);
                     }
                 },
                 Some(ended) = self.runs.join_next() => {
@@ -221,6 +242,10 @@ impl<L: PartitionLog> Owner<L> {
     fn seen(&mut self, update: LeaseUpdate) -> bool {
         let LeaseUpdate { key, revision, value } = update;
         let relevant = value.is_none() || !self.view.contains_key(&key);
+        if value.is_none() && key.starts_with(&format!("{}.m.", self.scope)) {
+            self.view.remove(&key);
+            return true;
+        }
         match self.view.get_mut(&key) {
             Some(seen) if seen.revision >= revision => return false,
             Some(seen) => *seen = Seen { revision, value, since: Instant::now() },
@@ -249,7 +274,7 @@ impl<L: PartitionLog> Owner<L> {
 
     /// Writes the member key and renews every lease held.
     async fn heartbeat(&mut self) {
-        if let Err(e) = self.leases.put(&self.member_key(), Vec::new()).await {
+        if let Err(e) = self.leases.put(&self.member_key(), self.member.clone().into_bytes()).await {
             tracing::warn!(scope = %self.scope, error = %e, "could not write the member key");
         }
         let keep = self.options.lease_ttl - self.options.lease_ttl / 5;
@@ -260,7 +285,7 @@ impl<L: PartitionLog> Owner<L> {
             let (leases, key, revision) = (self.leases.clone(), self.lease_key(p), o.revision);
             async move {
                 let sent = Instant::now();
-                let value = serde_json::to_vec(&lease).unwrap_or_default();
+                let value = lease.encode();
                 (p, sent, lease, leases.update(&key, value, revision).await)
             }
         });
@@ -314,37 +339,37 @@ impl<L: PartitionLog> Owner<L> {
         let key = self.lease_key(p);
         let ttl = self.options.lease_ttl;
         let held = self.view.get(&key).and_then(|s| {
-            let lease = s.value.as_ref().map(|v| serde_json::from_slice::<Lease>(v).unwrap_or_default());
-            lease.map(|l| (s.revision, l, s.since.elapsed() >= ttl))
+            let lease = s.value.as_deref().map(Lease::decode);
+            // Given back: free, and its settled point is still worth knowing.
+            lease.map(|l| (s.revision, l.owner.is_empty() || s.since.elapsed() >= ttl, l))
         });
         let mine = Lease { owner: self.me.clone(), ..Lease::default() };
         let sent = Instant::now();
-        let (revision, lapsed) = match held {
-            None => {
-                let value = serde_json::to_vec(&mine).unwrap_or_default();
-                match self.leases.create(&key, value).await? {
-                    Some(revision) => (revision, None),
-                    None => return Ok(()),
-                }
-            }
-            Some((_, _, false)) => return Ok(()),
-            Some((revision, before, true)) => {
+        let (revision, lapsed, known_floor) = match held {
+            None => match self.leases.create(&key, mine.encode()).await? {
+                Some(revision) => (revision, None, 0),
+                None => return Ok(()),
+            },
+            Some((_, false, _)) => return Ok(()),
+            Some((revision, true, before)) => {
                 let lease = Lease { owner: self.me.clone(), ..before.clone() };
-                let value = serde_json::to_vec(&lease).unwrap_or_default();
-                match self.leases.update(&key, value, revision).await? {
+                match self.leases.update(&key, lease.encode(), revision).await? {
+                    Some(revision) if before.owner.is_empty() => (revision, None, before.floor),
                     Some(revision) => {
                         tracing::info!(scope = %self.scope, partition = p, from = %before.owner, "took over a lapsed lease");
-                        (revision, Some(before))
+                        let floor = before.floor;
+                        (revision, Some(before), floor)
                     }
                     None => return Ok(()),
                 }
             }
         };
         let fence = Arc::new(Fence::new(sent + ttl - ttl / 5));
-        let opened = match self.log.open(p, self.options.window).await {
+        let opened = match self.log.open(p, self.options.window, known_floor).await {
             Ok(opened) => opened,
             Err(e) => {
-                let _ = self.leases.delete(&key, Some(revision)).await;
+                let given_back = Lease { floor: known_floor, ..Lease::default() };
+                let _ = self.leases.update(&key, given_back.encode(), revision).await;
                 return Err(e);
             }
         };
@@ -354,7 +379,7 @@ impl<L: PartitionLog> Owner<L> {
             None => 0,
         };
         let lease = Lease { owner: self.me.clone(), floor: opened.floor, strikes };
-        let revision = match self.leases.update(&key, serde_json::to_vec(&lease).unwrap_or_default(), revision).await {
+        let revision = match self.leases.update(&key, lease.encode(), revision).await {
             Ok(Some(r)) => r,
             // Taken meanwhile, or the store is away: the heartbeat finds out and gives it up.
             _ => revision,
@@ -373,7 +398,10 @@ impl<L: PartitionLog> Owner<L> {
             first_attempt: strikes.saturating_add(1),
         };
         tracing::debug!(scope = %self.scope, partition = p, floor = opened.floor, strikes, "consuming a partition");
-        self.runs.spawn(async move { (p, partition::run(run, opened).await) });
+        self.runs.spawn(async move {
+            let ended = AssertUnwindSafe(partition::run(run, opened)).catch_unwind().await;
+            (p, ended.unwrap_or_else(|_| Ended::Failed(TransportError::Closed("a partition's run panicked"))))
+        });
         self.owned.insert(p, Owned { revision, lease, control, fence, floor, releasing: false });
         Ok(())
     }
@@ -388,8 +416,11 @@ impl<L: PartitionLog> Owner<L> {
                     tracing::warn!(scope = %self.scope, partition = p, error = %e, "a partition stopped; it is taken again");
                 }
                 if owned.fence.holds() {
-                    if let Err(e) = self.leases.delete(&self.lease_key(p), Some(owned.revision)).await {
-                        tracing::debug!(scope = %self.scope, partition = p, error = %e, "could not delete a lease; it lapses");
+                    // Given back with its settled point: whoever takes it next starts there even
+                    // if the partition's consumer is gone.
+                    let given_back = Lease { floor: owned.floor.load(Ordering::Relaxed), ..Lease::default() };
+                    if let Err(e) = self.leases.update(&self.lease_key(p), given_back.encode(), owned.revision).await {
+                        tracing::debug!(scope = %self.scope, partition = p, error = %e, "could not give a lease back; it lapses");
                     }
                 }
             }
@@ -404,7 +435,7 @@ impl<L: PartitionLog> Owner<L> {
         // Renew while the runs finish, so that the leases hold until they are handed over.
         let mut tick = tokio::time::interval(self.options.heartbeat);
         tick.tick().await;
-        while !self.owned.is_empty() {
+        while !self.owned.is_empty() && !self.runs.is_empty() {
             tokio::select! {
                 Some(ended) = self.runs.join_next() => {
                     if let Ok((p, ended)) = ended {

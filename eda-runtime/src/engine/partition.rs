@@ -458,6 +458,7 @@ pub(crate) async fn run<L: PartitionLog>(mut run: PartitionRun<L>, opened: Opene
                 }
             }
             _ = sleep_until(next_due) => window.release_due(),
+            _ = sleep_until(drain_until) => {}
             read = next_message(&mut messages), if room && drain_until.is_none() => match read {
                 Some(Ok(fetched)) => {
                     if let Some((offset, reason, attempts)) = window.admit(fetched, run.options.max_deliver) {
@@ -487,7 +488,9 @@ pub(crate) async fn run<L: PartitionLog>(mut run: PartitionRun<L>, opened: Opene
         }
         run.floor.store(window.settled, Ordering::Relaxed);
     }
-    if !settle(&run, &mut window, true).await {
+    if !settle(&run, &mut window, true).await || window.unsent.is_some() {
+        // Not confirmed: the lease lapses rather than being given back, so no next owner
+        // re-creates the partition's consumer while these acks may still be on their way.
         return Ended::Lost;
     }
     match failure {
@@ -557,6 +560,10 @@ async fn dead_letter<L: PartitionLog>(
     attempts: u32,
 ) -> bool {
     let Some(slot) = window.slots.get(&offset) else { return true };
+    if !run.fence.holds() {
+        // The next owner has it now (or soon): a dead letter here could double its handling.
+        return true;
+    }
     match run.log.dead_letter(&slot.message, reason, attempts).await {
         Ok(()) => {
             window.done(offset);

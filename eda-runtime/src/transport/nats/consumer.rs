@@ -80,7 +80,12 @@ impl PartitionLog for NatsPartitions {
         self.layout.partitions
     }
 
-    async fn open(&self, partition: u32, window: usize) -> Result<Opened<Self::Message>, TransportError> {
+    async fn open(
+        &self,
+        partition: u32,
+        window: usize,
+        known_floor: u64,
+    ) -> Result<Opened<Self::Message>, TransportError> {
         let js = &self.transport.inner.js;
         let stream = match js.get_stream_no_info(&self.layout.stream).await {
             Ok(s) => s,
@@ -98,7 +103,16 @@ impl PartitionLog for NatsPartitions {
                 stream.delete_consumer(&name).await.map_err(other)?;
                 info.ack_floor.stream_sequence
             }
-            Err(e) if consumer_missing(&e) => 0,
+            // Gone (removed by hand, or lost between a delete and a create): start where the
+            // leases last saw the partition settled, not from the beginning of the stream —
+            // unless the stream itself is new (it ends before that point).
+            Err(e) if consumer_missing(&e) => {
+                let last = js.get_stream(&self.layout.stream).await.map(|s| s.cached_info().state.last_sequence);
+                match last {
+                    Ok(last) if last >= known_floor => known_floor,
+                    _ => 0,
+                }
+            }
             Err(e) => return Err(other(e)),
         };
         let consumer = stream

@@ -465,6 +465,13 @@ impl NatsOptions {
             return Err(config("replicas 0: a stream has at least one"));
         }
         self.engine.check().map_err(config)?;
+        if self.retention == Retention::Interest {
+            // A partition's consumer is made anew when its owner changes; on an interest stream,
+            // removing it removes the events it had not acknowledged yet.
+            return Err(config(
+                "retention=interest is not supported: a partition's consumer is re-created when another instance takes it over, and NATS then drops the events it had not acknowledged; use retention=limits with max_age",
+            ));
+        }
         Ok(())
     }
 }
