@@ -13,9 +13,9 @@ use eda_core::TransportError;
 pub enum Retention {
     /// Kept until `max_age`, `max_bytes` or `max_messages` removes it.
     Limits,
-    /// Removed once every consumer group that exists has acknowledged it. An event published
-    /// while no group has subscribed yet is not kept at all, and a group that subscribes later
-    /// starts from what is published after.
+    /// Removed once every consumer group that exists has acknowledged it. Refused for now:
+    /// a partition's consumer is re-created when another instance takes the partition over,
+    /// and on an interest stream that drops the events it had not acknowledged.
     Interest,
 }
 
