@@ -12,6 +12,7 @@ use std::time::Duration;
 use eda::transport::nats::{NatsOptions, NatsTransport};
 use eda::{event, handler, Ctx, HandlerError, Registry, Replay, Runtime, Transport};
 use eda_tests::{fresh_namespace, nats_options, NatsServer};
+use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -380,7 +381,9 @@ async fn consumers_and_streams_removed_under_a_running_service_are_made_again() 
     // An operator removes the group's consumer: it is made again, starts from the stream's
     // beginning, and the guard absorbs what was handled already.
     let stream = f.js().get_stream(f.nats.stream_name("orders.placed")).await.expect("stream");
-    stream.delete_consumer("shipping_0").await.expect("delete the consumer");
+    let names: Vec<String> = stream.consumer_names().try_collect().await.expect("consumer names");
+    let current = names.iter().find(|n| n.starts_with("shipping_0-")).expect("the partition's consumer");
+    stream.delete_consumer(current).await.expect("delete the consumer");
     rt.publisher().publish(&OrderPlaced { order: "o-2".into(), cents: 1 }).await.expect("publish");
     let deadline = tokio::time::Instant::now() + SETTLE;
     while seen().len() < 2 {

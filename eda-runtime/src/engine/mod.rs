@@ -87,6 +87,8 @@ pub(crate) struct Fetched<M> {
 pub(crate) struct Opened<M> {
     /// Every offset up to this one is settled; reading starts after it.
     pub floor: u64,
+    /// Whether events wait after `floor`: the new owner is busy from the start.
+    pub backlog: bool,
     /// The messages after `floor`, in offset order. An error ends the reading: the engine opens
     /// the partition again from its settled point.
     pub messages: std::pin::Pin<Box<dyn Stream<Item = Result<Fetched<M>, TransportError>> + Send>>,
@@ -104,12 +106,14 @@ pub(crate) trait PartitionLog: Send + Sync + 'static {
     /// Opens `partition` for reading from just after its settled point, with at most `window`
     /// messages delivered and not settled. Whatever an earlier reader left unsettled comes
     /// again, in order. `known_floor` is the settled point the leases last recorded, for a
-    /// broker that lost its own.
+    /// broker that lost its own; `generation` grows with every opening of the partition by any
+    /// instance (the lease's revision), for brokers that keep a reader per opening.
     async fn open(
         &self,
         partition: u32,
         window: usize,
         known_floor: u64,
+        generation: u64,
     ) -> Result<Opened<Self::Message>, TransportError>;
 
     /// Settles every message of its partition up to and including `message`; with `confirm`,

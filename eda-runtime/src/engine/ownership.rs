@@ -21,7 +21,7 @@
 //! there.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::partition::{self, Control, Ended, Fence, PartitionRun};
-use super::{EngineOptions, PartitionLog};
+use super::{EngineOptions, Opened, PartitionLog};
 
 /// A change of one key under a watched prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +45,8 @@ pub(crate) struct LeaseUpdate {
     pub revision: u64,
     /// `None` when the key was deleted.
     pub value: Option<Vec<u8>>,
+    /// When the store wrote it, by the store's clock (nanoseconds since the epoch).
+    pub written_ns: u64,
 }
 
 /// Keys with revisions and compare-and-set: JetStream KV on NATS; a row with a version in SQL.
@@ -55,6 +57,8 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
         &self,
         prefix: &str,
     ) -> Result<std::pin::Pin<Box<dyn Stream<Item = Result<LeaseUpdate, TransportError>> + Send>>, TransportError>;
+    /// The key as it is now.
+    async fn get(&self, key: &str) -> Result<Option<LeaseUpdate>, TransportError>;
     /// Writes `key` whatever it holds.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, TransportError>;
     /// Writes `key` if it does not exist (or was deleted); `None` when it exists.
@@ -65,20 +69,24 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
     async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), TransportError>;
 }
 
-/// What a lease key holds, written `<owner> <floor> <strikes>`; no owner when it was given back.
+/// What a lease key holds, written `<owner> <floor> <strikes> <busy>`; no owner when it was
+/// given back.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Lease {
     /// The member that holds it.
     pub owner: String,
     /// The settled point its owner last reported.
     pub floor: u64,
-    /// Owners in a row whose lease lapsed on this settled point.
+    /// Owners in a row that died holding an event at this settled point.
     pub strikes: u32,
+    /// Whether its owner had events out when it last reported: an owner that dies idle is
+    /// no strike against anything.
+    pub busy: bool,
 }
 
 impl Lease {
     fn encode(&self) -> Vec<u8> {
-        format!("{} {} {}", self.owner, self.floor, self.strikes).into_bytes()
+        format!("{} {} {} {}", self.owner, self.floor, self.strikes, u8::from(self.busy)).into_bytes()
     }
 
     fn decode(value: &[u8]) -> Self {
@@ -87,7 +95,18 @@ impl Lease {
         let owner = parts.next().unwrap_or_default().to_owned();
         let floor = parts.next().and_then(|f| f.parse().ok()).unwrap_or(0);
         let strikes = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        Self { owner, floor, strikes }
+        let busy = parts.next() == Some("1");
+        Self { owner, floor, strikes, busy }
+    }
+
+    /// The strikes a new owner counts, having found the partition settled at `floor` after
+    /// this lease lapsed.
+    fn strikes_after_lapse(&self, floor: u64) -> u32 {
+        match (self.busy, self.floor == floor) {
+            (false, _) => 0,
+            (true, true) => self.strikes.saturating_add(1),
+            (true, false) => 1,
+        }
     }
 }
 
@@ -117,7 +136,9 @@ pub(crate) async fn subscribe<L: PartitionLog>(
         transport,
         deliveries: tx,
         view: HashMap::new(),
+        store_clock: None,
         owned: HashMap::new(),
+        resting: HashMap::new(),
         runs: JoinSet::new(),
     };
     let subscription = owner.deliveries.downgrade();
@@ -147,7 +168,7 @@ impl EngineTask {
 struct Seen {
     revision: u64,
     value: Option<Vec<u8>>,
-    /// When this revision was first seen here.
+    /// When this revision was written, on this member's clock (from the store's timestamps).
     since: Instant,
 }
 
@@ -158,7 +179,17 @@ struct Owned {
     control: watch::Sender<Control>,
     fence: Arc<Fence>,
     floor: Arc<AtomicU64>,
+    busy: Arc<AtomicBool>,
     releasing: bool,
+}
+
+/// A partition taken and opened, ready to run.
+struct Acquired<M> {
+    partition: u32,
+    revision: u64,
+    lease: Lease,
+    fence: Arc<Fence>,
+    opened: Opened<M>,
 }
 
 struct Owner<L: PartitionLog> {
@@ -172,7 +203,11 @@ struct Owner<L: PartitionLog> {
     transport: &'static str,
     deliveries: mpsc::Sender<Result<Delivery, TransportError>>,
     view: HashMap<String, Seen>,
+    /// The newest write seen, by the store's clock, and when it was seen here.
+    store_clock: Option<(u64, Instant)>,
     owned: HashMap<u32, Owned>,
+    /// Partitions whose run failed, and until when they are left alone.
+    resting: HashMap<u32, (Instant, u32)>,
     runs: JoinSet<(u32, Ended)>,
 }
 
@@ -215,13 +250,9 @@ impl<L: PartitionLog> Owner<L> {
                         if let Some(Err(e)) = failed {
                             tracing::warn!(scope = %self.scope, error = %e, "watching the group's leases failed; watching again");
                         }
-                        tokio::time::sleep(Duration::from_millis(100).saturating_mul(failures.min(20))).await;
+                        // Renewals go on meanwhile: the pause is short, and the next tick renews.
+                        tokio::time::sleep(Duration::from_millis(50).saturating_mul(failures.min(10))).await;
                         watch = self.leases.watch(&self.scope).await.ok();
-                        // Whatever moved meanwhile comes again; until then no lease has lapsed.
-                        // Members keep their clocks: one that died meanwhile must not count.
-                        let now = Instant::now();
-                        let leases = format!("{}.p.", self.scope);
-                        self.view.iter_mut().filter(|(k, _)| k.starts_with(&leases)).for_each(|(_, s)| s.since = now);
                     }
                 },
                 Some(ended) = self.runs.join_next() => {
@@ -240,32 +271,43 @@ impl<L: PartitionLog> Owner<L> {
 
     /// Takes a change of the watched keys; true when it may change who should own what.
     fn seen(&mut self, update: LeaseUpdate) -> bool {
-        let LeaseUpdate { key, revision, value } = update;
-        let relevant = value.is_none() || !self.view.contains_key(&key);
+        let LeaseUpdate { key, revision, value, written_ns } = update;
+        let now = Instant::now();
+        // Ages by the store's clock, compared with the store's clock only: no two machines'
+        // clocks need to agree. The newest write seen stands for the store's "now".
+        let (newest, seen_at) = match self.store_clock {
+            Some((newest, at)) if newest >= written_ns => (newest, at),
+            _ => (written_ns, now),
+        };
+        self.store_clock = Some((newest, seen_at));
+        let age = Duration::from_nanos(newest - written_ns) + seen_at.elapsed();
+        let since = now.checked_sub(age).unwrap_or(now);
         if value.is_none() && key.starts_with(&format!("{}.m.", self.scope)) {
-            self.view.remove(&key);
-            return true;
+            return self.view.remove(&key).is_some();
         }
+        let relevant = value.is_none() || !self.view.contains_key(&key);
         match self.view.get_mut(&key) {
             Some(seen) if seen.revision >= revision => return false,
-            Some(seen) => *seen = Seen { revision, value, since: Instant::now() },
+            Some(seen) => *seen = Seen { revision, value, since },
             None => {
-                self.view.insert(key, Seen { revision, value, since: Instant::now() });
+                self.view.insert(key, Seen { revision, value, since });
             }
         }
         relevant
     }
 
-    /// The live members, sorted: whose key moved within a TTL, and this one.
-    fn members(&self) -> Vec<&str> {
+    /// The live members, sorted: whose key was written within a TTL, and this one. Keys of
+    /// members gone for longer are forgotten.
+    fn members(&mut self) -> Vec<String> {
         let prefix = format!("{}.m.", self.scope);
         let ttl = self.options.lease_ttl;
-        let mut members: Vec<&str> = self
+        self.view.retain(|k, s| !k.starts_with(&prefix) || s.since.elapsed() < ttl * 3);
+        let mut members: Vec<String> = self
             .view
             .iter()
             .filter(|(_, s)| s.value.is_some() && s.since.elapsed() < ttl)
-            .filter_map(|(k, _)| k.strip_prefix(&prefix))
-            .chain([self.me.as_str()])
+            .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_owned))
+            .chain([self.me.clone()])
             .collect();
         members.sort_unstable();
         members.dedup();
@@ -281,12 +323,24 @@ impl<L: PartitionLog> Owner<L> {
         let renewals = self.owned.iter().map(|(&p, o)| {
             let floor = o.floor.load(Ordering::Relaxed);
             let strikes = if floor > o.lease.floor { 0 } else { o.lease.strikes };
-            let lease = Lease { owner: self.me.clone(), floor, strikes };
+            let lease = Lease { owner: self.me.clone(), floor, strikes, busy: o.busy.load(Ordering::Relaxed) };
             let (leases, key, revision) = (self.leases.clone(), self.lease_key(p), o.revision);
             async move {
                 let sent = Instant::now();
-                let value = lease.encode();
-                (p, sent, lease, leases.update(&key, value, revision).await)
+                let mut renewed = leases.update(&key, lease.encode(), revision).await;
+                if let Ok(None) = renewed {
+                    // The revision moved: taken, or our own write whose answer was lost.
+                    renewed = match leases.get(&key).await {
+                        Ok(Some(now))
+                            if now.value.as_deref().map(Lease::decode).is_some_and(|l| l.owner == lease.owner) =>
+                        {
+                            leases.update(&key, lease.encode(), now.revision).await
+                        }
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(e),
+                    };
+                }
+                (p, sent, lease, renewed)
             }
         });
         for (p, sent, lease, renewed) in futures_util::future::join_all(renewals).await {
@@ -324,18 +378,38 @@ impl<L: PartitionLog> Owner<L> {
                 owned.control.send_replace(Control::Release);
             }
         }
-        for p in 0..self.log.partitions() {
-            if !mine(p) || self.owned.contains_key(&p) {
-                continue;
-            }
-            if let Err(e) = self.take(p).await {
-                tracing::warn!(scope = %self.scope, partition = p, error = %e, "could not take a partition; trying again");
+        let now = Instant::now();
+        self.resting.retain(|_, (until, _)| *until > now);
+        let wanted: Vec<u32> = (0..self.log.partitions())
+            .filter(|p| mine(*p) && !self.owned.contains_key(p) && !self.resting.contains_key(p))
+            .collect();
+        // Taken concurrently: opening is a few round trips each, and renewals wait for it.
+        let takes = wanted.into_iter().map(|p| self.take(p));
+        for (p, taken) in futures_util::future::join_all(takes).await {
+            match taken {
+                Ok(Some(acquired)) => self.start(acquired),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(scope = %self.scope, partition = p, error = %e, "could not take a partition; trying again");
+                    self.rest(p);
+                }
             }
         }
     }
 
-    /// Takes partition `p` if its lease is free or lapsed, and starts consuming it.
-    async fn take(&mut self, p: u32) -> Result<(), TransportError> {
+    /// Leaves a partition alone for a while after it failed, longer each time in a row.
+    fn rest(&mut self, p: u32) {
+        let times = self.resting.get(&p).map_or(0, |(_, n)| *n).saturating_add(1);
+        let pause = Duration::from_millis(200).saturating_mul(1 << times.min(6)).min(self.options.lease_ttl);
+        self.resting.insert(p, (Instant::now() + pause, times));
+    }
+
+    /// Takes partition `p` if its lease is free or lapsed, and opens it.
+    async fn take(&self, p: u32) -> (u32, Result<Option<Acquired<L::Message>>, TransportError>) {
+        (p, self.acquire(p).await)
+    }
+
+    async fn acquire(&self, p: u32) -> Result<Option<Acquired<L::Message>>, TransportError> {
         let key = self.lease_key(p);
         let ttl = self.options.lease_ttl;
         let held = self.view.get(&key).and_then(|s| {
@@ -348,9 +422,9 @@ impl<L: PartitionLog> Owner<L> {
         let (revision, lapsed, known_floor) = match held {
             None => match self.leases.create(&key, mine.encode()).await? {
                 Some(revision) => (revision, None, 0),
-                None => return Ok(()),
+                None => return Ok(None),
             },
-            Some((_, false, _)) => return Ok(()),
+            Some((_, false, _)) => return Ok(None),
             Some((revision, true, before)) => {
                 let lease = Lease { owner: self.me.clone(), ..before.clone() };
                 match self.leases.update(&key, lease.encode(), revision).await? {
@@ -360,12 +434,12 @@ impl<L: PartitionLog> Owner<L> {
                         let floor = before.floor;
                         (revision, Some(before), floor)
                     }
-                    None => return Ok(()),
+                    None => return Ok(None),
                 }
             }
         };
         let fence = Arc::new(Fence::new(sent + ttl - ttl / 5));
-        let opened = match self.log.open(p, self.options.window, known_floor).await {
+        let opened = match self.log.open(p, self.options.window, known_floor, revision).await {
             Ok(opened) => opened,
             Err(e) => {
                 let given_back = Lease { floor: known_floor, ..Lease::default() };
@@ -373,19 +447,24 @@ impl<L: PartitionLog> Owner<L> {
                 return Err(e);
             }
         };
-        let strikes = match lapsed {
-            Some(before) if before.floor == opened.floor => before.strikes.saturating_add(1),
-            Some(_) => 1,
-            None => 0,
-        };
-        let lease = Lease { owner: self.me.clone(), floor: opened.floor, strikes };
+        let strikes = lapsed.map_or(0, |before| before.strikes_after_lapse(opened.floor));
+        // Busy from the start when events wait: an owner that dies before its first renewal
+        // held one of them.
+        let lease = Lease { owner: self.me.clone(), floor: opened.floor, strikes, busy: opened.backlog };
         let revision = match self.leases.update(&key, lease.encode(), revision).await {
             Ok(Some(r)) => r,
             // Taken meanwhile, or the store is away: the heartbeat finds out and gives it up.
             _ => revision,
         };
+        Ok(Some(Acquired { partition: p, revision, lease, fence, opened }))
+    }
+
+    /// Starts consuming a partition just taken.
+    fn start(&mut self, acquired: Acquired<L::Message>) {
+        let Acquired { partition: p, revision, lease, fence, opened } = acquired;
         let (control, control_rx) = watch::channel(Control::Run);
         let floor = Arc::new(AtomicU64::new(opened.floor));
+        let busy = Arc::new(AtomicBool::new(lease.busy));
         let run = PartitionRun {
             log: self.log.clone(),
             transport: self.transport,
@@ -395,15 +474,15 @@ impl<L: PartitionLog> Owner<L> {
             control: control_rx,
             fence: fence.clone(),
             floor: floor.clone(),
-            first_attempt: strikes.saturating_add(1),
+            busy: busy.clone(),
+            first_attempt: lease.strikes.saturating_add(1),
         };
-        tracing::debug!(scope = %self.scope, partition = p, floor = opened.floor, strikes, "consuming a partition");
+        tracing::debug!(scope = %self.scope, partition = p, floor = opened.floor, strikes = lease.strikes, "consuming a partition");
         self.runs.spawn(async move {
             let ended = AssertUnwindSafe(partition::run(run, opened)).catch_unwind().await;
             (p, ended.unwrap_or_else(|_| Ended::Failed(TransportError::Closed("a partition's run panicked"))))
         });
-        self.owned.insert(p, Owned { revision, lease, control, fence, floor, releasing: false });
-        Ok(())
+        self.owned.insert(p, Owned { revision, lease, control, fence, floor, busy, releasing: false });
     }
 
     /// A partition's run ended: give its lease back unless it was lost.
@@ -414,6 +493,9 @@ impl<L: PartitionLog> Owner<L> {
             Ended::Released | Ended::Failed(_) => {
                 if let Ended::Failed(e) = &ended {
                     tracing::warn!(scope = %self.scope, partition = p, error = %e, "a partition stopped; it is taken again");
+                    self.rest(p);
+                } else {
+                    self.resting.remove(&p);
                 }
                 if owned.fence.holds() {
                     // Given back with its settled point: whoever takes it next starts there even
@@ -443,7 +525,6 @@ impl<L: PartitionLog> Owner<L> {
                     }
                 }
                 _ = tick.tick() => self.heartbeat().await,
-                else => break,
             }
         }
         if let Err(e) = self.leases.delete(&self.member_key(), None).await {
@@ -456,5 +537,21 @@ async fn next_update(watch: &mut Option<Updates>) -> Option<Result<LeaseUpdate, 
     match watch {
         Some(w) => w.next().await,
         None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_reads_back_what_it_wrote_and_counts_strikes_only_for_busy_owners() {
+        let lease = Lease { owner: "m1".into(), floor: 41, strikes: 2, busy: true };
+        assert_eq!(Lease::decode(&lease.encode()), lease);
+        assert_eq!(Lease::decode(b" 7 0 0"), Lease { floor: 7, ..Lease::default() }, "given back");
+        assert_eq!(lease.strikes_after_lapse(41), 3, "died again on the same point");
+        assert_eq!(lease.strikes_after_lapse(50), 1, "moved on, then died holding something");
+        let idle = Lease { busy: false, ..lease };
+        assert_eq!(idle.strikes_after_lapse(41), 0, "an owner that died idle held nothing to blame");
     }
 }

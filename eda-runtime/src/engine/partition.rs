@@ -11,7 +11,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,7 +82,11 @@ pub(crate) struct PartitionRun<L: PartitionLog> {
     pub fence: Arc<Fence>,
     /// The settled point, for the lease record.
     pub floor: Arc<AtomicU64>,
-    /// The attempt number of the first event read: above 1 when earlier owners died holding it.
+    /// Whether events are out, for the lease record.
+    pub busy: Arc<AtomicBool>,
+    /// The attempt number of the first event read: above 1 when earlier owners died holding
+    /// one. Then events go out one at a time until the first is settled, so that if this owner
+    /// dies too, the event it held is the one to blame.
     pub first_attempt: u32,
 }
 
@@ -181,6 +185,8 @@ pub(crate) struct Window<M> {
     /// How many offsets `unsent` settles.
     unsent_count: usize,
     first_attempt: u32,
+    /// One event out at a time, until one is done (see `PartitionRun::first_attempt`).
+    cautious: bool,
     draining: bool,
 }
 
@@ -196,6 +202,7 @@ impl<M> Window<M> {
             unsent: None,
             unsent_count: 0,
             first_attempt: first_attempt.max(1),
+            cautious: first_attempt > 1,
             draining: false,
         }
     }
@@ -262,6 +269,9 @@ impl<M> Window<M> {
 
     /// The next event to hand out, as a delivery settled through `settle`.
     fn next_out(&mut self, partition: u32, transport: &'static str, settle: &SettleTx) -> Option<Delivery> {
+        if self.cautious && self.out > 0 {
+            return None;
+        }
         while let Some(offset) = self.ready.pop_front() {
             let Some(slot) = self.slots.get_mut(&offset) else { continue };
             let Some(envelope) = slot.envelope.clone().filter(|_| slot.state == State::Ready) else { continue };
@@ -274,7 +284,7 @@ impl<M> Window<M> {
     }
 
     fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
+        !(self.ready.is_empty() || self.cautious && self.out > 0)
     }
 
     /// The event at `offset` is done (handled, or dead-lettered).
@@ -285,6 +295,7 @@ impl<M> Window<M> {
         }
         slot.state = State::Done;
         slot.due = None;
+        self.cautious = false;
         let key = slot.key().map(str::to_owned);
         if let Some(key) = key {
             if let Some(lane) = self.lanes.get_mut(&key) {
@@ -400,7 +411,7 @@ impl<M> Window<M> {
 
 /// Runs one owned partition until it is released, lost, or its reading fails.
 pub(crate) async fn run<L: PartitionLog>(mut run: PartitionRun<L>, opened: Opened<L::Message>) -> Ended {
-    let Opened { floor, messages } = opened;
+    let Opened { floor, messages, .. } = opened;
     let mut messages = Some(messages);
     let mut window: Window<L::Message> = Window::new(floor, run.first_attempt);
     run.floor.store(floor, Ordering::Relaxed);
@@ -487,6 +498,7 @@ pub(crate) async fn run<L: PartitionLog>(mut run: PartitionRun<L>, opened: Opene
             settle_at = Some(Instant::now() + SETTLE_DELAY);
         }
         run.floor.store(window.settled, Ordering::Relaxed);
+        run.busy.store(window.len() > 0, Ordering::Relaxed);
     }
     if !settle(&run, &mut window, true).await || window.unsent.is_some() {
         // Not confirmed: the lease lapses rather than being given back, so no next owner
@@ -680,6 +692,19 @@ mod tests {
         assert_eq!(w.len(), 2);
         let not_an_event = Fetched { offset: 8, event: Err("not JSON".into()), message: 8 };
         assert!(w.admit(not_an_event, 20).is_some_and(|(_, r, _)| r.permanent));
+    }
+
+    #[test]
+    fn after_owners_died_on_it_events_go_out_one_at_a_time_until_one_is_done() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut w = Window::new(0, 3);
+        for (o, k) in [(1, "a"), (2, "b"), (3, "c")] {
+            assert!(w.admit(fetched(o, k), 20).is_none());
+        }
+        assert_eq!(out(&mut w, &tx), vec![1], "only the suspect");
+        assert_eq!(w.slots.get(&1).map(|s| s.attempt), Some(3));
+        w.done(1);
+        assert_eq!(out(&mut w, &tx), vec![2, 3], "then the window opens");
     }
 
     #[test]

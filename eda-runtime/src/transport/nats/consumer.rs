@@ -14,12 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, ReplayPolicy};
-use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::stream::ConsumerErrorKind;
-use async_nats::jetstream::ErrorCode;
 use async_trait::async_trait;
 use eda_core::{Binding, DeadLetterReason, Envelope, TransportError};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 
 use super::{name_part, other, NatsTransport, TopicLayout, NAME};
 use crate::engine::{Fetched, Opened, PartitionLog};
@@ -43,10 +41,10 @@ pub(super) fn scope(group: &str, topic: &str) -> String {
 }
 
 impl NatsPartitions {
-    fn config(&self, partition: u32, floor: u64, window: usize) -> pull::Config {
+    fn config(&self, name: &str, partition: u32, floor: u64, window: usize) -> pull::Config {
         let o = &self.transport.inner.options;
         pull::Config {
-            durable_name: Some(NatsTransport::consumer_name(&self.group, partition)),
+            durable_name: Some(name.to_owned()),
             description: Some(format!(
                 "eda group `{}` on topic `{}`, partition {partition}",
                 self.group, self.layout.topic
@@ -85,40 +83,48 @@ impl PartitionLog for NatsPartitions {
         partition: u32,
         window: usize,
         known_floor: u64,
+        generation: u64,
     ) -> Result<Opened<Self::Message>, TransportError> {
         let js = &self.transport.inner.js;
-        let stream = match js.get_stream_no_info(&self.layout.stream).await {
+        let mut stream = match js.get_stream(&self.layout.stream).await {
             Ok(s) => s,
             Err(e) if super::stream_missing(&e) => {
                 // Gone with a server that came back without it: make it again.
                 self.transport.forget_topic(&self.layout.topic);
                 self.transport.topic(&self.layout.topic).await?;
-                js.get_stream_no_info(&self.layout.stream).await.map_err(other)?
+                js.get_stream(&self.layout.stream).await.map_err(other)?
             }
             Err(e) => return Err(other(e)),
         };
-        let name = NatsTransport::consumer_name(&self.group, partition);
-        let floor = match stream.consumer_info(&name).await {
-            Ok(info) => {
-                stream.delete_consumer(&name).await.map_err(other)?;
-                info.ack_floor.stream_sequence
-            }
-            // Gone (removed by hand, or lost between a delete and a create): start where the
-            // leases last saw the partition settled, not from the beginning of the stream —
-            // unless the stream itself is new (it ends before that point).
-            Err(e) if consumer_missing(&e) => {
-                let last = js.get_stream(&self.layout.stream).await.map(|s| s.cached_info().state.last_sequence);
+        // A consumer per opening, `<group>_<n>-<generation>`: acknowledgements still on their way
+        // to a former owner's consumer land nowhere, and the new consumer exists before the old
+        // is removed, so no event is without a consumer in between (which would drop it from an
+        // interest stream).
+        let earlier = partition_consumers(&stream, &self.group, partition).await?;
+        let floor = match earlier.iter().map(|(_, floor)| *floor).max() {
+            Some(floor) => floor,
+            // None left (removed by hand): start where the leases last saw the partition
+            // settled, not from the beginning of the stream — unless the stream itself is new
+            // (it ends before that point).
+            None => {
+                let last = stream.info().await.map(|i| i.state.last_sequence);
                 match last {
                     Ok(last) if last >= known_floor => known_floor,
                     _ => 0,
                 }
             }
-            Err(e) => return Err(other(e)),
         };
-        let consumer = stream
-            .create_consumer(self.config(partition, floor, window))
+        let name = format!("{}-{generation}", NatsTransport::consumer_name(&self.group, partition));
+        let mut consumer = stream
+            .create_consumer(self.config(&name, partition, floor, window))
             .await
             .map_err(|e| consumer_refused(&self.layout.stream, &name, e))?;
+        for (old, _) in earlier.iter().filter(|(old, _)| *old != name) {
+            if let Err(e) = stream.delete_consumer(old).await {
+                tracing::warn!(stream = %self.layout.stream, consumer = %old, error = %e, "could not remove a former consumer of a partition; the next opening tries again");
+            }
+        }
+        let backlog = consumer.info().await.map(|i| i.num_pending > 0).unwrap_or(true);
         let messages = consumer
             .stream()
             .max_messages_per_batch((window / 2).max(1))
@@ -160,7 +166,7 @@ impl PartitionLog for NatsPartitions {
             });
             std::future::ready(item)
         });
-        Ok(Opened { floor, messages: Box::pin(messages) })
+        Ok(Opened { floor, backlog, messages: Box::pin(messages) })
     }
 
     async fn settle(&self, message: &Self::Message, confirm: bool) -> Result<(), TransportError> {
@@ -196,11 +202,28 @@ fn consumer_refused(
     }
 }
 
-/// True when a consumer-info error says the consumer does not exist.
-pub(super) fn consumer_missing(e: &async_nats::error::Error<ConsumerInfoErrorKind>) -> bool {
-    match e.kind() {
-        ConsumerInfoErrorKind::NotFound => true,
-        ConsumerInfoErrorKind::JetStream(js) => js.error_code() == ErrorCode::CONSUMER_NOT_FOUND,
-        _ => false,
-    }
+/// Which partition of `group` a consumer name serves, and the generation it was made in
+/// (0 for the one-per-partition consumers of earlier versions).
+pub(super) fn partition_of_consumer(group: &str, name: &str) -> Option<(u32, u64)> {
+    let prefix = format!("{}_", super::name_part(group));
+    let tail = name.strip_prefix(&prefix)?;
+    let (partition, generation) = match tail.split_once('-') {
+        Some((p, g)) => (p, g.parse().ok()?),
+        None => (tail, 0),
+    };
+    Some((partition.parse().ok()?, generation))
+}
+
+/// The consumers of `group` on `partition` in `stream`, with their ack floors.
+async fn partition_consumers(
+    stream: &async_nats::jetstream::stream::Stream,
+    group: &str,
+    partition: u32,
+) -> Result<Vec<(String, u64)>, TransportError> {
+    let infos: Vec<_> = stream.consumers().try_collect().await.map_err(other)?;
+    Ok(infos
+        .into_iter()
+        .filter(|i| partition_of_consumer(group, &i.name).is_some_and(|(p, _)| p == partition))
+        .map(|i| (i.name.clone(), i.ack_floor.stream_sequence))
+        .collect())
 }

@@ -15,6 +15,12 @@ use futures_util::StreamExt;
 use super::{other, storage_type, NatsOptions};
 use crate::engine::{LeaseStore, LeaseUpdate};
 
+fn update(entry: kv::Entry) -> LeaseUpdate {
+    let value = matches!(entry.operation, Operation::Put).then(|| entry.value.to_vec());
+    let written_ns = u64::try_from(entry.created.unix_timestamp_nanos()).unwrap_or(0);
+    LeaseUpdate { key: entry.key, revision: entry.revision, value, written_ns }
+}
+
 /// The leases of every group of one namespace.
 pub(super) struct NatsLeases {
     bucket: kv::Store,
@@ -62,11 +68,11 @@ impl LeaseStore for NatsLeases {
         prefix: &str,
     ) -> Result<Pin<Box<dyn Stream<Item = Result<LeaseUpdate, TransportError>> + Send>>, TransportError> {
         let watch = self.bucket.watch_with_history(format!("{prefix}.>")).await.map_err(other)?;
-        Ok(Box::pin(watch.map(|entry| {
-            let entry = entry.map_err(other)?;
-            let value = matches!(entry.operation, Operation::Put).then(|| entry.value.to_vec());
-            Ok(LeaseUpdate { key: entry.key, revision: entry.revision, value })
-        })))
+        Ok(Box::pin(watch.map(|entry| entry.map(update).map_err(other))))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<LeaseUpdate>, TransportError> {
+        Ok(self.bucket.entry(key).await.map_err(other)?.map(update))
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, TransportError> {

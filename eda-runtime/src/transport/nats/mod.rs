@@ -765,19 +765,23 @@ impl Transport for NatsTransport {
             return Ok(vec![PartitionLag { partition: 0, lag: 0 }]);
         };
         let stream = self.inner.js.get_stream_no_info(&layout.stream).await.map_err(other)?;
-        let infos = futures_util::future::join_all(
-            (0..layout.partitions).map(|p| stream.consumer_info(Self::consumer_name(group, p))),
-        )
-        .await;
-        let mut lags = Vec::with_capacity(infos.len());
-        let mut missing = Vec::new();
-        for (p, info) in (0..layout.partitions).zip(infos) {
-            match info {
-                Ok(info) => {
-                    lags.push(PartitionLag { partition: p, lag: info.num_pending + info.num_ack_pending as u64 })
+        // The newest consumer of each partition is the one its owner reads.
+        let mut newest: HashMap<u32, (u64, u64)> = HashMap::new();
+        let infos: Vec<_> = stream.consumers().try_collect().await.map_err(other)?;
+        for info in infos {
+            if let Some((p, generation)) = consumer::partition_of_consumer(group, &info.name) {
+                let lag = info.num_pending + info.num_ack_pending as u64;
+                if newest.get(&p).is_none_or(|(g, _)| *g <= generation) {
+                    newest.insert(p, (generation, lag));
                 }
-                Err(e) if consumer::consumer_missing(&e) => missing.push(p),
-                Err(e) => return Err(other(e)),
+            }
+        }
+        let mut lags = Vec::with_capacity(layout.partitions as usize);
+        let mut missing = Vec::new();
+        for p in 0..layout.partitions {
+            match newest.get(&p) {
+                Some((_, lag)) => lags.push(PartitionLag { partition: p, lag: *lag }),
+                None => missing.push(p),
             }
         }
         if !missing.is_empty() {

@@ -13,9 +13,9 @@ use eda_core::TransportError;
 pub enum Retention {
     /// Kept until `max_age`, `max_bytes` or `max_messages` removes it.
     Limits,
-    /// Removed once every consumer group that exists has acknowledged it. Refused for now:
-    /// a partition's consumer is re-created when another instance takes the partition over,
-    /// and on an interest stream that drops the events it had not acknowledged.
+    /// Removed once every consumer group that exists has acknowledged it. An event published
+    /// while no group has subscribed yet is not kept at all, and a group that subscribes later
+    /// starts from what is published after.
     Interest,
 }
 
@@ -465,13 +465,6 @@ impl NatsOptions {
             return Err(config("replicas 0: a stream has at least one"));
         }
         self.engine.check().map_err(config)?;
-        if self.retention == Retention::Interest {
-            // A partition's consumer is made anew when its owner changes; on an interest stream,
-            // removing it removes the events it had not acknowledged yet.
-            return Err(config(
-                "retention=interest is not supported: a partition's consumer is re-created when another instance takes it over, and NATS then drops the events it had not acknowledged; use retention=limits with max_age",
-            ));
-        }
         Ok(())
     }
 }
