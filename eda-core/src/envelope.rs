@@ -234,50 +234,60 @@ impl Envelope {
         headers: impl IntoIterator<Item = (&'a str, &'a str)>,
         data: Vec<u8>,
     ) -> Result<Self, EnvelopeError> {
+        // Read in place: names compared without case, nothing copied but what is kept.
         let p = binding.prefix();
-        let mut attrs = std::collections::HashMap::new();
+        let mut found: [Option<&str>; ATTRIBUTES.len()] = [None; ATTRIBUTES.len()];
         let mut content_type = None;
         for (name, value) in headers {
-            let lower = name.to_ascii_lowercase();
-            if lower == binding.content_type_header() {
-                content_type = Some(value.to_owned());
-            } else if let Some(attr) = lower.strip_prefix(p) {
-                attrs.insert(attr.to_owned(), value.to_owned());
+            if name.eq_ignore_ascii_case(binding.content_type_header()) {
+                content_type = Some(value);
+            } else if let Some(attr) =
+                name.get(..p.len()).filter(|h| h.eq_ignore_ascii_case(p)).map(|_| &name[p.len()..])
+            {
+                if let Some(i) = ATTRIBUTES.iter().position(|a| attr.eq_ignore_ascii_case(a)) {
+                    found[i] = Some(value);
+                }
             }
         }
-        let mut take = |name: &'static str| attrs.remove(name);
+        let mut take = |name: &'static str| -> Option<&str> {
+            ATTRIBUTES.iter().position(|a| *a == name).and_then(|i| found[i].take())
+        };
         let spec = take("specversion").ok_or(EnvelopeError::Missing("specversion"))?;
         if spec != SPEC_VERSION {
-            return Err(invalid("specversion", &spec, "eda reads CloudEvents 1.0"));
+            return Err(invalid("specversion", spec, "eda reads CloudEvents 1.0"));
         }
         let raw_id = take("id").ok_or(EnvelopeError::Missing("id"))?;
-        let id = raw_id.parse().map_err(|e: uuid::Error| invalid("id", &raw_id, &e.to_string()))?;
-        let source = take("source").ok_or(EnvelopeError::Missing("source"))?;
-        let ty = take("type").ok_or(EnvelopeError::Missing("type"))?;
+        let id = raw_id.parse().map_err(|e: uuid::Error| invalid("id", raw_id, &e.to_string()))?;
+        let source = take("source").ok_or(EnvelopeError::Missing("source"))?.to_owned();
+        let ty = take("type").ok_or(EnvelopeError::Missing("type"))?.to_owned();
         let time = match take("time") {
-            Some(t) => humantime::parse_rfc3339_weak(&t).map_err(|e| invalid("time", &t, &e.to_string()))?,
+            Some(t) => humantime::parse_rfc3339_weak(t).map_err(|e| invalid("time", t, &e.to_string()))?,
             None => SystemTime::now(),
         };
         let causation_id = match take("causationid") {
-            Some(c) => Some(c.parse().map_err(|e: uuid::Error| invalid("causationid", &c, &e.to_string()))?),
+            Some(c) => Some(c.parse().map_err(|e: uuid::Error| invalid("causationid", c, &e.to_string()))?),
             None => None,
         };
-        let correlation_id = take("correlationid").map(CorrelationId).unwrap_or_else(|| CorrelationId(raw_id.clone()));
+        let correlation_id = CorrelationId(take("correlationid").unwrap_or(raw_id).to_owned());
         Ok(Self {
             id,
             source,
             ty,
             time,
-            subject: take("subject"),
+            subject: take("subject").map(str::to_owned),
             topic: topic.to_owned(),
-            datacontenttype: content_type.unwrap_or_else(|| crate::codec::JSON.to_owned()),
+            datacontenttype: content_type.unwrap_or(crate::codec::JSON).to_owned(),
             correlation_id,
             causation_id,
-            traceparent: take("traceparent"),
+            traceparent: take("traceparent").map(str::to_owned),
             data,
         })
     }
 }
+
+/// The CloudEvents attributes eda reads from headers (after the binding's prefix).
+const ATTRIBUTES: [&str; 9] =
+    ["specversion", "id", "source", "type", "time", "subject", "correlationid", "causationid", "traceparent"];
 
 /// Now, to the microsecond: the precision every binding carries, so an envelope reads back
 /// equal to the one that was published.

@@ -40,6 +40,13 @@ pub trait Transport: Send + Sync + 'static {
     /// subscriptions of the same group share them.
     async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError>;
 
+    /// True when a subscription hands out at most one event of a key at a time, and an event
+    /// handed back comes again before its key's later ones: then the runtime does not sequence
+    /// keys itself. Transports whose deliveries may overtake each other keep the default.
+    fn sequences_keys(&self) -> bool {
+        false
+    }
+
     /// How far `group` is behind on `topic`, per partition.
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError>;
 

@@ -102,6 +102,22 @@ pub(crate) struct Shared {
     /// The database beside the broker, when handlings keep their records and outbox there.
     pub store: Option<Arc<dyn Store>>,
     pub stop: watch::Receiver<bool>,
+    /// The transport sequences keys itself (`Transport::sequences_keys`): no lanes here.
+    pub sequences_keys: bool,
+    /// What every handler's handlings share: its name and metrics.
+    pub handlers: HashMap<(&'static str, &'static str), Arc<HandlerInfo>>,
+}
+
+/// A handler's name and metrics, made once.
+pub(crate) struct HandlerInfo {
+    pub name: String,
+    pub metrics: crate::metrics::HandlerMetrics,
+}
+
+impl HandlerInfo {
+    pub(crate) fn new(h: &HandlerDescriptor, metrics: &crate::metrics::Metrics) -> Self {
+        Self { name: h.qualified_name(), metrics: metrics.of_handler(h.group, h.name) }
+    }
 }
 
 impl Shared {
@@ -203,7 +219,8 @@ fn dispatch(
     permit: OwnedSemaphorePermit,
 ) {
     let (shared, handlers) = (shared.clone(), handlers.clone());
-    let Some(key) = delivery.envelope.subject.clone() else {
+    let key = delivery.envelope.subject.clone().filter(|_| !shared.sequences_keys);
+    let Some(key) = key else {
         tasks.spawn(async move {
             handle_delivery(&shared, &handlers, delivery, None).await;
             drop(permit);
@@ -355,8 +372,7 @@ struct Job<'a> {
     h: &'static HandlerDescriptor,
     delivery: &'a Delivery,
     envelope: &'a Arc<Envelope>,
-    name: String,
-    labels: crate::metrics::HandlerLabels,
+    info: Arc<HandlerInfo>,
     policy: RetryPolicy,
 }
 
@@ -366,12 +382,17 @@ impl<'a> Job<'a> {
             max_attempts: h.max_attempts.unwrap_or(shared.config.retry.max_attempts),
             ..shared.config.retry.clone()
         };
-        let labels = crate::metrics::handler(h.group, h.name);
-        Self { shared, h, delivery, envelope: &delivery.envelope, name: h.qualified_name(), labels, policy }
+        let info = match shared.handlers.get(&(h.group, h.name)) {
+            Some(info) => info.clone(),
+            None => Arc::new(HandlerInfo::new(h, &shared.metrics)),
+        };
+        Self { shared, h, delivery, envelope: &delivery.envelope, info, policy }
     }
 
-    fn journal(&self, kind: EntryKind) {
-        self.shared.journal.record(self.envelope, kind);
+    fn journal(&self, kind: impl FnOnce() -> EntryKind) {
+        if self.shared.journal.enabled() {
+            self.shared.journal.record(self.envelope, kind());
+        }
     }
 
     fn is_step(&self) -> bool {
@@ -379,7 +400,7 @@ impl<'a> Job<'a> {
     }
 
     fn store_unavailable(&self, error: &dyn std::fmt::Display) -> Disposition {
-        tracing::warn!(handler = %self.name, %error, "store unavailable; the event will be delivered again");
+        tracing::warn!(handler = %self.info.name, %error, "store unavailable; the event will be delivered again");
         self.again_later(Duration::ZERO)
     }
 
@@ -396,9 +417,9 @@ impl<'a> Job<'a> {
     }
 
     fn duplicate(&self) -> Disposition {
-        self.journal(EntryKind::Duplicate { handler: self.name.clone() });
+        self.journal(|| EntryKind::Duplicate { handler: self.info.name.clone() });
         bump(&self.shared.stats.duplicates);
-        self.shared.metrics.duplicates.get_or_create(&self.labels).inc();
+        self.info.metrics.duplicates.inc();
         Disposition::Done
     }
 
@@ -413,9 +434,9 @@ impl<'a> Job<'a> {
     }
 
     fn skipped(&self, reason: String) {
-        self.journal(EntryKind::Skipped { handler: self.name.clone(), reason });
+        self.journal(|| EntryKind::Skipped { handler: self.info.name.clone(), reason });
         bump(&self.shared.stats.skipped);
-        self.shared.metrics.skipped.get_or_create(&self.labels).inc();
+        self.info.metrics.skipped.inc();
     }
 
     fn step_not_run_reason(step: &HandlerDescriptor) -> String {
@@ -423,11 +444,11 @@ impl<'a> Job<'a> {
     }
 
     fn dead(&self, error: &HandlerError, attempt: u32) -> Disposition {
-        tracing::error!(handler = %self.name, event_id = %self.envelope.id, attempt, %error, "dead-lettered");
-        self.journal(EntryKind::DeadLettered { handler: self.name.clone(), error: error.to_string() });
+        tracing::error!(handler = %self.info.name, event_id = %self.envelope.id, attempt, %error, "dead-lettered");
+        self.journal(|| EntryKind::DeadLettered { handler: self.info.name.clone(), error: error.to_string() });
         bump(&self.shared.stats.dead_lettered);
-        self.shared.metrics.dead_lettered.get_or_create(&crate::metrics::group(self.h.group)).inc();
-        Disposition::DeadLetter(reason(&self.name, error), attempt)
+        self.info.metrics.dead_lettered.inc();
+        Disposition::DeadLetter(reason(&self.info.name, error), attempt)
     }
 
     /// Runs the handler once; on success, returns the envelopes of what it emitted and whether
@@ -439,7 +460,7 @@ impl<'a> Job<'a> {
     ) -> (Result<(Vec<Envelope>, bool), HandlerError>, Option<Box<dyn std::any::Any + Send>>) {
         let (h, envelope) = (self.h, self.envelope);
         let handling = Handling::new(Arc::clone(envelope), h.group, h.name, attempt).with_transaction(transaction);
-        let span = tracing::info_span!("handle", handler = %self.name, event_id = %envelope.id, r#type = %envelope.ty,
+        let span = tracing::info_span!("handle", handler = %self.info.name, event_id = %envelope.id, r#type = %envelope.ty,
             correlation_id = %envelope.correlation_id, causation_id = ?envelope.causation_id, attempt);
         #[cfg(feature = "otel")]
         crate::otel::continue_trace(&span, envelope.traceparent.as_deref());
@@ -447,7 +468,7 @@ impl<'a> Job<'a> {
         let handling_span = span.clone();
         let started = std::time::Instant::now();
         let result = AssertUnwindSafe((h.invoke)(&handling, &self.shared.states)).catch_unwind().instrument(span).await;
-        self.shared.metrics.duration.get_or_create(&self.labels).observe(started.elapsed().as_secs_f64());
+        self.info.metrics.duration.observe(started.elapsed().as_secs_f64());
         let transaction = handling.take_transaction();
         let result = match result {
             Ok(Ok(())) => {
@@ -484,19 +505,21 @@ impl<'a> Job<'a> {
     }
 
     fn succeeded(&self, envelopes: &[Envelope], attempt: u32) -> Disposition {
-        for e in envelopes {
-            self.shared.journal.record(e, EntryKind::Published { by: Some(self.name.clone()) });
+        if self.shared.journal.enabled() {
+            for e in envelopes {
+                self.shared.journal.record(e, EntryKind::Published { by: Some(self.info.name.clone()) });
+            }
         }
-        self.journal(EntryKind::Handled { handler: self.name.clone(), attempt });
+        self.journal(|| EntryKind::Handled { handler: self.info.name.clone(), attempt });
         bump(&self.shared.stats.handled);
-        self.shared.metrics.handled.get_or_create(&self.labels).inc();
+        self.info.metrics.handled.inc();
         Disposition::Done
     }
 
     /// After a failed attempt: retry after a backoff, dead-letter, or (when stopping) hand the
     /// event back to the transport.
     async fn after_failure(&self, error: HandlerError, attempt: u32) -> AfterFailure {
-        self.shared.metrics.failed.get_or_create(&self.labels).inc();
+        self.info.metrics.failed.inc();
         let retry = !error.is_permanent() && self.policy.may_retry(attempt);
         if !retry {
             return AfterFailure::Stop(self.dead(&error, attempt));
@@ -504,14 +527,14 @@ impl<'a> Job<'a> {
         if self.shared.stopping() {
             return AfterFailure::Stop(Disposition::Redeliver(Duration::ZERO));
         }
-        tracing::warn!(handler = %self.name, event_id = %self.envelope.id, attempt, %error, "attempt failed; retrying");
+        tracing::warn!(handler = %self.info.name, event_id = %self.envelope.id, attempt, %error, "attempt failed; retrying");
         // Counted where the transport keeps counts, so a crash does not reset them.
         if let Err(e) = self.delivery.attempt_failed().await {
-            tracing::warn!(handler = %self.name, error = %e, "could not record a failed attempt");
+            tracing::warn!(handler = %self.info.name, error = %e, "could not record a failed attempt");
         }
-        self.journal(EntryKind::Retrying { handler: self.name.clone(), attempt, error: error.to_string() });
+        self.journal(|| EntryKind::Retrying { handler: self.info.name.clone(), attempt, error: error.to_string() });
         bump(&self.shared.stats.retried);
-        self.shared.metrics.retried.get_or_create(&self.labels).inc();
+        self.info.metrics.retried.inc();
         let mut stop = self.shared.stop.clone();
         if tokio::time::timeout(self.policy.backoff(attempt + 1), stop.wait_for(|s| *s)).await.is_ok() {
             return AfterFailure::Stop(Disposition::Redeliver(Duration::ZERO));
@@ -678,21 +701,21 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>, first: u32) -> Disp
     let release = || async {
         if let Some(key) = guard {
             if let Err(e) = inbox.release(key).await {
-                tracing::warn!(handler = %job.name, error = %e, "could not release an idempotency guard");
+                tracing::warn!(handler = %job.info.name, error = %e, "could not release an idempotency guard");
             }
         }
     };
     let complete = || async {
         if let Some(key) = guard {
             if let Err(e) = inbox.complete(key).await {
-                tracing::warn!(handler = %job.name, error = %e, "could not record a handled event; a redelivery would run it again");
+                tracing::warn!(handler = %job.info.name, error = %e, "could not record a handled event; a redelivery would run it again");
             }
         }
     };
     let step_finished = |succeeded| async move {
         if job.is_step() {
             if let Err(e) = inbox.step_finished(h.group, h.name, correlation, succeeded).await {
-                tracing::warn!(handler = %job.name, error = %e, "could not record a saga step");
+                tracing::warn!(handler = %job.info.name, error = %e, "could not record a saga step");
             }
         }
     };
@@ -737,7 +760,7 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>, first: u32) -> Disp
                 if let Err(e) = publish_all(shared, &envelopes, &job.policy).await {
                     // The handler's own effects happened; its events did not get out. Deliver the
                     // event again so they do (the guard is released for that).
-                    tracing::error!(handler = %job.name, error = %e, "could not publish emitted events; the event will be handled again");
+                    tracing::error!(handler = %job.info.name, error = %e, "could not publish emitted events; the event will be handled again");
                     release().await;
                     return Disposition::Redeliver(job.policy.backoff(attempt + 1));
                 }

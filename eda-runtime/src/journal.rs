@@ -110,6 +110,11 @@ impl Journal {
     }
 
     /// Records what happened to `envelope`.
+    /// False when it keeps nothing (capacity 0): callers need not build entries.
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
     pub fn record(&self, envelope: &Envelope, kind: EntryKind) {
         if self.capacity == 0 {
             return;

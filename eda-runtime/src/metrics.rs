@@ -121,6 +121,33 @@ impl Default for Metrics {
     }
 }
 
+/// One handler's metrics, looked up once instead of at every handling.
+#[derive(Clone)]
+pub(crate) struct HandlerMetrics {
+    pub handled: Counter,
+    pub failed: Counter,
+    pub retried: Counter,
+    pub duplicates: Counter,
+    pub skipped: Counter,
+    pub dead_lettered: Counter,
+    pub duration: Histogram,
+}
+
+impl Metrics {
+    pub(crate) fn of_handler(&self, group: &str, name: &str) -> HandlerMetrics {
+        let labels = handler(group, name);
+        HandlerMetrics {
+            handled: self.handled.get_or_create(&labels).clone(),
+            failed: self.failed.get_or_create(&labels).clone(),
+            retried: self.retried.get_or_create(&labels).clone(),
+            duplicates: self.duplicates.get_or_create(&labels).clone(),
+            skipped: self.skipped.get_or_create(&labels).clone(),
+            dead_lettered: self.dead_lettered.get_or_create(&self::group(group)).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+        }
+    }
+}
+
 pub(crate) fn handler(group: &str, handler: &str) -> HandlerLabels {
     HandlerLabels { group: group.to_owned(), handler: handler.to_owned() }
 }

@@ -273,7 +273,15 @@ impl RuntimeBuilder {
         #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
         let store = None;
         let (stop_tx, stop) = watch::channel(false);
+        let metrics = crate::metrics::Metrics::default();
+        let handler_infos = registry
+            .handlers()
+            .iter()
+            .map(|h| ((h.group, h.name), Arc::new(consumer::HandlerInfo::new(h, &metrics))))
+            .collect();
         let shared = Arc::new(Shared {
+            handlers: handler_infos,
+            sequences_keys: transport.sequences_keys(),
             transport,
             inbox: inbox.unwrap_or_else(|| Arc::new(MemoryInbox::default())),
             states,
@@ -281,7 +289,7 @@ impl RuntimeBuilder {
             config,
             journal: Journal::new(journal_capacity),
             stats: Default::default(),
-            metrics: Default::default(),
+            metrics,
             in_flight: Default::default(),
             steps,
             failures,

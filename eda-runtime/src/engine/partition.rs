@@ -157,12 +157,6 @@ struct Slot<M> {
     due: Option<Instant>,
 }
 
-impl<M> Slot<M> {
-    fn key(&self) -> Option<&str> {
-        self.envelope.as_ref().and_then(|e| e.subject.as_deref())
-    }
-}
-
 /// The events of a key that wait behind the one out (or behind a retry's delay), in order.
 #[derive(Default)]
 struct Lane {
@@ -244,16 +238,19 @@ impl<M> Window<M> {
         if let Some(reason) = dead {
             return Some((offset, reason, attempt.saturating_sub(1).max(1)));
         }
-        match self.slots.get(&offset).and_then(Slot::key).map(str::to_owned) {
-            Some(key) => {
-                let lane = self.lanes.entry(key).or_default();
-                if lane.busy || !lane.waiting.is_empty() {
-                    lane.waiting.push_back(offset);
-                } else {
+        let envelope = self.slots.get(&offset).and_then(|s| s.envelope.clone());
+        match envelope.as_deref().and_then(|e| e.subject.as_deref()) {
+            Some(key) => match self.lanes.get_mut(key) {
+                Some(lane) if lane.busy || !lane.waiting.is_empty() => lane.waiting.push_back(offset),
+                Some(lane) => {
                     lane.busy = true;
                     self.make_ready(offset);
                 }
-            }
+                None => {
+                    self.lanes.insert(key.to_owned(), Lane { busy: true, waiting: VecDeque::new() });
+                    self.make_ready(offset);
+                }
+            },
             None => self.make_ready(offset),
         }
         None
@@ -296,12 +293,12 @@ impl<M> Window<M> {
         slot.state = State::Done;
         slot.due = None;
         self.cautious = false;
-        let key = slot.key().map(str::to_owned);
-        if let Some(key) = key {
-            if let Some(lane) = self.lanes.get_mut(&key) {
+        let envelope = slot.envelope.clone();
+        if let Some(key) = envelope.as_deref().and_then(|e| e.subject.as_deref()) {
+            if let Some(lane) = self.lanes.get_mut(key) {
                 lane.busy = false;
             }
-            self.next_of_lane(&key, Instant::now());
+            self.next_of_lane(key, Instant::now());
         }
         self.advance();
     }
@@ -328,12 +325,13 @@ impl<M> Window<M> {
             slot.due = Some(now + delay);
             self.timers.push(Reverse((now + delay, offset)));
         }
-        match slot.key().map(str::to_owned) {
+        let envelope = slot.envelope.clone();
+        match envelope.as_deref().and_then(|e| e.subject.as_deref()) {
             Some(key) => {
-                let lane = self.lanes.entry(key.clone()).or_default();
+                let lane = self.lanes.entry(key.to_owned()).or_default();
                 lane.busy = false;
                 lane.waiting.push_front(offset);
-                self.next_of_lane(&key, now);
+                self.next_of_lane(key, now);
             }
             None if delay.is_zero() && !self.draining => self.make_ready(offset),
             None => {}
@@ -377,8 +375,9 @@ impl<M> Window<M> {
                 continue;
             }
             slot.due = None;
-            match slot.key().map(str::to_owned) {
-                Some(key) => self.next_of_lane(&key, now),
+            let envelope = slot.envelope.clone();
+            match envelope.as_deref().and_then(|e| e.subject.as_deref()) {
+                Some(key) => self.next_of_lane(key, now),
                 None if !self.draining => self.make_ready(offset),
                 None => {}
             }

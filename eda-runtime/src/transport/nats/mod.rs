@@ -760,6 +760,11 @@ impl Transport for NatsTransport {
         Ok(deliveries)
     }
 
+    fn sequences_keys(&self) -> bool {
+        // The engine hands out one event per key at a time.
+        true
+    }
+
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
         let Some(layout) = self.existing_topic(topic).await? else {
             return Ok(vec![PartitionLag { partition: 0, lag: 0 }]);
