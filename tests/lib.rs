@@ -79,7 +79,7 @@ impl Bus {
         let subject = nats.subject_of(envelope).await.expect("the topic's subject");
         let mut headers = async_nats::HeaderMap::new();
         for (name, value) in envelope.headers(eda::Binding::Nats) {
-            headers.insert(name.as_str(), value);
+            headers.insert(name, value);
         }
         headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{}-after-the-window", envelope.id));
         let js = async_nats::jetstream::new(nats.client().clone());

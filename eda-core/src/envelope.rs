@@ -203,26 +203,25 @@ impl Envelope {
 
     /// The CloudEvents attributes in binary content mode: `(header name, value)` pairs with the
     /// given binding's prefix, plus the content type.
-    pub fn headers(&self, binding: Binding) -> Vec<(String, String)> {
-        let p = binding.prefix();
-        let mut h = vec![
-            (format!("{p}specversion"), SPEC_VERSION.to_owned()),
-            (format!("{p}id"), self.id.to_string()),
-            (format!("{p}source"), self.source.clone()),
-            (format!("{p}type"), self.ty.clone()),
-            (format!("{p}time"), humantime::format_rfc3339_micros(self.time).to_string()),
-            (format!("{p}correlationid"), self.correlation_id.0.clone()),
-        ];
+    pub fn headers(&self, binding: Binding) -> Vec<(&'static str, String)> {
+        let n = binding.attribute_names();
+        let mut h = Vec::with_capacity(10);
+        h.push((n[0], SPEC_VERSION.to_owned()));
+        h.push((n[1], self.id.to_string()));
+        h.push((n[2], self.source.clone()));
+        h.push((n[3], self.ty.clone()));
+        h.push((n[4], humantime::format_rfc3339_micros(self.time).to_string()));
+        h.push((n[6], self.correlation_id.0.clone()));
         if let Some(s) = &self.subject {
-            h.push((format!("{p}subject"), s.clone()));
+            h.push((n[5], s.clone()));
         }
         if let Some(c) = &self.causation_id {
-            h.push((format!("{p}causationid"), c.to_string()));
+            h.push((n[7], c.to_string()));
         }
         if let Some(t) = &self.traceparent {
-            h.push((format!("{p}traceparent"), t.clone()));
+            h.push((n[8], t.clone()));
         }
-        h.push((binding.content_type_header().to_owned(), self.datacontenttype.clone()));
+        h.push((binding.content_type_header(), self.datacontenttype.clone()));
         h
     }
 
@@ -320,6 +319,34 @@ impl Binding {
         }
     }
 
+    /// The header names of the attributes eda writes, in the order of `ATTRIBUTES`.
+    fn attribute_names(self) -> [&'static str; ATTRIBUTES.len()] {
+        match self {
+            Binding::Kafka => [
+                "ce_specversion",
+                "ce_id",
+                "ce_source",
+                "ce_type",
+                "ce_time",
+                "ce_subject",
+                "ce_correlationid",
+                "ce_causationid",
+                "ce_traceparent",
+            ],
+            Binding::Amqp | Binding::Nats => [
+                "ce-specversion",
+                "ce-id",
+                "ce-source",
+                "ce-type",
+                "ce-time",
+                "ce-subject",
+                "ce-correlationid",
+                "ce-causationid",
+                "ce-traceparent",
+            ],
+        }
+    }
+
     /// The name of the content-type header.
     pub fn content_type_header(self) -> &'static str {
         "content-type"
@@ -381,14 +408,20 @@ mod tests {
             let back = Envelope::from_headers(
                 binding,
                 "orders",
-                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                headers.iter().map(|(k, v)| (*k, v.as_str())),
                 env.data.clone(),
             )
             .expect("valid headers");
             assert_eq!(back, env);
         }
-        assert!(env.headers(Binding::Kafka).iter().any(|(k, _)| k == "ce_id"));
-        assert!(env.headers(Binding::Nats).iter().any(|(k, _)| k == "ce-id"));
+        assert!(env.headers(Binding::Kafka).iter().any(|(k, _)| *k == "ce_id"));
+        assert!(env.headers(Binding::Nats).iter().any(|(k, _)| *k == "ce-id"));
+        for binding in [Binding::Kafka, Binding::Nats] {
+            let names = binding.attribute_names();
+            for (name, attribute) in names.iter().zip(ATTRIBUTES) {
+                assert_eq!(*name, format!("{}{attribute}", binding.prefix()), "names in the order of ATTRIBUTES");
+            }
+        }
     }
 
     #[test]

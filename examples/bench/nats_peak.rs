@@ -170,7 +170,7 @@ fn eda_headers(event: &Peak, stream: &str) -> Result<async_nats::HeaderMap, BoxE
     let envelope = Envelope::root("bench", PendingEvent::new(event)?, None);
     let mut headers = async_nats::HeaderMap::new();
     for (name, value) in envelope.headers(Binding::Nats) {
-        headers.insert(name.as_str(), value);
+        headers.insert(name, value);
     }
     headers.insert(async_nats::header::NATS_MESSAGE_ID, envelope.id.to_string());
     headers.insert(async_nats::header::NATS_EXPECTED_STREAM, stream);

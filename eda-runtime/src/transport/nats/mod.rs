@@ -584,7 +584,7 @@ impl NatsTransport {
                     ),
                 });
             }
-            headers.insert(name.as_str(), value);
+            headers.insert(name, value);
         }
         headers.insert(NATS_MESSAGE_ID, envelope.id.to_string());
         headers.insert(NATS_EXPECTED_STREAM, stream);
