@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eda_core::{Acker, DeadLetter, DeadLetterReason, Delivery, Envelope, TransportError};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -408,6 +408,10 @@ impl<M> Window<M> {
     }
 }
 
+/// How many messages already read or words already sent are taken in one go, before the loop
+/// looks at everything else again.
+const BURST: usize = 64;
+
 /// Runs one owned partition until it is released, lost, or its reading fails.
 pub(crate) async fn run<L: PartitionLog>(mut run: PartitionRun<L>, opened: Opened<L::Message>) -> Ended {
     let Opened { floor, messages, .. } = opened;
@@ -420,6 +424,11 @@ pub(crate) async fn run<L: PartitionLog>(mut run: PartitionRun<L>, opened: Opene
     let mut drain_until: Option<Instant> = None;
     let mut failure: Option<TransportError> = None;
     let deliveries = run.deliveries.clone();
+    // One timer for every deadline (settling, a delayed event, the drain), reset only when the
+    // earliest moves: a timer made anew at every turn of the loop costs more than the turn.
+    let mut timer = Box::pin(tokio::time::sleep_until(Instant::now()));
+    let mut timer_at: Option<Instant> = None;
+    let mut control = Box::pin(changed(run.control.clone()));
     loop {
         if drain_until.is_none() && (*run.control.borrow() != Control::Run || deliveries.is_closed()) {
             if *run.control.borrow() == Control::Abandon {
@@ -439,59 +448,86 @@ pub(crate) async fn run<L: PartitionLog>(mut run: PartitionRun<L>, opened: Opene
         if window.unsent_count >= batch || (window.unsent.is_some() && drain_until.is_some()) {
             settle_at = Some(Instant::now());
         }
+        let earliest = [settle_at, window.next_due(), drain_until].into_iter().flatten().min();
+        if earliest != timer_at {
+            if let Some(at) = earliest {
+                timer.as_mut().reset(at);
+            }
+            timer_at = earliest;
+        }
         let room = window.len() < run.options.window;
-        let next_due = window.next_due();
         tokio::select! {
             biased;
-            changed = run.control.changed() => {
-                if changed.is_err() || *run.control.borrow() == Control::Abandon {
+            still = &mut control => {
+                // Seen: the next wait is for the change after this one.
+                if !still || *run.control.borrow_and_update() == Control::Abandon {
                     return Ended::Lost;
                 }
+                control = Box::pin(changed(run.control.clone()));
             }
             Some((offset, how)) = settle_rx.recv() => {
                 settled(&run, &mut window, offset, how).await;
-                // Take every word already queued before looking at the broker again.
-                while let Ok((offset, how)) = settle_rx.try_recv() {
+                // Take the words already queued before looking at the broker again.
+                for _ in 0..BURST * 4 {
+                    let Ok((offset, how)) = settle_rx.try_recv() else { break };
                     settled(&run, &mut window, offset, how).await;
                 }
             }
-            _ = sleep_until(settle_at) => {
-                settle_at = None;
-                if !settle(&run, &mut window, false).await {
-                    return Ended::Lost;
+            () = &mut timer, if timer_at.is_some() => {
+                timer_at = None;
+                let now = Instant::now();
+                if settle_at.is_some_and(|at| at <= now) {
+                    settle_at = None;
+                    if !settle(&run, &mut window, false).await {
+                        return Ended::Lost;
+                    }
                 }
+                window.release_due();
             }
             permit = deliveries.reserve(), if window.has_ready() && drain_until.is_none() => {
                 let Ok(permit) = permit else { continue };
-                if let Some(delivery) = window.next_out(run.partition, run.transport, &settle_tx) {
+                let Some(delivery) = window.next_out(run.partition, run.transport, &settle_tx) else { continue };
+                permit.send(Ok(delivery));
+                for _ in 0..BURST {
+                    if !window.has_ready() {
+                        break;
+                    }
+                    let Ok(permit) = deliveries.try_reserve() else { break };
+                    let Some(delivery) = window.next_out(run.partition, run.transport, &settle_tx) else { break };
                     permit.send(Ok(delivery));
                 }
             }
-            _ = sleep_until(next_due) => window.release_due(),
-            _ = sleep_until(drain_until) => {}
-            read = next_message(&mut messages), if room && drain_until.is_none() => match read {
-                Some(Ok(fetched)) => {
-                    if let Some((offset, reason, attempts)) = window.admit(fetched, run.options.max_deliver) {
-                        tracing::error!(partition = run.partition, offset, error = %reason.error, "dead-lettered by the engine");
-                        if !dead_letter(&run, &mut window, offset, &reason, attempts).await
-                            && window.slots.get(&offset).is_some_and(|s| s.envelope.is_none())
-                        {
-                            // Not an event, and not kept: read it again later rather than lose it.
+            read = next_message(&mut messages), if room && drain_until.is_none() => {
+                let mut read = Some(read);
+                let mut taken = 0;
+                while let Some(next) = read.take() {
+                    match next {
+                        Some(Ok(fetched)) => {
+                            if !admit(&run, &mut window, fetched).await {
+                                failure = Some(TransportError::Closed(run.transport));
+                                drain_until = Some(Instant::now() + run.options.handover_timeout);
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(partition = run.partition, error = %e, "reading the partition failed; it is opened again from its settled point");
+                            failure = Some(e);
+                            drain_until = Some(Instant::now() + run.options.handover_timeout);
+                            break;
+                        }
+                        None => {
                             failure = Some(TransportError::Closed(run.transport));
                             drain_until = Some(Instant::now() + run.options.handover_timeout);
+                            break;
                         }
                     }
+                    // What has arrived already is taken without another turn of the loop.
+                    taken += 1;
+                    if taken < BURST && window.len() < run.options.window {
+                        read = next_message(&mut messages).now_or_never();
+                    }
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(partition = run.partition, error = %e, "reading the partition failed; it is opened again from its settled point");
-                    failure = Some(e);
-                    drain_until = Some(Instant::now() + run.options.handover_timeout);
-                }
-                None => {
-                    failure = Some(TransportError::Closed(run.transport));
-                    drain_until = Some(Instant::now() + run.options.handover_timeout);
-                }
-            },
+            }
         }
         if window.unsent.is_some() && settle_at.is_none() {
             settle_at = Some(Instant::now() + SETTLE_DELAY);
@@ -510,18 +546,30 @@ pub(crate) async fn run<L: PartitionLog>(mut run: PartitionRun<L>, opened: Opene
     }
 }
 
+/// Takes one message read; false when the partition must be read again (a message that is
+/// not an event could not be kept as a dead letter).
+async fn admit<L: PartitionLog>(
+    run: &PartitionRun<L>,
+    window: &mut Window<L::Message>,
+    fetched: Fetched<L::Message>,
+) -> bool {
+    let Some((offset, reason, attempts)) = window.admit(fetched, run.options.max_deliver) else { return true };
+    tracing::error!(partition = run.partition, offset, error = %reason.error, "dead-lettered by the engine");
+    // Not an event, and not kept: read it again later rather than lose it.
+    dead_letter(run, window, offset, &reason, attempts).await
+        || window.slots.get(&offset).is_none_or(|s| s.envelope.is_some())
+}
+
+/// Resolves when the owner's word changes; false when the owner is gone.
+async fn changed(mut control: watch::Receiver<Control>) -> bool {
+    control.changed().await.is_ok()
+}
+
 type Messages<M> = std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<Fetched<M>, TransportError>> + Send>>;
 
 async fn next_message<M>(messages: &mut Option<Messages<M>>) -> Option<Result<Fetched<M>, TransportError>> {
     match messages {
         Some(m) => m.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
