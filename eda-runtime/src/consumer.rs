@@ -168,15 +168,22 @@ pub(crate) async fn consume(
             }
             continue;
         };
-        let permit = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        // Under load a permit is free and a delivery waiting: take them without a select.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            },
         };
-        let next = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            n = deliveries.next() => n,
+        let next = match deliveries.next().now_or_never() {
+            Some(n) => n,
+            None => tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                n = deliveries.next() => n,
+            },
         };
         match next {
             Some(Ok(delivery)) => {

@@ -1,7 +1,7 @@
 //! The in-memory inbox: idempotency guards and saga step records for one process.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use eda_core::{Claim, CorrelationId, GuardKey, Inbox, StepState, StoreError};
@@ -16,8 +16,9 @@ pub struct MemoryInbox {
 
 #[derive(Default)]
 struct State {
-    guards: HashMap<GuardKey, bool>,
-    done_order: VecDeque<GuardKey>,
+    /// Each key is allocated once, at its claim, and shared with `done_order`.
+    guards: HashMap<Arc<GuardKey>, bool>,
+    done_order: VecDeque<Arc<GuardKey>>,
     steps: HashMap<(String, String, CorrelationId), Step>,
 }
 
@@ -61,7 +62,7 @@ impl Inbox for MemoryInbox {
             Some(true) => Claim::Done,
             Some(false) => Claim::Busy,
             None => {
-                s.guards.insert(key.clone(), false);
+                s.guards.insert(Arc::new(key.clone()), false);
                 Claim::Acquired
             }
         })
@@ -69,11 +70,15 @@ impl Inbox for MemoryInbox {
 
     async fn complete(&self, key: &GuardKey) -> Result<(), StoreError> {
         let mut s = self.lock();
-        s.guards.insert(key.clone(), true);
-        s.done_order.push_back(key.clone());
+        let shared = match s.guards.get_key_value(key) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::new(key.clone()),
+        };
+        s.guards.insert(shared.clone(), true);
+        s.done_order.push_back(shared);
         while s.done_order.len() > self.capacity {
             if let Some(old) = s.done_order.pop_front() {
-                s.guards.remove(&old);
+                s.guards.remove(&*old);
             }
         }
         Ok(())
