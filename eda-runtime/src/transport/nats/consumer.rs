@@ -181,8 +181,8 @@ impl PartitionLog for NatsPartitions {
         attempts: u32,
     ) -> Result<(), TransportError> {
         let sequence = message.info().map(|i| i.stream_sequence).unwrap_or_default();
-        let copy = self.transport.dead_letter_copy(&self.layout, &self.group, message, sequence, reason, attempts);
-        self.transport.publish_messages(std::slice::from_ref(&copy)).await
+        let mut copy = self.transport.dead_letter_copy(&self.layout, &self.group, message, sequence, reason, attempts);
+        self.transport.publish_one(&mut copy).await
     }
 }
 

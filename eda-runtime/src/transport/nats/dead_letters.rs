@@ -58,7 +58,7 @@ impl NatsTransport {
         stream_sequence: u64,
         reason: &DeadLetterReason,
         attempts: u32,
-    ) -> Outgoing {
+    ) -> Outgoing<'static> {
         let mut headers = HeaderMap::new();
         for (name, values) in original.headers.iter().flat_map(|h| h.iter()) {
             let name_str: &str = name.as_ref();
@@ -99,9 +99,10 @@ impl NatsTransport {
         Outgoing {
             topic: layout.topic.clone(),
             subject: Subject::from(self.dead_letter_subject(&layout.topic)),
-            headers,
+            headers: Some(headers),
             payload,
             dead_letter: true,
+            event: None,
         }
     }
 

@@ -101,6 +101,9 @@ struct Inner {
     /// The engine of every subscription, so that closing waits for those of stopped
     /// subscriptions to settle what is done and hand their partitions over.
     engines: Mutex<Vec<crate::engine::EngineTask>>,
+    /// The server's `max_payload` when the connection was made (asking the client copies all
+    /// of the server's information).
+    max_payload: usize,
     /// The engine's leases, once a subscription needs them.
     leases: tokio::sync::OnceCell<Arc<leases::NatsLeases>>,
 }
@@ -207,6 +210,7 @@ impl NatsTransport {
                 "{shown} answers, but JetStream does not ({why}): start nats-server with `-js`, with JetStream enabled for this account"
             ))
         })?;
+        let max_payload = client.server_info().max_payload;
         let inner = Inner {
             options,
             client,
@@ -217,6 +221,7 @@ impl NatsTransport {
             deduplicated: AtomicU64::new(0),
             engines: Mutex::default(),
             leases: tokio::sync::OnceCell::new(),
+            max_payload,
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -480,12 +485,15 @@ impl NatsTransport {
     /// one after the other, each confirmed before the next: were one lost with a connection
     /// while the next got through, trying it again would store it after its successor. Subjects
     /// (partitions) go concurrently.
-    async fn publish_messages(&self, messages: &[Outgoing]) -> Result<(), TransportError> {
-        let mut by_subject: Vec<(&Subject, Vec<&Outgoing>)> = Vec::new();
-        for m in messages {
-            match by_subject.iter_mut().find(|(subject, _)| **subject == m.subject) {
+    async fn publish_messages(&self, messages: &mut [Outgoing<'_>]) -> Result<(), TransportError> {
+        if let [one] = messages {
+            return self.publish_one(one).await;
+        }
+        let mut by_subject: Vec<(Subject, Vec<&mut Outgoing<'_>>)> = Vec::new();
+        for m in messages.iter_mut() {
+            match by_subject.iter_mut().find(|(subject, _)| *subject == m.subject) {
                 Some((_, queue)) => queue.push(m),
-                None => by_subject.push((&m.subject, vec![m])),
+                None => by_subject.push((m.subject.clone(), vec![m])),
             }
         }
         let sent = futures_util::future::join_all(by_subject.into_iter().map(|(_, queue)| async move {
@@ -501,13 +509,24 @@ impl NatsTransport {
     /// Publishes one message and waits for the stream to store it. A publish that times out
     /// (the server is away, or slow) is tried again with the same `Nats-Msg-Id` until the
     /// publish timeout, so it is stored once.
-    async fn publish_one(&self, m: &Outgoing) -> Result<(), TransportError> {
+    async fn publish_one(&self, m: &mut Outgoing<'_>) -> Result<(), TransportError> {
         let js = &self.inner.js;
         let deadline = Instant::now() + self.inner.options.publish_timeout;
         let mut attempt = 0u32;
         loop {
-            let publish =
-                jetstream::message::PublishMessage::build().payload(m.payload.clone()).headers(m.headers.clone());
+            // An event's headers go out as built the first time and are built again for a
+            // retry; only a dead-letter copy (which has no envelope to build from) is cloned.
+            let headers = match (m.headers.take(), m.event) {
+                (Some(h), Some(_)) => h,
+                (None, Some(event)) => self.event_headers(event)?,
+                (Some(h), None) => {
+                    let copy = h.clone();
+                    m.headers = Some(h);
+                    copy
+                }
+                (None, None) => HeaderMap::new(),
+            };
+            let publish = jetstream::message::PublishMessage::build().payload(m.payload.clone()).headers(headers);
             let stored = match js.send_publish(m.subject.clone(), publish).await {
                 Ok(ack) => ack.await,
                 Err(e) => Err(e),
@@ -569,10 +588,9 @@ impl NatsTransport {
         lock(&self.inner.topics).remove(topic);
     }
 
-    /// The message of an envelope: subject of its partition, CloudEvents headers, payload.
-    async fn outgoing(&self, envelope: &Envelope) -> Result<Outgoing, TransportError> {
-        let subject = self.subject_of(envelope).await?;
-        let stream = self.stream_name(&envelope.topic);
+    /// The headers of an event: its CloudEvents attributes, its id as `Nats-Msg-Id`, and the
+    /// stream that must store it.
+    fn event_headers(&self, envelope: &Envelope) -> Result<HeaderMap, TransportError> {
         let mut headers = HeaderMap::new();
         for (name, value) in envelope.headers(Binding::Nats) {
             if value.contains(['\r', '\n']) {
@@ -587,26 +605,34 @@ impl NatsTransport {
             headers.insert(name, value);
         }
         headers.insert(NATS_MESSAGE_ID, envelope.id.to_string());
-        headers.insert(NATS_EXPECTED_STREAM, stream);
+        headers.insert(NATS_EXPECTED_STREAM, self.stream_name(&envelope.topic));
+        Ok(headers)
+    }
+
+    /// The message of an envelope: subject of its partition, CloudEvents headers, payload.
+    async fn outgoing<'a>(&self, envelope: &'a Envelope) -> Result<Outgoing<'a>, TransportError> {
+        let subject = self.subject_of(envelope).await?;
+        let headers = self.event_headers(envelope)?;
         let size = message_size(&headers, envelope.data.len());
-        let limit = (self.inner.client.server_info().max_payload).saturating_sub(DEAD_LETTER_RESERVE);
+        let max_payload = self.inner.max_payload;
+        let limit = max_payload.saturating_sub(DEAD_LETTER_RESERVE);
         if size > limit {
             return Err(TransportError::PublishRejected {
                 transport: NAME,
                 topic: envelope.topic.clone(),
                 reason: format!(
-                    "`{}` is {size} bytes with its headers, over the {limit} this NATS server carries ({} max_payload, less {DEAD_LETTER_RESERVE} kept for dead-letter metadata): send a reference to large data instead",
+                    "`{}` is {size} bytes with its headers, over the {limit} this NATS server carries ({max_payload} max_payload, less {DEAD_LETTER_RESERVE} kept for dead-letter metadata): send a reference to large data instead",
                     envelope.ty,
-                    self.inner.client.server_info().max_payload
                 ),
             });
         }
         Ok(Outgoing {
             topic: envelope.topic.clone(),
             subject: Subject::from(subject),
-            headers,
+            headers: Some(headers),
             payload: Bytes::from(envelope.data.clone()),
             dead_letter: false,
+            event: Some(envelope),
         })
     }
 }
@@ -623,13 +649,16 @@ async fn check_jetstream(client: &async_nats::Client) -> Result<(), String> {
 }
 
 /// One message to publish.
-struct Outgoing {
+struct Outgoing<'a> {
     topic: String,
     subject: Subject,
-    headers: HeaderMap,
+    /// `None` once handed to the client: an event's are built again for a retry.
+    headers: Option<HeaderMap>,
     payload: Bytes,
     /// A copy for the dead-letter stream (not an event of the topic's stream).
     dead_letter: bool,
+    /// The event it carries, to build its headers from again.
+    event: Option<&'a Envelope>,
 }
 
 /// What a message takes of the server's `max_payload`: headers as they go on the wire, and the
@@ -724,8 +753,8 @@ impl Transport for NatsTransport {
     }
 
     async fn publish(&self, envelope: &Envelope) -> Result<(), TransportError> {
-        let message = self.outgoing(envelope).await?;
-        self.publish_messages(std::slice::from_ref(&message)).await
+        let mut message = self.outgoing(envelope).await?;
+        self.publish_one(&mut message).await
     }
 
     async fn publish_all(&self, envelopes: &[Envelope]) -> Result<(), TransportError> {
@@ -733,7 +762,7 @@ impl Transport for NatsTransport {
         for e in envelopes {
             messages.push(self.outgoing(e).await?);
         }
-        self.publish_messages(&messages).await
+        self.publish_messages(&mut messages).await
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
