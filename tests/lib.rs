@@ -65,6 +65,11 @@ impl Bus {
         Cleanup(self.nats.clone())
     }
 
+    /// True on NATS JetStream.
+    pub fn is_nats(&self) -> bool {
+        self.nats.is_some()
+    }
+
     /// True when the broker itself drops a second publication of an event id (NATS'
     /// `Nats-Msg-Id` deduplication), so a republished envelope is not delivered again.
     pub fn deduplicates_publications(&self) -> bool {

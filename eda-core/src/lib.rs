@@ -41,8 +41,8 @@ pub use handler::{
 pub use registry::{Registry, RegistryBuilder, Report};
 pub use store::{Claim, GuardKey, Inbox, StepState};
 pub use transport::{
-    Acker, Commit, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Delivery, PartitionLag, SagaEvent,
-    SagaHandling, SagaView, Store, StoredDeadLetter, Subscription, Transport, UnitOfWork,
+    Acker, Commit, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Delivery, Ownership, PartitionLag,
+    SagaEvent, SagaHandling, SagaView, Store, StoredDeadLetter, Subscription, Transport, UnitOfWork,
 };
 
 /// Not public API: what the macros' generated code names.

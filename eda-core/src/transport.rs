@@ -47,6 +47,12 @@ pub trait Transport: Send + Sync + 'static {
         false
     }
 
+    /// Which partitions this process consumes, per subscription, where the transport shares
+    /// partitions out among a group's instances itself (empty elsewhere).
+    fn ownership(&self) -> Vec<Ownership> {
+        Vec::new()
+    }
+
     /// How far `group` is behind on `topic`, per partition.
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError>;
 
@@ -298,6 +304,21 @@ pub trait DeadLetterStore: Send + Sync {
     async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>, TransportError>;
     /// Removes a dead letter; false when there was none with that id.
     async fn remove_dead_letter(&self, id: u64) -> Result<bool, TransportError>;
+}
+
+/// What one subscription of this process holds of its group's partitions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ownership {
+    /// The consumer group.
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+    /// Partitions this process consumes now.
+    pub owned: u32,
+    /// Partitions it handed over to another instance since it started (rebalances, shutdown).
+    pub handed_over: u64,
+    /// Partitions it took over from an instance whose lease lapsed (a crash, a hang).
+    pub taken_over: u64,
 }
 
 /// How far a group is behind on one partition of a topic.

@@ -36,6 +36,12 @@ pub(crate) struct TopicLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct SubscriptionLabels {
+    pub group: String,
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LagLabels {
     pub group: String,
     pub topic: String,
@@ -61,6 +67,9 @@ pub(crate) struct Metrics {
     pub unhandled: Family<GroupLabels, Counter>,
     pub duration: HistogramFamily,
     pub lag: Family<LagLabels, Gauge>,
+    pub owned: Family<SubscriptionLabels, Gauge>,
+    pub handed_over: Family<SubscriptionLabels, Counter>,
+    pub taken_over: Family<SubscriptionLabels, Counter>,
     #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
     pub outbox_backlog: Family<TopicLabels, Gauge>,
     #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
@@ -80,6 +89,9 @@ impl Default for Metrics {
         let unhandled = Family::default();
         let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let lag = Family::default();
+        let owned = Family::default();
+        let handed_over = Family::default();
+        let taken_over = Family::default();
         let outbox_backlog = Family::default();
         let outbox_age = Family::default();
         let relayed = Counter::default();
@@ -96,6 +108,17 @@ impl Default for Metrics {
         registry.register("events_unhandled", "Events of types a group has no handler for", unhandled.clone());
         registry.register("handler_duration_seconds", "How long one attempt of a handler took", duration.clone());
         registry.register("consumer_lag", "Events published and not yet settled by the group", lag.clone());
+        registry.register("partitions_owned", "Partitions of the group this process consumes", owned.clone());
+        registry.register(
+            "partitions_handed_over",
+            "Partitions handed over to another instance of the group (rebalances, shutdown)",
+            handed_over.clone(),
+        );
+        registry.register(
+            "partitions_taken_over",
+            "Partitions taken over from an instance whose lease lapsed",
+            taken_over.clone(),
+        );
         registry.register("outbox_backlog", "Events in the outbox not yet relayed", outbox_backlog.clone());
         registry.register(
             "outbox_oldest_age_seconds",
@@ -114,6 +137,9 @@ impl Default for Metrics {
             unhandled,
             duration,
             lag,
+            owned,
+            handed_over,
+            taken_over,
             outbox_backlog,
             outbox_age,
             relayed,
@@ -201,6 +227,15 @@ impl Scrape {
             let now = count.load(Ordering::Relaxed);
             let before = seen.swap(now, Ordering::Relaxed);
             metrics.relayed.inc_by(now.saturating_sub(before));
+        }
+        for o in self.shared.transport.ownership() {
+            let labels = SubscriptionLabels { group: o.group, topic: o.topic };
+            metrics.owned.get_or_create(&labels).set(i64::from(o.owned));
+            // Totals kept by the transport; the counters catch up to them.
+            let handed = metrics.handed_over.get_or_create(&labels);
+            handed.inc_by(o.handed_over.saturating_sub(handed.get()));
+            let taken = metrics.taken_over.get_or_create(&labels);
+            taken.inc_by(o.taken_over.saturating_sub(taken.get()));
         }
         metrics.lag.clear();
         for (group, topic, p) in lags {

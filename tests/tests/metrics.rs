@@ -82,6 +82,13 @@ async fn the_lag_series_equals_the_backlog_and_reads_zero_when_drained(bus: Bus)
     assert_eq!(sum(&drained, "eda_events_handled_total", &[group, "handler=\"meter\""]), 5.0, "{drained}");
     assert_eq!(sum(&drained, "eda_handler_duration_seconds_count", &[group]), 5.0, "{drained}");
     assert!(drained.trim_end().ends_with("# EOF"));
+    if bus.is_nats() {
+        // One instance owns every partition of its group, and has handed none over yet.
+        let subscription = [group, "topic=\"metered\""];
+        assert_eq!(sum(&drained, "eda_partitions_owned", &subscription), 16.0, "{drained}");
+        assert_eq!(sum(&drained, "eda_partitions_handed_over_total", &subscription), 0.0, "{drained}");
+        assert_eq!(sum(&drained, "eda_partitions_taken_over_total", &subscription), 0.0, "{drained}");
+    }
     rt.shutdown().await;
 }
 

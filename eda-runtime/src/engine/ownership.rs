@@ -21,7 +21,7 @@
 //! there.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,9 +113,12 @@ impl Lease {
 /// Starts the engine for one subscription: the member joins the group's partitions on `log`,
 /// and the events of the partitions it comes to own are its deliveries. `scope` is the key
 /// prefix of this group and topic in `leases`; `member` says who this is, for operators.
+#[allow(clippy::too_many_arguments)] // the subscription's names, its log and leases, settings
 pub(crate) async fn subscribe<L: PartitionLog>(
     log: Arc<L>,
     leases: Arc<dyn LeaseStore>,
+    group: &str,
+    topic: &str,
     scope: String,
     member: String,
     transport: &'static str,
@@ -140,22 +143,47 @@ pub(crate) async fn subscribe<L: PartitionLog>(
         owned: HashMap::new(),
         resting: HashMap::new(),
         runs: JoinSet::new(),
+        stats: Arc::default(),
     };
     let subscription = owner.deliveries.downgrade();
+    let stats = owner.stats.clone();
     let task = tokio::spawn(owner.run(watch));
-    Ok((Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))), EngineTask { subscription, task }))
+    let engine = EngineTask { subscription, task, group: group.to_owned(), topic: topic.to_owned(), stats };
+    Ok((Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))), engine))
+}
+
+/// What one subscription's engine did, for metrics.
+#[derive(Debug, Default)]
+struct EngineStats {
+    owned: AtomicU32,
+    handed_over: AtomicU64,
+    taken_over: AtomicU64,
 }
 
 /// The engine of one subscription, as its transport keeps track of it.
 pub(crate) struct EngineTask {
     subscription: mpsc::WeakSender<Result<Delivery, TransportError>>,
     task: tokio::task::JoinHandle<()>,
+    group: String,
+    topic: String,
+    stats: Arc<EngineStats>,
 }
 
 impl EngineTask {
     /// True once it has stopped.
     pub(crate) fn finished(&self) -> bool {
         self.task.is_finished()
+    }
+
+    /// What it holds of its group's partitions.
+    pub(crate) fn ownership(&self) -> eda_core::Ownership {
+        eda_core::Ownership {
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            owned: self.stats.owned.load(Ordering::Relaxed),
+            handed_over: self.stats.handed_over.load(Ordering::Relaxed),
+            taken_over: self.stats.taken_over.load(Ordering::Relaxed),
+        }
     }
 
     /// True while its subscription is dropped and it still hands its partitions over.
@@ -209,6 +237,7 @@ struct Owner<L: PartitionLog> {
     /// Partitions whose run failed, and until when they are left alone.
     resting: HashMap<u32, (Instant, u32)>,
     runs: JoinSet<(u32, Ended)>,
+    stats: Arc<EngineStats>,
 }
 
 type Updates = std::pin::Pin<Box<dyn Stream<Item = Result<LeaseUpdate, TransportError>> + Send>>;
@@ -376,6 +405,7 @@ impl<L: PartitionLog> Owner<L> {
                 tracing::info!(scope = %self.scope, partition = p, members = n, "handing a partition over");
                 owned.releasing = true;
                 owned.control.send_replace(Control::Release);
+                self.stats.handed_over.fetch_add(1, Ordering::Relaxed);
             }
         }
         let now = Instant::now();
@@ -431,6 +461,7 @@ impl<L: PartitionLog> Owner<L> {
                     Some(revision) if before.owner.is_empty() => (revision, None, before.floor),
                     Some(revision) => {
                         tracing::info!(scope = %self.scope, partition = p, from = %before.owner, "took over a lapsed lease");
+                        self.stats.taken_over.fetch_add(1, Ordering::Relaxed);
                         let floor = before.floor;
                         (revision, Some(before), floor)
                     }
@@ -483,11 +514,13 @@ impl<L: PartitionLog> Owner<L> {
             (p, ended.unwrap_or_else(|_| Ended::Failed(TransportError::Closed("a partition's run panicked"))))
         });
         self.owned.insert(p, Owned { revision, lease, control, fence, floor, busy, releasing: false });
+        self.stats.owned.store(self.owned.len() as u32, Ordering::Relaxed);
     }
 
     /// A partition's run ended: give its lease back unless it was lost.
     async fn ended(&mut self, p: u32, ended: Ended) {
         let Some(owned) = self.owned.remove(&p) else { return };
+        self.stats.owned.store(self.owned.len() as u32, Ordering::Relaxed);
         match ended {
             Ended::Lost => {}
             Ended::Released | Ended::Failed(_) => {

@@ -781,8 +781,17 @@ impl Transport for NatsTransport {
         let scope = consumer::scope(&group, &subscription.topic);
         let member = format!("{} pid {}", self.inner.options.name.as_deref().unwrap_or("eda"), std::process::id());
         let log = Arc::new(consumer::NatsPartitions { transport: self.clone(), layout, group });
-        let (deliveries, engine) =
-            crate::engine::subscribe(log, leases, scope, member, NAME, self.inner.options.engine.clone()).await?;
+        let (deliveries, engine) = crate::engine::subscribe(
+            log,
+            leases,
+            &subscription.group,
+            &subscription.topic,
+            scope,
+            member,
+            NAME,
+            self.inner.options.engine.clone(),
+        )
+        .await?;
         let mut engines = lock(&self.inner.engines);
         engines.retain(|e| !e.finished());
         engines.push(engine);
@@ -792,6 +801,10 @@ impl Transport for NatsTransport {
     fn sequences_keys(&self) -> bool {
         // The engine hands out one event per key at a time.
         true
+    }
+
+    fn ownership(&self) -> Vec<eda_core::Ownership> {
+        lock(&self.inner.engines).iter().filter(|e| !e.finished()).map(|e| e.ownership()).collect()
     }
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
