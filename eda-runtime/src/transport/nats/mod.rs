@@ -101,6 +101,8 @@ struct Inner {
     /// The engine of every subscription, so that closing waits for those of stopped
     /// subscriptions to settle what is done and hand their partitions over.
     engines: Mutex<Vec<crate::engine::EngineTask>>,
+    /// Places for publishes waiting for their confirmation (`max_unconfirmed`).
+    unconfirmed: tokio::sync::Semaphore,
     /// The server's `max_payload` when the connection was made (asking the client copies all
     /// of the server's information).
     max_payload: usize,
@@ -211,6 +213,7 @@ impl NatsTransport {
             ))
         })?;
         let max_payload = client.server_info().max_payload;
+        let unconfirmed = tokio::sync::Semaphore::new(options.max_unconfirmed);
         let inner = Inner {
             options,
             client,
@@ -222,6 +225,7 @@ impl NatsTransport {
             engines: Mutex::default(),
             leases: tokio::sync::OnceCell::new(),
             max_payload,
+            unconfirmed,
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -510,6 +514,7 @@ impl NatsTransport {
     /// (the server is away, or slow) is tried again with the same `Nats-Msg-Id` until the
     /// publish timeout, so it is stored once.
     async fn publish_one(&self, m: &mut Outgoing<'_>) -> Result<(), TransportError> {
+        let _place = self.inner.unconfirmed.acquire().await.map_err(|_| TransportError::Closed(NAME))?;
         let js = &self.inner.js;
         let deadline = Instant::now() + self.inner.options.publish_timeout;
         let mut attempt = 0u32;

@@ -77,6 +77,7 @@ pub struct NatsOptions {
     pub(super) duplicate_window: Duration,
     pub(super) publish_timeout: Duration,
     pub(super) connection_timeout: Duration,
+    pub(super) max_unconfirmed: usize,
     /// The delivery engine: window, leases, handover.
     pub(super) engine: crate::engine::EngineOptions,
     /// The URL as given, secrets hidden: for messages.
@@ -114,7 +115,7 @@ impl fmt::Debug for NatsOptions {
 
 const KNOWN: &str = "namespace, partitions, ack_wait, max_deliver, retention, storage, max_age, max_bytes, \
      max_messages, replicas, duplicate_window, publish_timeout, connection_timeout, name, creds, nkey_file, \
-     tls_required, tls_ca, tls_cert, tls_key, window, lease_ttl, heartbeat, handover_timeout";
+     tls_required, tls_ca, tls_cert, tls_key, window, lease_ttl, heartbeat, handover_timeout, max_unconfirmed";
 
 impl NatsOptions {
     /// Options for the servers at `url`: `nats://host:4222` (several as
@@ -143,6 +144,7 @@ impl NatsOptions {
             duplicate_window: Duration::from_secs(120),
             publish_timeout: Duration::from_secs(10),
             connection_timeout: Duration::from_secs(5),
+            max_unconfirmed: 4096,
             engine: crate::engine::EngineOptions::default(),
             shown: String::new(),
         }
@@ -172,8 +174,8 @@ impl NatsOptions {
     /// (`EDA_URL`): `nats://host:4222?namespace=shop&partitions=32&ack_wait=10s`. The keys are
     /// the builder methods' names — `namespace`, `partitions`, `ack_wait`, `max_deliver`,
     /// `retention`, `storage`, `max_age`, `max_bytes`, `max_messages`, `replicas`,
-    /// `duplicate_window`, `publish_timeout`, `connection_timeout`, `window`, `lease_ttl`,
-    /// `heartbeat`, `handover_timeout` — and `name` (the connection
+    /// `duplicate_window`, `publish_timeout`, `connection_timeout`, `max_unconfirmed`, `window`,
+    /// `lease_ttl`, `heartbeat`, `handover_timeout` — and `name` (the connection
     /// name), `creds` (a `.creds` file), `nkey_file` (a file holding an nkey seed),
     /// `tls_required`, `tls_ca`, `tls_cert` and `tls_key`. Durations are written `10s`, `500ms`,
     /// `7d`; `max_age=none` keeps events until another limit removes them.
@@ -214,6 +216,7 @@ impl NatsOptions {
                 "publish_timeout" => options.publish_timeout(duration(&v)?),
                 "connection_timeout" => options.connection_timeout(duration(&v)?),
                 "name" => options.connection_name(v),
+                "max_unconfirmed" => options.max_unconfirmed(number(&v)?.try_into().map_err(|_| bad("too large"))?),
                 "window" => options.window(number(&v)?.try_into().map_err(|_| bad("too large"))?),
                 "lease_ttl" => options.lease_ttl(duration(&v)?),
                 "heartbeat" => options.heartbeat(duration(&v)?),
@@ -288,6 +291,15 @@ impl NatsOptions {
     /// this limit.
     pub fn max_deliver(mut self, n: u32) -> Self {
         self.engine.max_deliver = n;
+        self
+    }
+
+    /// How many publishes may wait for the server's confirmation at once, from all callers of
+    /// this transport together (4096 by default); more wait for a place. Publishes do not wait
+    /// for each other's confirmations, so concurrent callers (or `Publisher::publish_all`
+    /// across partitions) keep the connection busy.
+    pub fn max_unconfirmed(mut self, publishes: usize) -> Self {
+        self.max_unconfirmed = publishes;
         self
     }
 
@@ -465,6 +477,9 @@ impl NatsOptions {
             return Err(config("replicas 0: a stream has at least one"));
         }
         self.engine.check().map_err(config)?;
+        if self.max_unconfirmed == 0 {
+            return Err(config("max_unconfirmed 0 would let no publish through: use 1 or more"));
+        }
         Ok(())
     }
 }
@@ -558,6 +573,8 @@ mod tests {
         .expect("valid");
         assert_eq!((o.partitions, o.ack_wait, o.max_age), (4, Duration::from_secs(2), None));
         assert_eq!((o.engine.window, o.engine.lease_ttl), (64, Duration::from_secs(3)));
+        let narrow = NatsOptions::from_url("nats://h?max_unconfirmed=16").map(|o| o.max_unconfirmed);
+        assert_eq!(narrow.ok(), Some(16));
         assert_eq!(o.retention, Retention::Interest);
         let slow = NatsOptions::new("nats://h").heartbeat(Duration::from_secs(5)).validate();
         assert!(slow.err().map(|e| e.to_string()).unwrap_or_default().contains("lease_ttl"));
