@@ -409,7 +409,22 @@ async fn drop_tables(transport: &SqlTransport, db: &Db) {
 /// transaction with an inbox insert, an effect row, an outbox row and the offset.
 async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
     let db = Db::new(postgres)?;
-    let pool = sqlx::AnyPool::connect(&if postgres { db.url.clone() } else { format!("{}?mode=rwc", db.url) }).await?;
+    let url = if postgres { db.url.clone() } else { format!("{}?mode=rwc", db.url) };
+    // The same pragmas as eda's SQLite log, on every connection (they are per connection):
+    // WAL, `synchronous = NORMAL` (no fsync per commit), a busy timeout.
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if !postgres {
+                    for pragma in ["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 10000"] {
+                        sqlx::query(pragma).execute(&mut *conn).await?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await?;
     let p = &db.prefix;
     let (serial, blob) =
         if postgres { ("BIGSERIAL PRIMARY KEY", "BYTEA") } else { ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB") };
@@ -421,9 +436,6 @@ async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
         format!("CREATE TABLE {p}raw_offsets (grp TEXT PRIMARY KEY, position BIGINT NOT NULL)"),
     ] {
         sqlx::query(&ddl).execute(&pool).await?;
-    }
-    if !postgres {
-        sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
     }
     let begin = if postgres { "BEGIN" } else { "BEGIN IMMEDIATE" };
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
