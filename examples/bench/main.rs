@@ -1,5 +1,6 @@
 //! Measures eda beside the raw client of the same store doing the same work with the same
-//! guarantees, alternating the two over several rounds, and prints the medians and the ratio.
+//! guarantees: a warm-up pair that is not reported, then rounds alternating which side goes
+//! first; it prints the medians and the median of the per-round ratios with their min–max.
 //!
 //! ```text
 //! cargo run --release -p eda-examples --bin bench -- \
@@ -416,7 +417,9 @@ async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 if !postgres {
-                    for pragma in ["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 10000"] {
+                    for pragma in
+                        ["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 10000"]
+                    {
                         sqlx::query(pragma).execute(&mut *conn).await?;
                     }
                 }
@@ -768,7 +771,10 @@ async fn backlog(postgres: bool, a: &Args) -> Result<String, BoxError> {
     ))
 }
 
-async fn measure(transport: &str, a: &Args) -> Result<(u64, &'static str, Summary, Summary), BoxError> {
+async fn measure(
+    transport: &str,
+    a: &Args,
+) -> Result<(u64, &'static str, Summary, Summary, (f64, f64, f64)), BoxError> {
     let default_events = match transport {
         "memory" => 50_000,
         "postgres-outbox" => 5_000,
@@ -777,7 +783,8 @@ async fn measure(transport: &str, a: &Args) -> Result<(u64, &'static str, Summar
     };
     let n = a.events.unwrap_or(default_events);
     let (mut eda, mut raw) = (Vec::new(), Vec::new());
-    for round in 0..a.rounds {
+    // A warm-up pair first, not reported: neither side gets the cold start alone.
+    for round in 0..=a.rounds {
         // Alternate which goes first, so warm-up and drift fall on both alike.
         for first_eda in [round % 2 == 0, round % 2 != 0] {
             let sample = match (transport, first_eda) {
@@ -794,10 +801,10 @@ async fn measure(transport: &str, a: &Args) -> Result<(u64, &'static str, Summar
                 (_, true) => eda_relay(a, n).await?,
                 (_, false) => raw_relay(a, n).await?,
             };
-            if first_eda {
-                eda.push(sample)
-            } else {
-                raw.push(sample)
+            match (round, first_eda) {
+                (0, _) => {}
+                (_, true) => eda.push(sample),
+                (_, false) => raw.push(sample),
             }
         }
     }
@@ -808,7 +815,17 @@ async fn measure(transport: &str, a: &Args) -> Result<(u64, &'static str, Summar
         "nats-drain" => "the same, from a backlog",
         _ => "log + inbox + effect + outbox",
     };
-    Ok((n, scenario, summarize(&eda), summarize(&raw)))
+    let ratios: Vec<f64> = eda.iter().zip(&raw).map(|(e, r)| e.e2e_eps / r.e2e_eps.max(f64::MIN_POSITIVE)).collect();
+    Ok((n, scenario, summarize(&eda), summarize(&raw), spread(ratios)))
+}
+
+/// Median, min and max of per-round ratios.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    match (v.first(), v.last()) {
+        (Some(lo), Some(hi)) => (v[v.len() / 2], *lo, *hi),
+        _ => (0.0, 0.0, 0.0),
+    }
 }
 
 #[tokio::main]
@@ -826,7 +843,7 @@ async fn main() {
     sqlx::any::install_default_drivers();
     if !args.json && args.transports.iter().any(|t| !t.ends_with("-backlog") && t != "nats-peak") {
         println!(
-            "{:<16} {:<32} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "{:<16} {:<32} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10} {:>17} {:>9} {:>9} {:>9} {:>9} {:>8}",
             "transport",
             "scenario",
             "events",
@@ -864,14 +881,14 @@ async fn main() {
             continue;
         }
         match measure(transport, &args).await {
-            Ok((n, scenario, eda, raw)) => {
-                let ratio = if raw.e2e_eps > 0.0 { eda.e2e_eps / raw.e2e_eps } else { 0.0 };
+            Ok((n, scenario, eda, raw, (ratio, ratio_min, ratio_max))) => {
                 let rss = peak_rss_mb();
                 if args.json {
                     let line = serde_json::json!({
                         "transport": transport, "scenario": scenario, "events": n, "payload_bytes": args.payload,
                         "groups": args.groups, "in_flight": args.in_flight, "rounds": args.rounds,
                         "eda_eps": eda.e2e_eps.round(), "raw_eps": raw.e2e_eps.round(), "ratio": (ratio * 100.0).round() / 100.0,
+                        "ratio_min": (ratio_min * 100.0).round() / 100.0, "ratio_max": (ratio_max * 100.0).round() / 100.0,
                         "eda_publish_eps": eda.publish_eps.round(), "raw_publish_eps": raw.publish_eps.round(),
                         "eda_p50_us": eda.p50_us, "eda_p99_us": eda.p99_us, "raw_p50_us": raw.p50_us, "raw_p99_us": raw.p99_us,
                         "peak_rss_mb": (rss * 10.0).round() / 10.0,
@@ -879,7 +896,7 @@ async fn main() {
                     println!("{line}");
                 } else {
                     println!(
-                        "{:<16} {:<32} {:>7} {:>7} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>6.2} {:>7}us {:>7}us {:>7}us {:>7}us {:>8.1}",
+                        "{:<16} {:<32} {:>7} {:>7} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>17} {:>7}us {:>7}us {:>7}us {:>7}us {:>8.1}",
                         transport,
                         scenario,
                         n,
@@ -888,7 +905,7 @@ async fn main() {
                         raw.publish_eps,
                         eda.e2e_eps,
                         raw.e2e_eps,
-                        ratio,
+                        format!("{ratio:.2} ({ratio_min:.2}–{ratio_max:.2})"),
                         eda.p50_us,
                         eda.p99_us,
                         raw.p50_us,

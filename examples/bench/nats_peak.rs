@@ -27,7 +27,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{nats_namespace, nats_url, now_us, percentile, BoxError};
+use super::{nats_namespace, nats_url, now_us, percentile, spread, BoxError};
 
 /// How many publishes may wait for their confirmation at once, on both sides.
 const UNCONFIRMED: usize = 256;
@@ -260,12 +260,6 @@ async fn raw_round(n: u64) -> Result<Round, BoxError> {
         js.delete_stream(name).await?;
     }
     Ok(Round { publish_eps, publish_headers_eps, consume_eps, p99_us })
-}
-
-/// Median, min and max.
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn round2(x: f64) -> f64 {
