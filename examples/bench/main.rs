@@ -535,26 +535,34 @@ async fn eda_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
     })
 }
 
-/// A plain relay: `SELECT … FOR UPDATE SKIP LOCKED` in batches of 100, publish each row, mark
-/// the batch sent, commit.
+/// A plain relay as a competent engineer writes it: a position row locked and moved in the
+/// transaction that reads the next 100 rows past it (`id > last`), the stored envelopes
+/// published as one batch.
 async fn raw_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
     let db = Db::new(true)?;
     let pool = sqlx::PgPool::connect(&db.url).await?;
     let table = format!("{}raw_outbox", db.prefix);
     sqlx::query(&format!(
         "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
-         payload BYTEA NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now(), sent_at TIMESTAMPTZ)"
+         envelope BYTEA NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
     ))
     .execute(&pool)
     .await?;
+    // The relay's position, moved in the transaction that reads past it: no rescans of sent
+    // rows, one row written per batch.
+    sqlx::query(&format!("CREATE TABLE {table}_position (relay TEXT PRIMARY KEY, last_id BIGINT NOT NULL)"))
+        .execute(&pool)
+        .await?;
+    sqlx::query(&format!("INSERT INTO {table}_position VALUES ('raw', 0)")).execute(&pool).await?;
     let body = "x".repeat(a.payload);
     let start = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let mut tx = pool.begin().await?;
         for seq in chunk {
-            sqlx::query(&format!("INSERT INTO {table} (event_id, event_type, payload) VALUES ($1, 'Tick.v1', $2)"))
-                .bind(uuid::Uuid::now_v7().to_string())
-                .bind(serde_json::to_vec(&tick(*seq, &body))?)
+            let envelope = eda::Envelope::root("bench", eda::PendingEvent::new(&tick(*seq, &body))?, None);
+            sqlx::query(&format!("INSERT INTO {table} (event_id, event_type, envelope) VALUES ($1, 'Tick.v1', $2)"))
+                .bind(envelope.id.to_string())
+                .bind(serde_json::to_vec(&envelope)?)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -566,26 +574,31 @@ async fn raw_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
     let mut relayed = 0u64;
     while relayed < n {
         let mut tx = pool.begin().await?;
-        let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(&format!(
-            "SELECT id, event_id, payload FROM {table} WHERE sent_at IS NULL ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED"
-        ))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut ids = Vec::with_capacity(rows.len());
-        for (id, _event_id, payload) in rows {
-            let tick: Tick = serde_json::from_slice(&payload)?;
-            target.publish(&eda::Envelope::root("bench", eda::PendingEvent::new(&tick)?, None)).await?;
-            ids.push(id);
+        let (last,): (i64,) =
+            sqlx::query_as(&format!("SELECT last_id FROM {table}_position WHERE relay = 'raw' FOR UPDATE"))
+                .fetch_one(&mut *tx)
+                .await?;
+        let rows: Vec<(i64, Vec<u8>)> =
+            sqlx::query_as(&format!("SELECT id, envelope FROM {table} WHERE id > $1 ORDER BY id LIMIT 100"))
+                .bind(last)
+                .fetch_all(&mut *tx)
+                .await?;
+        // The stored envelopes as they are (each keeps its event id), the batch in one call.
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        let envelopes =
+            rows.iter().map(|(_, e)| serde_json::from_slice(e)).collect::<Result<Vec<eda::Envelope>, _>>()?;
+        target.publish_all(&envelopes).await?;
+        if let Some(last) = ids.last() {
+            sqlx::query(&format!("UPDATE {table}_position SET last_id = $1 WHERE relay = 'raw'"))
+                .bind(last)
+                .execute(&mut *tx)
+                .await?;
         }
-        sqlx::query(&format!("UPDATE {table} SET sent_at = now() WHERE id = ANY($1)"))
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         relayed += ids.len() as u64;
     }
     let total = start.elapsed();
-    sqlx::query(&format!("DROP TABLE {table}")).execute(&pool).await?;
+    sqlx::query(&format!("DROP TABLE {table}, {table}_position")).execute(&pool).await?;
     Ok(Sample {
         publish_eps: n as f64 / published.as_secs_f64(),
         e2e_eps: n as f64 / total.as_secs_f64(),
