@@ -406,8 +406,9 @@ async fn drop_tables(transport: &SqlTransport, db: &Db) {
     }
 }
 
-/// Plain SQL doing what eda's SQL log does per event: one insert per publish; per handling one
-/// transaction with an inbox insert, an effect row, an outbox row and the offset.
+/// Plain SQL doing what eda's SQL log does per event: one insert per publish (with the event's
+/// UUID); per handling one transaction with an inbox insert keyed on that id, an effect row, an
+/// outbox row and the offset.
 async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
     let db = Db::new(postgres)?;
     let url = if postgres { db.url.clone() } else { format!("{}?mode=rwc", db.url) };
@@ -432,7 +433,7 @@ async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
     let (serial, blob) =
         if postgres { ("BIGSERIAL PRIMARY KEY", "BYTEA") } else { ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB") };
     for ddl in [
-        format!("CREATE TABLE {p}raw_log (seq {serial}, payload {blob} NOT NULL)"),
+        format!("CREATE TABLE {p}raw_log (seq {serial}, id TEXT NOT NULL, payload {blob} NOT NULL)"),
         format!("CREATE TABLE {p}raw_inbox (grp TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (grp, id))"),
         format!("CREATE TABLE {p}raw_effects (seq BIGINT NOT NULL)"),
         format!("CREATE TABLE {p}raw_outbox (seq {serial}, payload {blob} NOT NULL)"),
@@ -451,8 +452,8 @@ async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
             let mut position = 0i64;
             let mut done = 0u64;
             while done < n {
-                let rows: Vec<(i64, Vec<u8>)> =
-                    sqlx::query_as(&format!("SELECT seq, payload FROM {p}raw_log WHERE seq > $1 ORDER BY seq LIMIT 100"))
+                let rows: Vec<(i64, String, Vec<u8>)> =
+                    sqlx::query_as(&format!("SELECT seq, id, payload FROM {p}raw_log WHERE seq > $1 ORDER BY seq LIMIT 100"))
                         .bind(position)
                         .fetch_all(&pool)
                         .await?;
@@ -460,12 +461,12 @@ async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 }
-                for (seq, payload) in rows {
+                for (seq, id, payload) in rows {
                     let tick: Tick = serde_json::from_slice(&payload)?;
                     let mut tx = pool.begin_with(begin).await?;
                     let fresh = sqlx::query(&format!("INSERT INTO {p}raw_inbox (grp, id) VALUES ($1, $2) ON CONFLICT DO NOTHING"))
                         .bind(&grp)
-                        .bind(seq.to_string())
+                        .bind(&id)
                         .execute(&mut *tx)
                         .await?
                         .rows_affected()
@@ -493,10 +494,15 @@ async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
         }));
     }
     let body = "x".repeat(a.payload);
-    let insert = format!("INSERT INTO {p}raw_log (payload) VALUES ($1)");
+    // Each event has its id (a UUIDv7, as eda's), and the inbox is keyed on it.
+    let insert = format!("INSERT INTO {p}raw_log (id, payload) VALUES ($1, $2)");
     let start = Instant::now();
     for seq in 0..n {
-        sqlx::query(&insert).bind(serde_json::to_vec(&tick(seq, &body))?).execute(&pool).await?;
+        sqlx::query(&insert)
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(serde_json::to_vec(&tick(seq, &body))?)
+            .execute(&pool)
+            .await?;
     }
     let published = start.elapsed();
     for c in consumers {
