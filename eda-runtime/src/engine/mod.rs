@@ -83,10 +83,21 @@ pub(crate) struct Fetched<M> {
     pub message: M,
 }
 
+/// Where the leases last saw a partition settled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Resume {
+    pub floor: u64,
+    /// Which incarnation of the partition's log that floor is in (0: unknown): a log made anew
+    /// numbers its offsets from the start again.
+    pub origin: u64,
+}
+
 /// A partition opened for reading.
 pub(crate) struct Opened<M> {
     /// Every offset up to this one is settled; reading starts after it.
     pub floor: u64,
+    /// The incarnation of the log (see [`Resume::origin`]).
+    pub origin: u64,
     /// Whether events wait after `floor`: the new owner is busy from the start.
     pub backlog: bool,
     /// The messages after `floor`, in offset order. An error ends the reading: the engine opens
@@ -105,14 +116,14 @@ pub(crate) trait PartitionLog: Send + Sync + 'static {
 
     /// Opens `partition` for reading from just after its settled point, with at most `window`
     /// messages delivered and not settled. Whatever an earlier reader left unsettled comes
-    /// again, in order. `known_floor` is the settled point the leases last recorded, for a
-    /// broker that lost its own; `generation` grows with every opening of the partition by any
+    /// again, in order. `known` is the settled point the leases last recorded, for a broker
+    /// that lost its own; `generation` grows with every opening of the partition by any
     /// instance (the lease's revision), for brokers that keep a reader per opening.
     async fn open(
         &self,
         partition: u32,
         window: usize,
-        known_floor: u64,
+        known: Resume,
         generation: u64,
     ) -> Result<Opened<Self::Message>, TransportError>;
 

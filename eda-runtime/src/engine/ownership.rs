@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::partition::{self, Control, Ended, Fence, PartitionRun};
-use super::{EngineOptions, Opened, PartitionLog};
+use super::{EngineOptions, Opened, PartitionLog, Resume};
 
 /// A change of one key under a watched prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,8 +69,8 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
     async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), TransportError>;
 }
 
-/// What a lease key holds, written `<owner> <floor> <strikes> <busy>`; no owner when it was
-/// given back.
+/// What a lease key holds, written `<owner> <floor> <strikes> <busy> <origin>`; no owner when
+/// it was given back.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Lease {
     /// The member that holds it.
@@ -82,11 +82,13 @@ pub(crate) struct Lease {
     /// Whether its owner had events out when it last reported: an owner that dies idle is
     /// no strike against anything.
     pub busy: bool,
+    /// The incarnation of the partition's log `floor` is in (see `Resume::origin`).
+    pub origin: u64,
 }
 
 impl Lease {
     fn encode(&self) -> Vec<u8> {
-        format!("{} {} {} {}", self.owner, self.floor, self.strikes, u8::from(self.busy)).into_bytes()
+        format!("{} {} {} {} {}", self.owner, self.floor, self.strikes, u8::from(self.busy), self.origin).into_bytes()
     }
 
     fn decode(value: &[u8]) -> Self {
@@ -96,7 +98,12 @@ impl Lease {
         let floor = parts.next().and_then(|f| f.parse().ok()).unwrap_or(0);
         let strikes = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
         let busy = parts.next() == Some("1");
-        Self { owner, floor, strikes, busy }
+        let origin = parts.next().and_then(|o| o.parse().ok()).unwrap_or(0);
+        Self { owner, floor, strikes, busy, origin }
+    }
+
+    fn resume(&self) -> Resume {
+        Resume { floor: self.floor, origin: self.origin }
     }
 
     /// The strikes a new owner counts, having found the partition settled at `floor` after
@@ -139,7 +146,6 @@ pub(crate) async fn subscribe<L: PartitionLog>(
         transport,
         deliveries: tx,
         view: HashMap::new(),
-        store_clock: None,
         owned: HashMap::new(),
         resting: HashMap::new(),
         runs: JoinSet::new(),
@@ -196,8 +202,17 @@ impl EngineTask {
 struct Seen {
     revision: u64,
     value: Option<Vec<u8>>,
-    /// When this revision was written, on this member's clock (from the store's timestamps).
+    /// When this member first saw this revision.
     since: Instant,
+    /// How old it already was then (known only for what the watch replays at start).
+    head_start: Duration,
+}
+
+impl Seen {
+    /// How long ago this revision was written, as far as this member can tell: never less.
+    fn age(&self) -> Duration {
+        self.since.elapsed() + self.head_start
+    }
 }
 
 /// A partition this member holds.
@@ -231,8 +246,6 @@ struct Owner<L: PartitionLog> {
     transport: &'static str,
     deliveries: mpsc::Sender<Result<Delivery, TransportError>>,
     view: HashMap<String, Seen>,
-    /// The newest write seen, by the store's clock, and when it was seen here.
-    store_clock: Option<(u64, Instant)>,
     owned: HashMap<u32, Owned>,
     /// Partitions whose run failed, and until when they are left alone.
     resting: HashMap<u32, (Instant, u32)>,
@@ -255,8 +268,18 @@ impl<L: PartitionLog> Owner<L> {
         let mut watch = Some(watch);
         // What the watch shows first is the state as it is: read it before taking anything.
         let settle_in = Instant::now() + (self.options.heartbeat / 4).min(Duration::from_millis(250));
+        let mut replayed = Vec::new();
         while let Ok(Some(Ok(update))) = tokio::time::timeout_at(settle_in, next_update(&mut watch)).await {
-            self.seen(update);
+            replayed.push(update);
+        }
+        // What the replay shows is aged by the store's own timestamps against the newest of
+        // them (no two machines' clocks compared): keys of members long gone, and leases that
+        // lapsed before this member started, are seen as such at once. Later changes are aged
+        // from their arrival here, which a clock stepping on a server cannot make older.
+        let newest = replayed.iter().map(|u| u.written_ns).max().unwrap_or(0);
+        for update in replayed {
+            let head_start = Duration::from_nanos(newest.saturating_sub(update.written_ns));
+            self.seen(update, head_start);
         }
         let mut tick = tokio::time::interval(self.options.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -272,7 +295,7 @@ impl<L: PartitionLog> Owner<L> {
                 update = next_update(&mut watch) => match update {
                     Some(Ok(update)) => {
                         failures = 0;
-                        rebalance = self.seen(update);
+                        rebalance = self.seen(update, Duration::ZERO);
                     }
                     failed => {
                         failures += 1;
@@ -298,28 +321,22 @@ impl<L: PartitionLog> Owner<L> {
         self.leave().await;
     }
 
-    /// Takes a change of the watched keys; true when it may change who should own what.
-    fn seen(&mut self, update: LeaseUpdate) -> bool {
-        let LeaseUpdate { key, revision, value, written_ns } = update;
-        let now = Instant::now();
-        // Ages by the store's clock, compared with the store's clock only: no two machines'
-        // clocks need to agree. The newest write seen stands for the store's "now".
-        let (newest, seen_at) = match self.store_clock {
-            Some((newest, at)) if newest >= written_ns => (newest, at),
-            _ => (written_ns, now),
-        };
-        self.store_clock = Some((newest, seen_at));
-        let age = Duration::from_nanos(newest - written_ns) + seen_at.elapsed();
-        let since = now.checked_sub(age).unwrap_or(now);
+    /// Takes a change of the watched keys, `head_start` old when it arrives; true when it may
+    /// change who should own what.
+    fn seen(&mut self, update: LeaseUpdate, head_start: Duration) -> bool {
+        let LeaseUpdate { key, revision, value, .. } = update;
+        let since = Instant::now();
         if value.is_none() && key.starts_with(&format!("{}.m.", self.scope)) {
             return self.view.remove(&key).is_some();
         }
-        let relevant = value.is_none() || !self.view.contains_key(&key);
+        // A new key, a deletion, or a lease given back (no owner) may free something to take.
+        let given_back = value.as_deref().is_some_and(|v| Lease::decode(v).owner.is_empty());
+        let relevant = value.is_none() || given_back || !self.view.contains_key(&key);
         match self.view.get_mut(&key) {
             Some(seen) if seen.revision >= revision => return false,
-            Some(seen) => *seen = Seen { revision, value, since },
+            Some(seen) => *seen = Seen { revision, value, since, head_start },
             None => {
-                self.view.insert(key, Seen { revision, value, since });
+                self.view.insert(key, Seen { revision, value, since, head_start });
             }
         }
         relevant
@@ -330,11 +347,11 @@ impl<L: PartitionLog> Owner<L> {
     fn members(&mut self) -> Vec<String> {
         let prefix = format!("{}.m.", self.scope);
         let ttl = self.options.lease_ttl;
-        self.view.retain(|k, s| !k.starts_with(&prefix) || s.since.elapsed() < ttl * 3);
+        self.view.retain(|k, s| !k.starts_with(&prefix) || s.age() < ttl * 3);
         let mut members: Vec<String> = self
             .view
             .iter()
-            .filter(|(_, s)| s.value.is_some() && s.since.elapsed() < ttl)
+            .filter(|(_, s)| s.value.is_some() && s.age() < ttl)
             .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_owned))
             .chain([self.me.clone()])
             .collect();
@@ -352,7 +369,8 @@ impl<L: PartitionLog> Owner<L> {
         let renewals = self.owned.iter().map(|(&p, o)| {
             let floor = o.floor.load(Ordering::Relaxed);
             let strikes = if floor > o.lease.floor { 0 } else { o.lease.strikes };
-            let lease = Lease { owner: self.me.clone(), floor, strikes, busy: o.busy.load(Ordering::Relaxed) };
+            let busy = o.busy.load(Ordering::Relaxed);
+            let lease = Lease { owner: self.me.clone(), floor, strikes, busy, origin: o.lease.origin };
             let (leases, key, revision) = (self.leases.clone(), self.lease_key(p), o.revision);
             async move {
                 let sent = Instant::now();
@@ -409,10 +427,9 @@ impl<L: PartitionLog> Owner<L> {
             }
         }
         let now = Instant::now();
-        self.resting.retain(|_, (until, _)| *until > now);
-        let wanted: Vec<u32> = (0..self.log.partitions())
-            .filter(|p| mine(*p) && !self.owned.contains_key(p) && !self.resting.contains_key(p))
-            .collect();
+        let resting = |p: &u32| self.resting.get(p).is_some_and(|(until, _)| *until > now);
+        let wanted: Vec<u32> =
+            (0..self.log.partitions()).filter(|p| mine(*p) && !self.owned.contains_key(p) && !resting(p)).collect();
         // Taken concurrently: opening is a few round trips each, and renewals wait for it.
         let takes = wanted.into_iter().map(|p| self.take(p));
         for (p, taken) in futures_util::future::join_all(takes).await {
@@ -445,35 +462,35 @@ impl<L: PartitionLog> Owner<L> {
         let held = self.view.get(&key).and_then(|s| {
             let lease = s.value.as_deref().map(Lease::decode);
             // Given back: free, and its settled point is still worth knowing.
-            lease.map(|l| (s.revision, l.owner.is_empty() || s.since.elapsed() >= ttl, l))
+            lease.map(|l| (s.revision, l.owner.is_empty() || s.age() >= ttl, l))
         });
         let mine = Lease { owner: self.me.clone(), ..Lease::default() };
         let sent = Instant::now();
-        let (revision, lapsed, known_floor) = match held {
+        let (revision, lapsed, known) = match held {
             None => match self.leases.create(&key, mine.encode()).await? {
-                Some(revision) => (revision, None, 0),
+                Some(revision) => (revision, None, Resume::default()),
                 None => return Ok(None),
             },
             Some((_, false, _)) => return Ok(None),
             Some((revision, true, before)) => {
                 let lease = Lease { owner: self.me.clone(), ..before.clone() };
                 match self.leases.update(&key, lease.encode(), revision).await? {
-                    Some(revision) if before.owner.is_empty() => (revision, None, before.floor),
+                    Some(revision) if before.owner.is_empty() => (revision, None, before.resume()),
                     Some(revision) => {
                         tracing::info!(scope = %self.scope, partition = p, from = %before.owner, "took over a lapsed lease");
                         self.stats.taken_over.fetch_add(1, Ordering::Relaxed);
-                        let floor = before.floor;
-                        (revision, Some(before), floor)
+                        let known = before.resume();
+                        (revision, Some(before), known)
                     }
                     None => return Ok(None),
                 }
             }
         };
         let fence = Arc::new(Fence::new(sent + ttl - ttl / 5));
-        let opened = match self.log.open(p, self.options.window, known_floor, revision).await {
+        let opened = match self.log.open(p, self.options.window, known, revision).await {
             Ok(opened) => opened,
             Err(e) => {
-                let given_back = Lease { floor: known_floor, ..Lease::default() };
+                let given_back = Lease { floor: known.floor, origin: known.origin, ..Lease::default() };
                 let _ = self.leases.update(&key, given_back.encode(), revision).await;
                 return Err(e);
             }
@@ -481,12 +498,22 @@ impl<L: PartitionLog> Owner<L> {
         let strikes = lapsed.map_or(0, |before| before.strikes_after_lapse(opened.floor));
         // Busy from the start when events wait: an owner that dies before its first renewal
         // held one of them.
-        let lease = Lease { owner: self.me.clone(), floor: opened.floor, strikes, busy: opened.backlog };
+        let lease =
+            Lease { owner: self.me.clone(), floor: opened.floor, strikes, busy: opened.backlog, origin: opened.origin };
         let revision = match self.leases.update(&key, lease.encode(), revision).await {
             Ok(Some(r)) => r,
-            // Taken meanwhile, or the store is away: the heartbeat finds out and gives it up.
-            _ => revision,
+            Ok(None) => {
+                // Taken while this member opened it (a slow open): the new owner reads it.
+                tracing::warn!(scope = %self.scope, partition = p, "the lease was taken while the partition was being opened");
+                return Ok(None);
+            }
+            // The store is away: the heartbeat finds out and gives it up if it stays away.
+            Err(_) => revision,
         };
+        if !fence.holds() {
+            tracing::warn!(scope = %self.scope, partition = p, "opening the partition outlasted its lease; it is left to the next owner");
+            return Ok(None);
+        }
         Ok(Some(Acquired { partition: p, revision, lease, fence, opened }))
     }
 
@@ -533,7 +560,8 @@ impl<L: PartitionLog> Owner<L> {
                 if owned.fence.holds() {
                     // Given back with its settled point: whoever takes it next starts there even
                     // if the partition's consumer is gone.
-                    let given_back = Lease { floor: owned.floor.load(Ordering::Relaxed), ..Lease::default() };
+                    let floor = owned.floor.load(Ordering::Relaxed);
+                    let given_back = Lease { floor, origin: owned.lease.origin, ..Lease::default() };
                     if let Err(e) = self.leases.update(&self.lease_key(p), given_back.encode(), owned.revision).await {
                         tracing::debug!(scope = %self.scope, partition = p, error = %e, "could not give a lease back; it lapses");
                     }
@@ -579,9 +607,9 @@ mod tests {
 
     #[test]
     fn a_lease_reads_back_what_it_wrote_and_counts_strikes_only_for_busy_owners() {
-        let lease = Lease { owner: "m1".into(), floor: 41, strikes: 2, busy: true };
+        let lease = Lease { owner: "m1".into(), floor: 41, strikes: 2, busy: true, origin: 7 };
         assert_eq!(Lease::decode(&lease.encode()), lease);
-        assert_eq!(Lease::decode(b" 7 0 0"), Lease { floor: 7, ..Lease::default() }, "given back");
+        assert_eq!(Lease::decode(b" 7 0 0 9"), Lease { floor: 7, origin: 9, ..Lease::default() }, "given back");
         assert_eq!(lease.strikes_after_lapse(41), 3, "died again on the same point");
         assert_eq!(lease.strikes_after_lapse(50), 1, "moved on, then died holding something");
         let idle = Lease { busy: false, ..lease };

@@ -619,11 +619,14 @@ async fn dead_letter<L: PartitionLog>(
     attempts: u32,
 ) -> bool {
     let Some(slot) = window.slots.get(&offset) else { return true };
-    if !run.fence.holds() {
-        // The next owner has it now (or soon): a dead letter here could double its handling.
-        return true;
-    }
-    match run.log.dead_letter(&slot.message, reason, attempts).await {
+    // Past the fence the next owner may have the event: a dead letter here could double its
+    // handling. It waits like one that could not be written (the fence may hold again after a
+    // late renewal; if not, the run ends as lost).
+    let kept = match run.fence.holds() {
+        true => run.log.dead_letter(&slot.message, reason, attempts).await,
+        false => Err(TransportError::Closed(run.transport)),
+    };
+    match kept {
         Ok(()) => {
             window.done(offset);
             true

@@ -20,7 +20,7 @@ use eda_core::{Binding, DeadLetterReason, Envelope, TransportError};
 use futures_util::{StreamExt, TryStreamExt};
 
 use super::{name_part, other, NatsTransport, TopicLayout, NAME};
-use crate::engine::{Fetched, Opened, PartitionLog};
+use crate::engine::{Fetched, Opened, PartitionLog, Resume};
 
 /// How long one pull request waits on the server before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
@@ -82,11 +82,11 @@ impl PartitionLog for NatsPartitions {
         &self,
         partition: u32,
         window: usize,
-        known_floor: u64,
+        known: Resume,
         generation: u64,
     ) -> Result<Opened<Self::Message>, TransportError> {
         let js = &self.transport.inner.js;
-        let mut stream = match js.get_stream(&self.layout.stream).await {
+        let stream = match js.get_stream(&self.layout.stream).await {
             Ok(s) => s,
             Err(e) if super::stream_missing(&e) => {
                 // Gone with a server that came back without it: make it again.
@@ -101,25 +101,25 @@ impl PartitionLog for NatsPartitions {
         // is removed, so no event is without a consumer in between (which would drop it from an
         // interest stream).
         let earlier = partition_consumers(&stream, &self.group, partition).await?;
+        // The stream's incarnation: when it was made.
+        let origin = u64::try_from(stream.cached_info().created.unix_timestamp_nanos()).unwrap_or(0);
         let floor = match earlier.iter().map(|(_, floor)| *floor).max() {
             Some(floor) => floor,
             // None left (removed by hand): start where the leases last saw the partition
-            // settled, not from the beginning of the stream — unless the stream itself is new
-            // (it ends before that point).
-            None => {
-                let last = stream.info().await.map(|i| i.state.last_sequence);
-                match last {
-                    Ok(last) if last >= known_floor => known_floor,
-                    _ => 0,
-                }
-            }
+            // settled, not from the beginning of the stream — unless that was in another
+            // incarnation of the stream (made anew, numbering from 1 again).
+            None if known.origin != 0 && known.origin == origin => known.floor,
+            None => 0,
         };
         let name = format!("{}-{generation}", NatsTransport::consumer_name(&self.group, partition));
         let mut consumer = stream
             .create_consumer(self.config(&name, partition, floor, window))
             .await
             .map_err(|e| consumer_refused(&self.layout.stream, &name, e))?;
-        for (old, _) in earlier.iter().filter(|(old, _)| *old != name) {
+        // Only older openings go: a newer one belongs to an owner that took the partition while
+        // this one was opening it.
+        let older = |old: &str| partition_of_consumer(&self.group, old).is_some_and(|(_, g)| g < generation);
+        for (old, _) in earlier.iter().filter(|(old, _)| older(old)) {
             if let Err(e) = stream.delete_consumer(old).await {
                 tracing::warn!(stream = %self.layout.stream, consumer = %old, error = %e, "could not remove a former consumer of a partition; the next opening tries again");
             }
@@ -166,7 +166,7 @@ impl PartitionLog for NatsPartitions {
             });
             std::future::ready(item)
         });
-        Ok(Opened { floor, backlog, messages: Box::pin(messages) })
+        Ok(Opened { floor, origin, backlog, messages: Box::pin(messages) })
     }
 
     async fn settle(&self, message: &Self::Message, confirm: bool) -> Result<(), TransportError> {
