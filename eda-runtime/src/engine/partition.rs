@@ -649,6 +649,8 @@ async fn dead_letter<L: PartitionLog>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     fn event(key: &str, n: u32) -> Envelope {
@@ -755,6 +757,97 @@ mod tests {
         assert_eq!(w.slots.get(&1).map(|s| s.attempt), Some(3));
         w.done(1);
         assert_eq!(out(&mut w, &tx), vec![2, 3], "then the window opens");
+    }
+
+    /// A log in memory: what was settled and dead-lettered, by offset.
+    #[derive(Default)]
+    struct FakeLog {
+        settled: Mutex<Vec<u64>>,
+        dead: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait]
+    impl PartitionLog for FakeLog {
+        type Message = u64;
+
+        fn partitions(&self) -> u32 {
+            1
+        }
+
+        async fn open(&self, _: u32, _: usize, _: super::super::Resume, _: u64) -> Result<Opened<u64>, TransportError> {
+            Err(TransportError::Closed("fake"))
+        }
+
+        async fn settle(&self, message: &u64, _confirm: bool) -> Result<(), TransportError> {
+            self.settled.lock().unwrap_or_else(|p| p.into_inner()).push(*message);
+            Ok(())
+        }
+
+        async fn dead_letter(&self, message: &u64, _: &DeadLetterReason, _: u32) -> Result<(), TransportError> {
+            self.dead.lock().unwrap_or_else(|p| p.into_inner()).push(*message);
+            Ok(())
+        }
+    }
+
+    /// The log, the owner's word, the deliveries and the run.
+    type Started = (
+        Arc<FakeLog>,
+        watch::Sender<Control>,
+        mpsc::Receiver<Result<Delivery, TransportError>>,
+        tokio::task::JoinHandle<Ended>,
+    );
+
+    /// A run over events at offsets 1, 2, … with these keys, and what it hands out.
+    fn start(keys: &[&str], fence: Instant, handover: Duration) -> Started {
+        let log = Arc::new(FakeLog::default());
+        let (deliveries, rx) = mpsc::channel(16);
+        let (control, control_rx) = watch::channel(Control::Run);
+        let options = EngineOptions { handover_timeout: handover, ..EngineOptions::default() };
+        let run = PartitionRun {
+            log: log.clone(),
+            transport: "fake",
+            partition: 0,
+            options,
+            deliveries,
+            control: control_rx,
+            fence: Arc::new(Fence::new(fence)),
+            floor: Arc::default(),
+            busy: Arc::default(),
+            first_attempt: 1,
+        };
+        let fetched: Vec<_> = keys.iter().enumerate().map(|(i, k)| Ok(fetched(i as u64 + 1, k))).collect();
+        let messages = futures_util::stream::iter(fetched).chain(futures_util::stream::pending());
+        let opened = Opened { floor: 0, origin: 0, backlog: true, messages: Box::pin(messages) };
+        (log, control, rx, tokio::spawn(run_partition(run, opened)))
+    }
+
+    use super::run as run_partition;
+
+    #[tokio::test]
+    async fn a_handover_ends_at_its_deadline_while_a_handler_still_runs() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let (log, control, mut rx, run) = start(&["a", "b"], far, Duration::from_millis(200));
+        let held = rx.recv().await.and_then(Result::ok).expect("a delivery");
+        let done = rx.recv().await.and_then(Result::ok).expect("another");
+        done.ack().await.expect("ack");
+        control.send_replace(Control::Release);
+        let ended = tokio::time::timeout(Duration::from_secs(5), run).await.expect("ends by its deadline");
+        assert!(matches!(ended, Ok(Ended::Released)), "{ended:?}");
+        assert!(log.settled.lock().unwrap_or_else(|p| p.into_inner()).is_empty(), "never past the one still out");
+        drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_refused_past_the_fence_comes_again_instead_of_stalling_its_key() {
+        let lapsed = Instant::now();
+        let (log, _control, mut rx, _run) = start(&["a", "a"], lapsed, Duration::from_secs(10));
+        let first = rx.recv().await.and_then(Result::ok).expect("a delivery");
+        let reason = DeadLetterReason { handler: None, error: "gave up".into(), permanent: true };
+        first.dead_letter(reason).await.expect("word sent");
+        let again = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("comes again");
+        let again = again.and_then(Result::ok).expect("a delivery");
+        assert_eq!(again.attempt, 2);
+        assert!(log.dead.lock().unwrap_or_else(|p| p.into_inner()).is_empty(), "no dead letter past the fence");
     }
 
     #[test]
