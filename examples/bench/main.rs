@@ -15,13 +15,15 @@
 //!   event in one transaction with its guard record and offset, beside plain SQL doing the same
 //!   inserts and selects (a log table, an inbox, an effects table, an outbox, an offset).
 //! - `postgres-outbox`: N events already in a PostgreSQL outbox; eda's relay carries them to an
-//!   in-memory target, beside a plain `FOR UPDATE SKIP LOCKED` relay doing the same.
+//!   in-memory target, beside a plain relay moving a position row past batches of 100.
 //! - `nats`: eda on NATS JetStream (16 partitions, per-key order across instances, the
-//!   idempotency guard, each handling emitting an event), beside raw async-nats doing the same
-//!   on the same server: a stream with one subject per partition, a durable pull consumer per
-//!   partition with `max_ack_pending` 1 pulling one message at a time, a dedupe set, and a
-//!   confirmed publish of what it emits and a confirmed ack per message. `nats-drain` does the
-//!   same with the N events published first (pipelined), and times only their handling.
+//!   idempotency guard, each handling emitting an event), beside raw async-nats in the design
+//!   eda had before its delivery engine: a stream with one subject per partition, a durable
+//!   pull consumer per partition with `max_ack_pending` 1 pulling one message at a time, a
+//!   dedupe set, and a confirmed publish of what it emits and a confirmed ack per message. Kept
+//!   for history until it is replaced; `nats-peak` is the comparison with the broker at its
+//!   best. `nats-drain` does the same with the N events published first (pipelined), and
+//!   times only their handling.
 //! - `nats-peak`: eda on NATS beside async-nats at its best (one wide pull consumer, no
 //!   ordering, no dedupe), publish bare and with eda's headers, and latency at 1,000 events/s;
 //!   see `nats_peak.rs`.
