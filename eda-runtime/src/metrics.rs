@@ -228,6 +228,7 @@ impl Scrape {
             let before = seen.swap(now, Ordering::Relaxed);
             metrics.relayed.inc_by(now.saturating_sub(before));
         }
+        metrics.owned.clear();
         for o in self.shared.transport.ownership() {
             let labels = SubscriptionLabels { group: o.group, topic: o.topic };
             metrics.owned.get_or_create(&labels).set(i64::from(o.owned));

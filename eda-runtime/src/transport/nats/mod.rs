@@ -101,6 +101,9 @@ struct Inner {
     /// The engine of every subscription, so that closing waits for those of stopped
     /// subscriptions to settle what is done and hand their partitions over.
     engines: Mutex<Vec<crate::engine::EngineTask>>,
+    /// What the engines that have stopped handed over and took over, per group and topic, so
+    /// the totals never go back.
+    retired: Mutex<HashMap<(String, String), (u64, u64)>>,
     /// Places for publishes waiting for their confirmation (`max_unconfirmed`).
     unconfirmed: tokio::sync::Semaphore,
     /// The server's `max_payload` when the connection was made (asking the client copies all
@@ -223,6 +226,7 @@ impl NatsTransport {
             topology: tokio::sync::Mutex::new(()),
             deduplicated: AtomicU64::new(0),
             engines: Mutex::default(),
+            retired: Mutex::default(),
             leases: tokio::sync::OnceCell::new(),
             max_payload,
             unconfirmed,
@@ -798,7 +802,16 @@ impl Transport for NatsTransport {
         )
         .await?;
         let mut engines = lock(&self.inner.engines);
-        engines.retain(|e| !e.finished());
+        let mut retired = lock(&self.inner.retired);
+        engines.retain(|e| {
+            if e.finished() {
+                let o = e.ownership();
+                let totals = retired.entry((o.group, o.topic)).or_default();
+                *totals = (totals.0 + o.handed_over, totals.1 + o.taken_over);
+            }
+            !e.finished()
+        });
+        drop(retired);
         engines.push(engine);
         Ok(deliveries)
     }
@@ -809,7 +822,32 @@ impl Transport for NatsTransport {
     }
 
     fn ownership(&self) -> Vec<eda_core::Ownership> {
-        lock(&self.inner.engines).iter().filter(|e| !e.finished()).map(|e| e.ownership()).collect()
+        // Per group and topic: what the running engines own, and every engine's totals.
+        let mut by: HashMap<(String, String), eda_core::Ownership> = HashMap::new();
+        for ((group, topic), (handed_over, taken_over)) in lock(&self.inner.retired).iter() {
+            let o = eda_core::Ownership {
+                group: group.clone(),
+                topic: topic.clone(),
+                owned: 0,
+                handed_over: *handed_over,
+                taken_over: *taken_over,
+            };
+            by.insert((group.clone(), topic.clone()), o);
+        }
+        for e in lock(&self.inner.engines).iter() {
+            let o = e.ownership();
+            let running = !e.finished();
+            let entry = by.entry((o.group.clone(), o.topic.clone())).or_insert(eda_core::Ownership {
+                owned: 0,
+                handed_over: 0,
+                taken_over: 0,
+                ..o.clone()
+            });
+            entry.owned += if running { o.owned } else { 0 };
+            entry.handed_over += o.handed_over;
+            entry.taken_over += o.taken_over;
+        }
+        by.into_values().collect()
     }
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
