@@ -8,15 +8,17 @@
 //!   a TTL, renewed by heartbeat and taken by compare-and-set; an instance consumes only the
 //!   partitions it holds, so per-key order needs no help from the broker. A lease's revision is
 //!   its fencing number: a holder that cannot renew stops settling before anyone may take it.
-//! - [`partition`]: a wide window of each owned partition in flight at once, per-key lanes (one
-//!   event of a key out at a time, also across retries; other keys run on), and settlement of
-//!   the contiguous done prefix in batches — never past an event still in flight.
+//! - `window`: a wide window of each owned partition in flight at once, with per-key lanes
+//!   (one event of a key out at a time, also across retries; other keys run on);
+//! - [`partition`]: the run of an owned partition over its window, and settlement of the
+//!   contiguous done prefix in batches — never past an event still in flight.
 //!
 //! The runtime's consumer (guards, sagas, retries, dead letters) sits on top unchanged: it gets
 //! a [`Deliveries`] stream like from any transport.
 
 pub(crate) mod ownership;
 pub(crate) mod partition;
+mod window;
 
 use std::time::Duration;
 
