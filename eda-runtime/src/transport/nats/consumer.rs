@@ -227,3 +227,18 @@ async fn partition_consumers(
         .map(|i| (i.name.clone(), i.ack_floor.stream_sequence))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::partition_of_consumer;
+
+    #[test]
+    fn consumer_names_say_partition_and_generation_of_their_group_only() {
+        assert_eq!(partition_of_consumer("billing", "billing_3-41"), Some((3, 41)));
+        assert_eq!(partition_of_consumer("billing", "billing_3"), Some((3, 0)), "a consumer of earlier versions");
+        assert_eq!(partition_of_consumer("billing", "billing_x_3-41"), None, "another group's");
+        assert_eq!(partition_of_consumer("b", "b_1_2-5"), None, "group `b_1`'s, not `b`'s");
+        assert_eq!(partition_of_consumer("b_1", "b_1_2-5"), Some((2, 5)));
+        assert_eq!(partition_of_consumer("billing", "billing_3-x"), None);
+    }
+}
