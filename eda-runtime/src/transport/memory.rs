@@ -41,7 +41,15 @@ pub struct MemoryTransport {
 #[derive(Default)]
 struct Inner {
     topics: Mutex<HashMap<String, TopicLog>>,
-    dead: Mutex<Vec<StoredDeadLetter>>,
+    dead: Mutex<DeadLetters>,
+}
+
+/// Dead letters, with ids that are never given out twice: an id from an earlier listing
+/// never names another letter.
+#[derive(Default)]
+struct DeadLetters {
+    letters: Vec<StoredDeadLetter>,
+    last_id: u64,
 }
 
 #[derive(Default)]
@@ -98,12 +106,6 @@ impl GroupCursor {
             }
         }
         Err(self.retry.values().map(|(at, _)| *at).min())
-    }
-
-    fn has_work(&self, events: &[Arc<Envelope>], now: Instant) -> bool {
-        (self.next as usize) < events.len() && self.held_count < MAX_HELD_BACK
-            || !self.released.is_empty()
-            || self.retry.values().any(|(at, _)| *at <= now)
     }
 
     fn hand_out(&mut self, offset: u64, attempt: u32, events: &[Arc<Envelope>]) -> (u64, u32) {
@@ -187,11 +189,16 @@ impl MemoryTransport {
 
     /// Waits for the next deliverable event of `group` on `topic`.
     async fn next_delivery(&self, topic: &str, group: &str) -> Delivery {
+        let notify = self.topics().entry(topic.to_owned()).or_default().notify.clone();
         loop {
-            let (notify, wake_at) = {
+            // Registered before looking, so a publish or a settlement that lands after the look
+            // (a nack due later included) wakes the wait instead of being missed.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wake_at = {
                 let mut topics = self.topics();
                 let log = topics.entry(topic.to_owned()).or_default();
-                let notify = log.notify.clone();
                 let cursor = log.groups.entry(group.to_owned()).or_default();
                 match cursor.take_next(&log.events, Instant::now()) {
                     Ok((offset, attempt)) => {
@@ -205,16 +212,11 @@ impl MemoryTransport {
                         };
                         return Delivery::new(envelope, attempt, 0, Box::new(acker));
                     }
-                    Err(wake_at) => (notify, wake_at),
+                    Err(wake_at) => wake_at,
                 }
             };
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            // Register before re-checking, so a publish between the check and the wait is seen.
-            notified.as_mut().enable();
-            if self.has_work(topic, group) {
-                continue;
-            }
+            #[cfg(test)]
+            tests::after_look(topic);
             match wake_at {
                 Some(at) => {
                     let _ = tokio::time::timeout_at(at, notified).await;
@@ -222,12 +224,6 @@ impl MemoryTransport {
                 None => notified.await,
             }
         }
-    }
-
-    fn has_work(&self, topic: &str, group: &str) -> bool {
-        let topics = self.topics();
-        let Some(log) = topics.get(topic) else { return false };
-        log.groups.get(group).is_some_and(|c| c.has_work(&log.events, Instant::now()))
     }
 }
 
@@ -279,19 +275,19 @@ impl Transport for MemoryTransport {
 impl DeadLetterStore for MemoryTransport {
     async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
         let dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(dead.iter().filter(|d| group.is_none_or(|g| d.group == g)).cloned().collect())
+        Ok(dead.letters.iter().filter(|d| group.is_none_or(|g| d.group == g)).cloned().collect())
     }
 
     async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>, TransportError> {
         let dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(dead.iter().find(|d| d.id == id).cloned())
+        Ok(dead.letters.iter().find(|d| d.id == id).cloned())
     }
 
     async fn remove_dead_letter(&self, id: u64) -> Result<bool, TransportError> {
         let mut dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
-        let before = dead.len();
-        dead.retain(|d| d.id != id);
-        Ok(dead.len() < before)
+        let before = dead.letters.len();
+        dead.letters.retain(|d| d.id != id);
+        Ok(dead.letters.len() < before)
     }
 }
 
@@ -325,8 +321,9 @@ impl Acker for MemoryAcker {
     async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<(), TransportError> {
         {
             let mut dead = self.transport.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
-            let id = dead.last().map_or(1, |d| d.id + 1);
-            dead.push(StoredDeadLetter { id, group: self.group.clone(), letter });
+            dead.last_id += 1;
+            let id = dead.last_id;
+            dead.letters.push(StoredDeadLetter { id, group: self.group.clone(), letter });
         }
         self.finish(Settle::Done);
         Ok(())
@@ -347,6 +344,43 @@ mod tests {
     use super::*;
     use eda_core::{EventInfo, PendingEvent};
     use futures_util::StreamExt;
+
+    type Hook = Box<dyn FnOnce() + Send>;
+    /// What runs once, on a topic, between a subscriber's look at its log and its wait.
+    static AFTER_LOOK: Mutex<Vec<(String, Hook)>> = Mutex::new(Vec::new());
+
+    pub(super) fn after_look(topic: &str) {
+        let hook = {
+            let mut hooks = AFTER_LOOK.lock().unwrap_or_else(|p| p.into_inner());
+            let at = hooks.iter().position(|(t, _)| t == topic);
+            at.map(|i| hooks.remove(i).1)
+        };
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nack_between_a_look_and_the_wait_still_wakes_the_subscriber() {
+        let bus = MemoryTransport::new();
+        let sub = Subscription { group: "g".into(), topic: "wakeup".into(), prefetch: 16 };
+        let mut event = envelope("a", 1);
+        event.topic = "wakeup".into();
+        bus.publish(&event).await.expect("publish");
+        let mut s = bus.subscribe(&sub).await.expect("subscribe");
+        let first = s.next().await.expect("item").expect("delivery");
+        // Its acker would settle offset 0 again when dropped; the hook settles it instead.
+        std::mem::forget(first);
+        let nacker = bus.clone();
+        AFTER_LOOK.lock().expect("hooks").push((
+            "wakeup".into(),
+            Box::new(move || nacker.settle("wakeup", "g", 0, Settle::Again(Duration::from_millis(20)))),
+        ));
+        // The subscriber finds nothing, then the nack lands before it waits: it must still come.
+        let again = tokio::time::timeout(Duration::from_secs(2), s.next()).await;
+        let again = again.expect("the nacked event is delivered again").expect("item").expect("delivery");
+        assert_eq!(again.attempt, 2);
+    }
 
     fn envelope(key: &str, n: u32) -> Envelope {
         let info = EventInfo { name: "T", version: 1, ce_type: "T.v1", topic: "t" };

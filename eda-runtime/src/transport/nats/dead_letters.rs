@@ -217,11 +217,13 @@ impl DeadLetterStore for NatsTransport {
         match stream.delete_message(id).await {
             Ok(deleted) => Ok(deleted),
             Err(e) => match e.kind() {
-                // Deleting a sequence that is not there fails with 10057 ("no message found").
+                // Deleting a sequence that is not there fails with 10057 ("no message found"),
+                // or, once it was deleted, with 10043 ("sequence not found").
                 DeleteMessageErrorKind::JetStream(js)
                     if [
                         ErrorCode::STREAM_MESSAGE_DELETE_FAILED,
                         ErrorCode::NO_MESSAGE_FOUND,
+                        ErrorCode::SEQUENCE_NOT_FOUND,
                         ErrorCode::STREAM_NOT_FOUND,
                     ]
                     .contains(&js.error_code()) =>

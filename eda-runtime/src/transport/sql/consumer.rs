@@ -439,6 +439,15 @@ impl Acker for SqlAcker {
         let envelope = serde_json::to_string(&letter.envelope).map_err(other)?;
         let at = letter.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
+        // The position first: when the partition's new owner already passed this event (after
+        // a lease lapse), it was handled there, and a letter would be replayed as a second
+        // handling. Rolled back, it is not an error: the event is settled.
+        if !s.ack(&mut tx, self.partition, self.seq, self.retried.load(Ordering::SeqCst)).await.map_err(other)? {
+            tracing::info!(group = %s.group, topic = %s.topic, seq = self.seq, "not dead-lettered: another instance handled it");
+            drop(tx);
+            self.finish(Slot::Idle);
+            return Ok(());
+        }
         sqlx::query(&inner.sql.dead_insert)
             .bind(&s.group)
             .bind(&s.topic)
@@ -452,7 +461,6 @@ impl Acker for SqlAcker {
             .execute(&mut *tx)
             .await
             .map_err(other)?;
-        s.ack(&mut tx, self.partition, self.seq, self.retried.load(Ordering::SeqCst)).await.map_err(other)?;
         tx.commit().await.map_err(other)?;
         self.finish(Slot::Idle);
         Ok(())

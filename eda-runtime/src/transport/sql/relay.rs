@@ -88,7 +88,7 @@ impl Relay {
         let this = Arc::new(self);
         let mut started = HashSet::new();
         let mut forwarders = JoinSet::new();
-        while !*stop.borrow() {
+        loop {
             match this.source.topics().await {
                 Ok(topics) => {
                     for topic in topics {
@@ -99,7 +99,9 @@ impl Relay {
                 }
                 Err(e) => tracing::warn!(error = %e, "the relay cannot list the outbox's topics; trying again"),
             }
-            let _ = tokio::time::timeout(Duration::from_millis(500), stop.wait_for(|s| *s)).await;
+            if stopped_within(&mut stop, Duration::from_millis(500)).await {
+                break;
+            }
         }
         while forwarders.join_next().await.is_some() {}
     }
@@ -110,7 +112,7 @@ impl Relay {
                 Ok(b) => break b,
                 Err(e) => {
                     tracing::warn!(%topic, error = %e, "the relay cannot read the outbox; trying again");
-                    if tokio::time::timeout(Duration::from_secs(1), stop.wait_for(|s| *s)).await.is_ok() {
+                    if stopped_within(&mut stop, Duration::from_secs(1)).await {
                         return;
                     }
                 }
@@ -150,7 +152,6 @@ impl Relay {
                 }
             })
             .await;
-        let _ = stop.changed().await;
     }
 
     /// Publishes to the target, in order, retrying with backoff until it is accepted or the
@@ -168,7 +169,7 @@ impl Relay {
                     attempt += 1;
                     let wait = self.retry.backoff(attempt);
                     tracing::warn!(events = envelopes.len(), error = %e, ?wait, "the relay's target refused events; retrying");
-                    if tokio::time::timeout(wait, stop.wait_for(|s| *s)).await.is_ok() {
+                    if stopped_within(&mut stop, wait).await {
                         return Err(e);
                     }
                 }
@@ -177,7 +178,14 @@ impl Relay {
     }
 }
 
-/// A relay running in the background.
+/// Waits up to `wait` for the relay to be told to stop; true when it was, or when its handle
+/// is gone (dropped without [`RelayHandle::stop`]: nothing can stop it any more, so it stops).
+async fn stopped_within(stop: &mut watch::Receiver<bool>, wait: Duration) -> bool {
+    matches!(tokio::time::timeout(wait, stop.wait_for(|s| *s)).await, Ok(Ok(_)) | Ok(Err(_)))
+}
+
+/// A relay running in the background. Dropping it stops the relay as
+/// [`stop`](Self::stop) does, without waiting for it.
 pub struct RelayHandle {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
