@@ -101,13 +101,24 @@ pub struct Delivery {
     pub attempt: u32,
     /// The partition it came from (0 where the broker has none).
     pub partition: u32,
+    /// How many handler attempts on this event already failed in this group (recorded through
+    /// [`attempt_failed`](Self::attempt_failed)): what the retry limit counts. Hand-backs — a
+    /// busy guard, a store away, a shutdown, a compensation waiting for its step — are
+    /// deliveries, not failures, and do not count.
+    pub failures: u32,
     acker: Box<dyn Acker>,
 }
 
 impl Delivery {
-    /// A delivery that `acker` settles.
+    /// A delivery that `acker` settles, with no failed attempts behind it.
     pub fn new(envelope: impl Into<Arc<Envelope>>, attempt: u32, partition: u32, acker: Box<dyn Acker>) -> Self {
-        Self { envelope: envelope.into(), attempt, partition, acker }
+        Self { envelope: envelope.into(), attempt, partition, failures: 0, acker }
+    }
+
+    /// The same delivery, with `failures` failed attempts behind it.
+    pub fn with_failures(mut self, failures: u32) -> Self {
+        self.failures = failures;
+        self
     }
 
     /// Done: the broker may forget this event for this group.
@@ -120,8 +131,9 @@ impl Delivery {
         self.acker.nack(delay).await
     }
 
-    /// Records a failed attempt where the transport keeps delivery counts, so that after a crash
-    /// the event comes back with its count (and is dead-lettered in time) instead of from one.
+    /// Records a failed attempt, so that the event comes back with it in
+    /// [`failures`](Self::failures) — after a crash too, where the transport keeps counts
+    /// durably — and is dead-lettered in time instead of retried from one.
     pub async fn attempt_failed(&self) -> Result<(), TransportError> {
         self.acker.attempt_failed().await
     }
@@ -148,6 +160,7 @@ impl fmt::Debug for Delivery {
             .field("id", &self.envelope.id)
             .field("type", &self.envelope.ty)
             .field("attempt", &self.attempt)
+            .field("failures", &self.failures)
             .field("partition", &self.partition)
             .finish()
     }
@@ -167,8 +180,9 @@ pub trait Acker: Send + Sync {
     async fn begin(&self) -> Result<Option<Box<dyn UnitOfWork>>, TransportError> {
         Ok(None)
     }
-    /// See [`Delivery::attempt_failed`]; brokers that count deliveries themselves keep the
-    /// default.
+    /// See [`Delivery::attempt_failed`]. The default keeps no count: the event's
+    /// [`failures`](Delivery::failures) then stay 0 and each delivery retries from its first
+    /// attempt.
     async fn attempt_failed(&self) -> Result<(), TransportError> {
         Ok(())
     }

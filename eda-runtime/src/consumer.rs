@@ -402,6 +402,12 @@ impl<'a> Job<'a> {
         }
     }
 
+    /// The number of this delivery's first attempt: one past the failures behind it (never
+    /// its deliveries: hand-backs do not use up the retry limit).
+    fn first_attempt(&self) -> u32 {
+        self.delivery.failures.saturating_add(1)
+    }
+
     fn is_step(&self) -> bool {
         self.shared.steps.contains(&(self.h.group, self.h.name))
     }
@@ -531,14 +537,15 @@ impl<'a> Job<'a> {
         if !retry {
             return AfterFailure::Stop(self.dead(&error, attempt));
         }
+        // Counted where the transport keeps counts, so neither a crash nor a shutdown during
+        // the backoff resets them.
+        if let Err(e) = self.delivery.attempt_failed().await {
+            tracing::warn!(handler = %self.info.name, error = %e, "could not record a failed attempt");
+        }
         if self.shared.stopping() {
             return AfterFailure::Stop(Disposition::Redeliver(Duration::ZERO));
         }
         tracing::warn!(handler = %self.info.name, event_id = %self.envelope.id, attempt, %error, "attempt failed; retrying");
-        // Counted where the transport keeps counts, so a crash does not reset them.
-        if let Err(e) = self.delivery.attempt_failed().await {
-            tracing::warn!(handler = %self.info.name, error = %e, "could not record a failed attempt");
-        }
         self.journal(|| EntryKind::Retrying { handler: self.info.name.clone(), attempt, error: error.to_string() });
         bump(&self.shared.stats.retried);
         self.info.metrics.retried.inc();
@@ -565,7 +572,7 @@ async fn handle_with(
     let guard = match guard_key(h, &delivery.envelope) {
         Ok(_) if forced => None,
         Ok(g) => g,
-        Err(e) => return job.dead(&e, delivery.attempt),
+        Err(e) => return job.dead(&e, delivery.failures + 1),
     };
     let _limit = match shared.limits.get(&(h.group, h.name)) {
         Some(s) => s.clone().acquire_owned().await.ok(),
@@ -577,16 +584,16 @@ async fn handle_with(
         Ok(None) => match shared.store.as_ref().map(from_store) {
             Some(source) => match source.begin().await {
                 Ok(Some(first)) => (source, first),
-                Ok(None) => return with_inbox(&job, guard.as_ref(), delivery.attempt).await,
+                Ok(None) => return with_inbox(&job, guard.as_ref()).await,
                 Err(e) => return job.store_unavailable(&e),
             },
-            None => return with_inbox(&job, guard.as_ref(), delivery.attempt).await,
+            None => return with_inbox(&job, guard.as_ref()).await,
         },
         Err(e) => return job.store_unavailable(&e),
     };
     // The acknowledgement rides in the last handler's transaction only on the log's own store.
     let ack_on_commit = ack_on_commit && matches!(source, Source::Delivery(_));
-    in_transactions(&job, guard.as_ref(), &source, first, delivery.attempt, ack_on_commit).await
+    in_transactions(&job, guard.as_ref(), &source, first, ack_on_commit).await
 }
 
 /// Where the transactions of a handling come from: the log the delivery came from, or the
@@ -610,12 +617,11 @@ async fn in_transactions(
     guard: Option<&GuardKey>,
     source: &Source<'_>,
     first: Box<dyn UnitOfWork>,
-    first_attempt: u32,
     ack_on_commit: bool,
 ) -> Disposition {
     let (h, correlation) = (job.h, &job.envelope.correlation_id);
     let mut next = Some(first);
-    let mut attempt = first_attempt.max(1);
+    let mut attempt = job.first_attempt();
     loop {
         let mut uow = match next.take() {
             Some(u) => u,
@@ -697,7 +703,7 @@ async fn in_transactions(
     }
 }
 
-async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>, first: u32) -> Disposition {
+async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>) -> Disposition {
     let (shared, h, correlation) = (job.shared, job.h, &job.envelope.correlation_id);
     let inbox = &*shared.inbox;
     if let Some(key) = guard {
@@ -760,7 +766,7 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>, first: u32) -> Disp
         }
     }
 
-    let mut attempt = first.max(1);
+    let mut attempt = job.first_attempt();
     loop {
         let error = match job.attempt(attempt, None).await.0 {
             Ok((envelopes, failed_step)) => {

@@ -1,15 +1,17 @@
 //! Defects an independent review found in the runtime, the SQL log, its relay and the memory
 //! transport. Each test is named after its defect and failed on the code before the fix.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use eda::sql::{sqlx, Relay};
 use eda::transport::MemoryTransport;
 use eda::{
-    event, handler, DeadLetterReason, Envelope, HandlerError, PendingEvent, Registry, Runtime, Subscription, Transport,
+    event, handler, CorrelationId, Ctx, DeadLetterReason, Envelope, HandlerError, Outcome, PendingEvent, Registry,
+    RetryPolicy, Runtime, Subscription, Transport,
 };
-use eda_tests::{on_every_transport, on_sql_databases, Bus, TestDb};
+use eda_tests::{on_every_transport, on_sql_databases, Bus, Kind, TestDb};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +30,7 @@ async fn refuse(ev: Refused) -> Result<(), HandlerError> {
 
 on_every_transport! {
     dead_letter_ids_are_never_reused,
+    a_shutdown_during_a_backoff_counts_one_failure_once,
 }
 
 /// Defect 8: the memory transport gave a new letter the id after the newest one, so once the
@@ -53,6 +56,181 @@ async fn dead_letter_ids_are_never_reused(bus: Bus) {
     assert!(!rt.purge(newest).await.expect("purge"), "purging the old id again removes nothing");
     assert_eq!(dead_ids().await.len(), 2);
     rt.shutdown().await;
+}
+
+#[event(topic = "flaky", key = id)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Flaky {
+    id: u32,
+}
+
+/// Calls of a handler, and from which call on it succeeds.
+#[derive(Default)]
+struct Calls {
+    calls: AtomicU32,
+    succeed_from: AtomicU32,
+}
+
+#[handler(group = "flaky")]
+async fn flaky(_ev: Flaky, calls: Ctx<'_, Calls>) -> Result<(), HandlerError> {
+    let call = calls.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    if call < calls.succeed_from.load(Ordering::SeqCst) {
+        return Err(HandlerError::transient(format!("call {call} fails")));
+    }
+    Ok(())
+}
+
+/// Defect 5, on the SQL log: a shutdown during a retry's backoff counted that one failure
+/// twice (`attempt_failed`, then again in the hand-back), so the next instance started a
+/// limit-3 handler at attempt 3 and dead-lettered it after two real failures.
+async fn a_shutdown_during_a_backoff_counts_one_failure_once(bus: Bus) {
+    let calls = Arc::new(Calls { succeed_from: AtomicU32::new(3), ..Calls::default() });
+    let start = || {
+        let registry = Registry::builder().handler::<flaky>().publishes::<Flaky>().build();
+        Runtime::builder(registry)
+            .shared_state(calls.clone())
+            .shared_transport(bus.transport())
+            .retry(RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_secs(5),
+                max_backoff: Duration::from_secs(5),
+                multiplier: 1.0,
+            })
+            .start()
+    };
+    let first = start().await.expect("start");
+    first.publisher().publish(&Flaky { id: 1 }).await.expect("publish");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while calls.calls.load(Ordering::SeqCst) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the handler never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Shut down in the backoff after the first failure.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.shutdown().await;
+    assert_eq!(calls.calls.load(Ordering::SeqCst), 1);
+
+    let second = start().await.expect("start again");
+    let deadline = tokio::time::Instant::now() + SETTLE + Duration::from_secs(20);
+    while calls.calls.load(Ordering::SeqCst) < 3 && second.dead_letters(None).await.expect("list").is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "neither handled nor dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.settled(SETTLE).await.expect("settled");
+    let dead = second.dead_letters(None).await.expect("list");
+    assert!(dead.is_empty(), "dead-lettered after {} calls: {dead:?}", calls.calls.load(Ordering::SeqCst));
+    assert_eq!(calls.calls.load(Ordering::SeqCst), 3, "two failures, then the third attempt succeeded");
+    second.shutdown().await;
+}
+
+// A slow saga step, and a compensator that meets it running.
+#[event(topic = "slow_holds", key = hold)]
+#[derive(Serialize, Deserialize)]
+struct SlowHoldRequested {
+    hold: String,
+}
+#[event(topic = "slow_holds", key = hold)]
+#[derive(Serialize, Deserialize)]
+struct SlowHeld {
+    hold: String,
+}
+#[event(topic = "slow_checks", key = hold)]
+#[derive(Serialize, Deserialize)]
+struct SlowCheckFailed {
+    hold: String,
+}
+
+/// The step runs until released; the compensator fails its first call.
+#[derive(Default)]
+struct Gate {
+    running: AtomicBool,
+    released: AtomicBool,
+    compensations: AtomicU32,
+}
+
+#[handler(group = "slow_holder")]
+async fn slow_hold(ev: SlowHoldRequested, gate: Ctx<'_, Gate>) -> SlowHeld {
+    gate.running.store(true, Ordering::SeqCst);
+    while !gate.released.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    SlowHeld { hold: ev.hold }
+}
+
+#[handler(group = "slow_checker")]
+async fn slow_check(_ev: SlowHeld) -> Outcome<(), SlowCheckFailed> {
+    Outcome::Success(())
+}
+
+#[eda::compensates(slow_hold)]
+#[handler(group = "slow_holder")]
+async fn lift_slow_hold(_ev: SlowCheckFailed, gate: Ctx<'_, Gate>) -> Result<(), HandlerError> {
+    if gate.compensations.fetch_add(1, Ordering::SeqCst) == 0 {
+        return Err(HandlerError::transient("the first compensation fails"));
+    }
+    Ok(())
+}
+
+/// Defect 5: the retry loop started at the delivery's number, which counts hand-backs. A
+/// compensator handed back while its step ran (each time `Running`) met its first real
+/// failure at attempt 10 or so and was dead-lettered with no retry at all.
+async fn hand_backs_do_not_use_up_the_retry_limit(bus: Bus) {
+    let registry = Registry::builder()
+        .handler::<slow_hold>()
+        .handler::<slow_check>()
+        .handler::<lift_slow_hold>()
+        .publishes::<SlowHoldRequested>()
+        .publishes::<SlowCheckFailed>()
+        .build();
+    let rt = Runtime::builder(registry)
+        .state(Gate::default())
+        .shared_transport(bus.transport())
+        .retry(RetryPolicy {
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+            multiplier: 2.0,
+        })
+        .start()
+        .await
+        .expect("start");
+    let gate = rt.state::<Gate>().expect("gate");
+    let saga = CorrelationId::from("slow-1");
+    rt.publisher().publish_correlated(&SlowHoldRequested { hold: "h".into() }, saga.clone()).await.expect("publish");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while !gate.running.load(Ordering::SeqCst) {
+        assert!(tokio::time::Instant::now() < deadline, "the step never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rt.publisher().publish_correlated(&SlowCheckFailed { hold: "h".into() }, saga.clone()).await.expect("publish");
+    // The compensator comes and is handed back, again and again, while the step runs.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(gate.compensations.load(Ordering::SeqCst), 0, "no compensation while its step runs");
+    gate.released.store(true, Ordering::SeqCst);
+    rt.settled(SETTLE).await.expect("settled");
+    let dead = rt.dead_letters(None).await.expect("list");
+    assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+    assert_eq!(gate.compensations.load(Ordering::SeqCst), 2, "one failure, one retry that succeeded");
+    rt.shutdown().await;
+}
+
+/// On the SQL log a compensator never meets its step running: it cancels the step, whose
+/// commit then rolls back (the delivery tests show that); there are no hand-backs to count.
+mod inbox {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hand_backs_do_not_use_up_the_retry_limit_in_memory() {
+        hand_backs_do_not_use_up_the_retry_limit(Bus::new(Kind::Memory).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hand_backs_do_not_use_up_the_retry_limit_on_nats() {
+        let bus = Bus::new(Kind::Nats).await;
+        let cleanup = bus.cleanup();
+        hand_backs_do_not_use_up_the_retry_limit(bus).await;
+        cleanup.run().await;
+    }
 }
 
 /// Defect 3: a relay whose handle was dropped without `stop()` kept listing the outbox's

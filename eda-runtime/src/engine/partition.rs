@@ -85,6 +85,8 @@ pub(crate) struct PartitionRun<L: PartitionLog> {
 /// How the runtime settled a delivery.
 enum Settled {
     Done,
+    /// A handler attempt failed; the delivery is still out.
+    Failed,
     Back(Duration),
     Dead(DeadLetterReason, u32),
 }
@@ -130,6 +132,11 @@ impl Acker for EngineAcker {
 
     async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<(), TransportError> {
         self.send(Settled::Dead(letter.reason, letter.attempts))
+    }
+
+    async fn attempt_failed(&self) -> Result<(), TransportError> {
+        let run = self.run.as_ref().ok_or(TransportError::Closed(self.transport))?;
+        run.send((self.offset, Settled::Failed)).map_err(|_| TransportError::Closed(self.transport))
     }
 }
 
@@ -324,12 +331,8 @@ async fn settle<L: PartitionLog>(run: &PartitionRun<L>, window: &mut Window<L::M
 async fn settled<L: PartitionLog>(run: &PartitionRun<L>, window: &mut Window<L::Message>, offset: u64, how: Settled) {
     match how {
         Settled::Done => window.done(offset),
-        Settled::Back(delay) => {
-            if let Some((reason, attempts)) = window.back(offset, delay, run.options.max_deliver) {
-                tracing::error!(partition = run.partition, offset, error = %reason.error, "dead-lettered by the engine");
-                dead_letter(run, window, offset, &reason, attempts).await;
-            }
-        }
+        Settled::Failed => window.failed(offset),
+        Settled::Back(delay) => window.back(offset, delay),
         Settled::Dead(reason, attempts) => {
             dead_letter(run, window, offset, &reason, attempts).await;
         }
@@ -366,7 +369,7 @@ async fn dead_letter<L: PartitionLog>(
                 }
             }
             // Without a limit: this event must not be lost for want of a dead-letter store.
-            window.back(offset, DEAD_LETTER_RETRY, u32::MAX);
+            window.back(offset, DEAD_LETTER_RETRY);
             false
         }
     }

@@ -32,6 +32,9 @@ pub(super) struct Slot<M> {
     pub(super) message: M,
     pub(super) envelope: Option<Arc<Envelope>>,
     attempt: u32,
+    /// Failed handler attempts (in this owner's time: a crash forgets them, and the strikes
+    /// of its lease count the crash instead).
+    failures: u32,
     pub(super) state: State,
     /// When it may go out again, after it came back with a delay.
     due: Option<Instant>,
@@ -114,7 +117,7 @@ impl<M> Window<M> {
             Ok(e) => (Some(Arc::new(e)), None),
             Err(why) => (None, Some(DeadLetterReason { handler: None, error: why, permanent: true })),
         };
-        self.slots.insert(offset, Slot { message, envelope, attempt, state: State::Waiting, due: None });
+        self.slots.insert(offset, Slot { message, envelope, attempt, failures: 0, state: State::Waiting, due: None });
         if let Some(reason) = dead {
             return Some((offset, reason, attempt.saturating_sub(1).max(1)));
         }
@@ -154,7 +157,7 @@ impl<M> Window<M> {
             let Some(envelope) = slot.envelope.clone().filter(|_| slot.state == State::Ready) else { continue };
             slot.state = State::Out;
             self.out += 1;
-            return Some(Delivery::new(envelope, slot.attempt, partition, acker(offset)));
+            return Some(Delivery::new(envelope, slot.attempt, partition, acker(offset)).with_failures(slot.failures));
         }
         None
     }
@@ -182,24 +185,25 @@ impl<M> Window<M> {
         self.advance();
     }
 
+    /// A handler attempt on the event at `offset` failed.
+    pub(super) fn failed(&mut self, offset: u64) {
+        if let Some(slot) = self.slots.get_mut(&offset).filter(|s| s.state == State::Out) {
+            slot.failures = slot.failures.saturating_add(1);
+        }
+    }
+
     /// The event at `offset` came back: out again after `delay`, before the rest of its key.
-    /// Returns it when it came back more than `max_deliver` times: it is dead-lettered.
-    pub(super) fn back(&mut self, offset: u64, delay: Duration, max_deliver: u32) -> Option<(DeadLetterReason, u32)> {
+    /// A hand-back is a delivery, not a failure: only the runtime's retry limit (failures) and
+    /// `max_deliver` at admission (owners that died holding it) dead-letter an event.
+    pub(super) fn back(&mut self, offset: u64, delay: Duration) {
         let now = Instant::now();
-        let slot = self.slots.get_mut(&offset)?;
+        let Some(slot) = self.slots.get_mut(&offset) else { return };
         if slot.state != State::Out {
-            return None;
+            return;
         }
         self.out -= 1;
         slot.state = State::Waiting;
         slot.attempt = slot.attempt.saturating_add(1);
-        if slot.attempt > max_deliver {
-            let error = format!(
-                "delivered {} times without being settled: handed back each time (max_deliver {max_deliver})",
-                slot.attempt - 1
-            );
-            return Some((DeadLetterReason { handler: None, error, permanent: false }, slot.attempt - 1));
-        }
         if !delay.is_zero() {
             slot.due = Some(now + delay);
             self.timers.push(Reverse((now + delay, offset)));
@@ -215,7 +219,6 @@ impl<M> Window<M> {
             None if delay.is_zero() && !self.draining => self.make_ready(offset),
             None => {}
         }
-        None
     }
 
     /// Sends the first waiting event of `key` out, unless one is out or it must still wait.
@@ -354,13 +357,13 @@ pub(super) mod tests {
             w.admit(fetched(o, k), 20);
         }
         assert_eq!(out(&mut w), vec![11, 12]);
-        w.back(11, Duration::from_secs(3600), 20);
+        w.back(11, Duration::from_secs(3600));
         assert!(out(&mut w).is_empty(), "13 must not overtake 11");
         w.done(12);
         w.admit(fetched(14, "b"), 20);
         assert_eq!(out(&mut w), vec![14], "other keys run on");
         assert_eq!(w.settled, 10);
-        w.back(14, Duration::ZERO, 20);
+        w.back(14, Duration::ZERO);
         assert_eq!(out(&mut w), vec![14], "at once when it asks no delay");
         assert_eq!(w.slots.get(&14).map(|s| s.attempt), Some(2));
     }
@@ -371,7 +374,7 @@ pub(super) mod tests {
         w.admit(fetched(1, "a"), 20);
         w.admit(fetched(2, "a"), 20);
         assert_eq!(out(&mut w), vec![1]);
-        w.back(1, Duration::from_secs(5), 20);
+        w.back(1, Duration::from_secs(5));
         tokio::time::advance(Duration::from_secs(4)).await;
         w.release_due();
         assert!(out(&mut w).is_empty());

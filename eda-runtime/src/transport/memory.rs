@@ -80,6 +80,8 @@ struct GroupCursor {
     in_flight: HashMap<u64, u32>,
     /// The offset that holds each key (in flight or waiting for redelivery).
     key_holder: HashMap<String, u64>,
+    /// Failed handler attempts of unsettled offsets.
+    failures: HashMap<u64, u32>,
 }
 
 impl GroupCursor {
@@ -118,6 +120,7 @@ impl GroupCursor {
 
     fn settle(&mut self, offset: u64, events: &[Arc<Envelope>]) {
         self.in_flight.remove(&offset);
+        self.failures.remove(&offset);
         if let Some(k) = key_of(events, offset) {
             if self.key_holder.get(k) == Some(&offset) {
                 // The key passes to the oldest event waiting for it, if any.
@@ -187,6 +190,14 @@ impl MemoryTransport {
         notify.notify_waiters();
     }
 
+    fn attempt_failed(&self, topic: &str, group: &str, offset: u64) {
+        let mut topics = self.topics();
+        let cursor = topics.get_mut(topic).and_then(|log| log.groups.get_mut(group));
+        if let Some(cursor) = cursor.filter(|c| c.in_flight.contains_key(&offset)) {
+            *cursor.failures.entry(offset).or_default() += 1;
+        }
+    }
+
     /// Waits for the next deliverable event of `group` on `topic`.
     async fn next_delivery(&self, topic: &str, group: &str) -> Delivery {
         let notify = self.topics().entry(topic.to_owned()).or_default().notify.clone();
@@ -210,7 +221,8 @@ impl MemoryTransport {
                             offset,
                             settled: false,
                         };
-                        return Delivery::new(envelope, attempt, 0, Box::new(acker));
+                        let failures = cursor.failures.get(&offset).copied().unwrap_or(0);
+                        return Delivery::new(envelope, attempt, 0, Box::new(acker)).with_failures(failures);
                     }
                     Err(wake_at) => wake_at,
                 }
@@ -315,6 +327,11 @@ impl Acker for MemoryAcker {
 
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
         self.finish(Settle::Again(delay));
+        Ok(())
+    }
+
+    async fn attempt_failed(&self) -> Result<(), TransportError> {
+        self.transport.attempt_failed(&self.topic, &self.group, self.offset);
         Ok(())
     }
 

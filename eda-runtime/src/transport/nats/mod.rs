@@ -27,9 +27,10 @@
 //!   after how many attempts and when. [`DeadLetterStore`] lists, shows and removes them, so
 //!   `<app> dlq list|show|replay|purge` work on NATS as on the other transports.
 //!
-//! An event handed out more than [`max_deliver`](NatsOptions::max_deliver) times without being
-//! settled — owners of its partition died holding it, or the runtime handed it back each time —
-//! is dead-lettered without being handed out again.
+//! An event whose partition's owners died holding it more than
+//! [`max_deliver`](NatsOptions::max_deliver) times is dead-lettered without being handed out
+//! again. The runtime's hand-backs (shutting down, a busy guard) are not counted there, nor
+//! toward the retry limit, which counts failed handler attempts only.
 //!
 //! A handler that hangs forever holds its key, and once the window behind it is full, its
 //! partition: as on the SQL log, eda does not cut a running handler short.

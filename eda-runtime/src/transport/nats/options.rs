@@ -282,13 +282,12 @@ impl NatsOptions {
         self
     }
 
-    /// How many deliveries of an event without its settlement the transport allows before it
-    /// dead-letters the event without handing it to a handler again (20 by default): the guard
-    /// against an event that crashes every consumer taking it. Counted are the owners of its
-    /// partition that died holding it, and the times the runtime handed it back (shutting down,
-    /// its store unavailable); those come back after pauses that grow with each delivery.
-    /// Failed handlings are retried and dead-lettered by the runtime's retry policy long before
-    /// this limit.
+    /// How many owners of an event's partition may die holding it before the transport
+    /// dead-letters it without handing it to a handler again (20 by default): the guard
+    /// against an event that crashes every consumer taking it. Hand-backs by the runtime
+    /// (shutting down, its store unavailable, a busy guard) do not count: they come back after
+    /// pauses that grow with each delivery. Failed handlings are retried and dead-lettered by
+    /// the runtime's retry policy, which counts only failures.
     pub fn max_deliver(mut self, n: u32) -> Self {
         self.engine.max_deliver = n;
         self

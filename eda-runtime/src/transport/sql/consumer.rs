@@ -115,7 +115,8 @@ impl Consumer {
             retried: AtomicBool::new(attempts > 0),
             settled: Arc::new(AtomicBool::new(false)),
         };
-        Ok(Delivery::new(envelope, attempts as u32 + 1, partition, Box::new(acker)))
+        let failures = u32::try_from(attempts).unwrap_or(u32::MAX);
+        Ok(Delivery::new(envelope, failures.saturating_add(1), partition, Box::new(acker)).with_failures(failures))
     }
 
     /// Up to `limit` next events of one partition with nothing in flight, settled together:
@@ -428,7 +429,8 @@ impl Acker for SqlAcker {
     }
 
     async fn nack(self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
-        self.attempt_failed().await?;
+        // A hand-back, not a failure: failures were counted by `attempt_failed` as they
+        // happened, and a shutdown during a backoff must not count one twice.
         self.finish(Slot::WaitUntil(Instant::now() + delay));
         Ok(())
     }
