@@ -8,8 +8,8 @@ use std::time::Duration;
 use eda::sql::{sqlx, Relay};
 use eda::transport::MemoryTransport;
 use eda::{
-    event, handler, CorrelationId, Ctx, DeadLetterReason, Envelope, HandlerError, Outcome, PendingEvent, Registry,
-    RetryPolicy, Runtime, Subscription, Transport,
+    event, handler, CorrelationId, Ctx, DeadLetterReason, DeadLetterStore, Envelope, HandlerError, Outcome,
+    PendingEvent, Registry, RetryPolicy, Runtime, Subscription, Transport,
 };
 use eda_tests::{on_every_transport, on_sql_databases, Bus, Kind, TestDb};
 use futures_util::StreamExt;
@@ -231,6 +231,40 @@ mod inbox {
         hand_backs_do_not_use_up_the_retry_limit(bus).await;
         cleanup.run().await;
     }
+}
+
+/// Defect 2: the relay retried an event the broker refused, whatever the refusal, forever: a
+/// correlation id with a line break (which no NATS header carries) held its outbox partition
+/// back for good — relay lag 2, nothing relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_broker_refuses_does_not_block_its_outbox_partition() {
+    let db = TestDb::new(false).await;
+    let outbox = db.open().await;
+    let broker = Bus::new(Kind::Nats).await;
+    let cleanup = broker.cleanup();
+    let event = |id, correlation: &str| {
+        let pending = PendingEvent::new(&Refused { id }).expect("encoded");
+        Envelope::root("test", pending, Some(CorrelationId::from(correlation)))
+    };
+    // One key, so one partition: the refused event comes first, the good one behind it.
+    let (poison, good) = (event(7, "order-7\nX-Injected: yes"), event(7, "order-7"));
+    outbox.publish(&poison).await.expect("the outbox takes it");
+    outbox.publish(&good).await.expect("the outbox takes it");
+    let subscription = Subscription { group: "g".into(), topic: "refusals".into(), prefetch: 16 };
+    let mut deliveries = broker.transport().subscribe(&subscription).await.expect("subscribe");
+    let relay = Relay::new(outbox.clone(), broker.transport()).spawn();
+
+    let delivered = tokio::time::timeout(SETTLE, deliveries.next()).await.expect("the good event is relayed");
+    let delivered = delivered.expect("item").expect("delivery");
+    assert_eq!(delivered.envelope.id, good.id);
+    delivered.ack().await.expect("ack");
+    let letters = outbox.dead_letters(Some("eda-relay")).await.expect("the relay's dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].letter.envelope.id, poison.id);
+    assert!(letters[0].letter.reason.error.contains("line break"), "{:?}", letters[0].letter.reason);
+    relay.stop().await;
+    assert_eq!(outbox.lag("eda-relay", "refusals").await.expect("lag").iter().map(|p| p.lag).sum::<u64>(), 0);
+    cleanup.run().await;
 }
 
 /// Defect 3: a relay whose handle was dropped without `stop()` kept listing the outbox's

@@ -125,8 +125,8 @@ impl Consumer {
         let (partition, rows) = self.next_rows(limit).await?;
         let retried = rows.iter().any(|(_, attempts, _)| *attempts > 0);
         let last = rows.last().map_or(0, |(seq, _, _)| *seq);
-        let envelopes = rows.into_iter().map(|(_, _, e)| e).collect();
-        Ok(Batch { shared: self.shared.clone(), partition, last, retried, envelopes, settled: false })
+        let (seqs, envelopes) = rows.into_iter().map(|(seq, _, e)| (seq, e)).unzip();
+        Ok(Batch { shared: self.shared.clone(), partition, last, retried, seqs, envelopes, settled: false })
     }
 
     /// Waits for a partition with nothing in flight that has events, marks it in flight and
@@ -361,12 +361,37 @@ pub(super) struct Batch {
     partition: u32,
     last: i64,
     retried: bool,
+    /// Their positions in the log.
+    seqs: Vec<i64>,
     /// The events, in log order.
     pub(super) envelopes: Vec<Envelope>,
     settled: bool,
 }
 
 impl Batch {
+    /// Keeps the event at `index` as a dead letter of the batch's group, with why; the batch's
+    /// [`ack`](Self::ack) then passes it with the others.
+    pub(super) async fn dead_letter(&self, index: usize, error: String) -> Result<(), TransportError> {
+        let (Some(seq), Some(envelope)) = (self.seqs.get(index), self.envelopes.get(index)) else { return Ok(()) };
+        let s = &self.shared;
+        let envelope = serde_json::to_string(envelope).map_err(other)?;
+        let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        sqlx::query(&s.transport.inner.sql.dead_insert)
+            .bind(&s.group)
+            .bind(&s.topic)
+            .bind(seq)
+            .bind(envelope)
+            .bind(1i64)
+            .bind(None::<String>)
+            .bind(error)
+            .bind(1i64)
+            .bind(at)
+            .execute(&s.transport.inner.pool)
+            .await
+            .map_err(other)?;
+        Ok(())
+    }
+
     /// Done with every event of the batch: one position update.
     pub(super) async fn ack(mut self) -> Result<(), TransportError> {
         let mut conn = self.shared.transport.inner.pool.acquire().await.map_err(other)?;

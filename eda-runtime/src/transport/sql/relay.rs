@@ -7,6 +7,11 @@
 //! accepted the batch. A relay that dies between the target's acknowledgement and storing its
 //! position publishes those events again; consumers' idempotency guards absorb the repeats
 //! (an event keeps its id).
+//!
+//! A target that is away is waited for, with backoff, as long as it takes. An event the target
+//! refuses for what it is (`PublishRejected`: a header it cannot carry, a size over its limit)
+//! becomes a dead letter of the relay's group in the outbox database (`dlq list` shows it),
+//! and the events after it go on.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +23,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::consumer::Batch;
 use super::SqlTransport;
 use crate::retry::RetryPolicy;
 
@@ -133,7 +139,7 @@ impl Relay {
                 async move {
                     match item {
                         Ok(batch) => {
-                            if this.publish(&batch.envelopes, stop).await.is_ok() {
+                            if this.carry(&batch, stop).await.is_ok() {
                                 let n = batch.envelopes.len() as u64;
                                 if let Err(e) = batch.ack().await {
                                     // Published but not recorded: it goes again; guards absorb it.
@@ -154,27 +160,56 @@ impl Relay {
             .await;
     }
 
-    /// Publishes to the target, in order, retrying with backoff until it is accepted or the
-    /// relay stops.
-    async fn publish(
-        &self,
-        envelopes: &[eda_core::Envelope],
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<(), TransportError> {
+    /// Publishes a batch to the target, in order, retrying with backoff until it is accepted
+    /// or the relay stops. When the target refuses an event for what it is (a header it
+    /// cannot carry, a size over its limit), the batch goes one event at a time and each
+    /// refused event becomes a dead letter of the relay's group: a poison event never holds
+    /// its partition's outbox back.
+    async fn carry(&self, batch: &Batch, mut stop: watch::Receiver<bool>) -> Result<(), TransportError> {
         let mut attempt = 1;
         loop {
-            match self.target.publish_all(envelopes).await {
+            let e = match self.target.publish_all(&batch.envelopes).await {
                 Ok(()) => return Ok(()),
-                Err(e) => {
-                    attempt += 1;
-                    let wait = self.retry.backoff(attempt);
-                    tracing::warn!(events = envelopes.len(), error = %e, ?wait, "the relay's target refused events; retrying");
-                    if stopped_within(&mut stop, wait).await {
-                        return Err(e);
+                Err(e @ TransportError::PublishRejected { .. }) => {
+                    tracing::debug!(error = %e, "the relay's target refused an event of a batch; sending them one by one");
+                    return self.carry_one_by_one(batch, stop).await;
+                }
+                Err(e) => e,
+            };
+            attempt += 1;
+            let wait = self.retry.backoff(attempt);
+            tracing::warn!(events = batch.envelopes.len(), error = %e, ?wait, "the relay's target is not accepting events; retrying");
+            if stopped_within(&mut stop, wait).await {
+                return Err(e);
+            }
+        }
+    }
+
+    async fn carry_one_by_one(&self, batch: &Batch, mut stop: watch::Receiver<bool>) -> Result<(), TransportError> {
+        for (index, envelope) in batch.envelopes.iter().enumerate() {
+            let mut attempt = 1;
+            loop {
+                let e = match self.target.publish(envelope).await {
+                    Ok(()) => break,
+                    Err(e @ TransportError::PublishRejected { .. }) => {
+                        tracing::error!(
+                            event_id = %envelope.id, r#type = %envelope.ty, topic = %envelope.topic, error = %e,
+                            "the relay's target refused an event; kept as a dead letter of the relay (`dlq list`)"
+                        );
+                        batch.dead_letter(index, e.to_string()).await?;
+                        break;
                     }
+                    Err(e) => e,
+                };
+                attempt += 1;
+                let wait = self.retry.backoff(attempt);
+                tracing::warn!(event_id = %envelope.id, error = %e, ?wait, "the relay's target is not accepting events; retrying");
+                if stopped_within(&mut stop, wait).await {
+                    return Err(e);
                 }
             }
         }
+        Ok(())
     }
 }
 
