@@ -290,6 +290,76 @@ mod sql {
 
     on_sql_databases! {
         a_sql_dead_letter_is_not_written_when_another_instance_handled_the_event,
+        a_compensator_holds_no_write_lock_while_it_runs,
+    }
+
+    #[event(topic = "quick_holds", key = hold)]
+    #[derive(Serialize, Deserialize)]
+    struct QuickHoldRequested {
+        hold: String,
+    }
+    #[event(topic = "quick_holds", key = hold)]
+    #[derive(Serialize, Deserialize)]
+    struct QuickHeld {
+        hold: String,
+    }
+    #[event(topic = "quick_checks", key = hold)]
+    #[derive(Serialize, Deserialize)]
+    struct QuickCheckFailed {
+        hold: String,
+    }
+
+    /// Another handle on the database (another process, in effect), and what its write did
+    /// while the compensator ran.
+    struct Probe {
+        other: eda::sql::SqlTransport,
+        wrote: std::sync::Mutex<Option<Result<(), String>>>,
+    }
+
+    #[handler(group = "quick_holder")]
+    async fn quick_hold(ev: QuickHoldRequested) -> QuickHeld {
+        QuickHeld { hold: ev.hold }
+    }
+
+    #[handler(group = "quick_checker")]
+    async fn quick_check(ev: QuickHeld) -> Outcome<(), QuickCheckFailed> {
+        Outcome::Failure(QuickCheckFailed { hold: ev.hold })
+    }
+
+    #[eda::compensates(quick_hold)]
+    #[handler(group = "quick_holder")]
+    async fn quick_unhold(_ev: QuickCheckFailed, probe: Ctx<'_, Probe>) {
+        let envelope = Envelope::root("probe", PendingEvent::new(&Refused { id: 1 }).expect("encoded"), None);
+        let write = probe.other.publish(&envelope);
+        let wrote = match tokio::time::timeout(Duration::from_secs(3), write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("still waiting for the write lock after 3 s".into()),
+        };
+        *probe.wrote.lock().expect("lock") = Some(wrote);
+    }
+
+    /// Defect 6: on SQLite a compensator's unit opened `BEGIN IMMEDIATE` before the handler
+    /// ran, so every other writer in every process waited for the compensator (past
+    /// `busy_timeout`: "database is locked"). The docs say a handler that never asks for the
+    /// transaction holds no write lock.
+    async fn a_compensator_holds_no_write_lock_while_it_runs(postgres: bool) {
+        let db = TestDb::new(postgres).await;
+        let registry = Registry::builder()
+            .handler::<quick_hold>()
+            .handler::<quick_check>()
+            .handler::<quick_unhold>()
+            .publishes::<QuickHoldRequested>()
+            .build();
+        let probe = Probe { other: db.open().await, wrote: Default::default() };
+        let rt = Runtime::builder(registry).state(probe).transport(db.open().await).start().await.expect("start");
+        rt.publisher().publish(&QuickHoldRequested { hold: "q".into() }).await.expect("publish");
+        rt.settled(SETTLE).await.expect("settled");
+        let wrote = rt.state::<Probe>().and_then(|p| p.wrote.lock().expect("lock").clone());
+        assert_eq!(wrote, Some(Ok(())), "another writer went on while the compensator ran");
+        let kinds: Vec<_> = rt.journal().into_iter().map(|e| format!("{:?}", e.kind)).collect();
+        assert!(kinds.iter().any(|k| k.contains("Handled") && k.contains("quick_unhold")), "{kinds:?}");
+        rt.shutdown().await;
     }
 
     /// Defect 7: a SQL delivery dead-lettered after another instance had already handled it (the

@@ -32,6 +32,8 @@ pub(super) struct SqlUnit {
     pub(super) claim: Option<GuardKey>,
     pub(super) step: Option<(String, String, CorrelationId)>,
     pub(super) step_succeeded: Option<bool>,
+    /// The step a compensator undoes, and whether it found it done: checked again at commit.
+    pub(super) compensated: Option<((String, String, CorrelationId), bool)>,
     pub(super) envelopes: Vec<Envelope>,
     /// Topics written to, to cache once committed.
     pub(super) topics: Vec<(String, u32)>,
@@ -48,6 +50,7 @@ impl SqlUnit {
             claim: None,
             step: None,
             step_succeeded: None,
+            compensated: None,
             envelopes: Vec::new(),
             topics: Vec::new(),
         }
@@ -93,8 +96,9 @@ impl SqlUnit {
     /// Serializes everything that decides about one saga step (PostgreSQL; SQLite's single
     /// writer already does), so a step and its compensator never both think they went first.
     ///
-    /// It opens the write transaction first in both dialects: on SQLite that is the lock, and
-    /// a step record read before it could be stale by the time anything is written.
+    /// It opens the write transaction in both dialects: on SQLite that is the lock, and a step
+    /// record read before it could be stale by the time anything is written; so it is taken
+    /// at commit only, and what was read before it is read again after it.
     async fn lock_step(&mut self, group: &str, step: &str, correlation: &CorrelationId) -> Result<(), sqlx::Error> {
         let inner = self.transport.inner.clone();
         let conn = self.lazy()?.conn().await?;
@@ -119,6 +123,21 @@ impl SqlUnit {
                 .await?;
             if claimed.rows_affected() == 0 {
                 return Ok(Commit::Duplicate);
+            }
+        }
+        if let Some(((group, step, correlation), found_done)) = self.compensated.clone() {
+            // Decided on a read without a lock (so the handler ran holding none); under the
+            // lock now, the decision must still hold: a step that committed "done" meanwhile
+            // must be compensated, not cancelled.
+            self.lock_step(&group, &step, &correlation).await?;
+            let done = self.read_step(&group, &step, &correlation).await?.as_deref() == Some("done");
+            if done != found_done {
+                return Err(sqlx::Error::Protocol(format!(
+                    "saga step `{group}/{step}` changed while its compensation ran; it is decided again"
+                )));
+            }
+            if !done {
+                self.write_step(&group, &step, &correlation, "cancelled").await?;
             }
         }
         if let Some((group, step, correlation)) = self.step.clone() {
@@ -183,15 +202,12 @@ impl UnitOfWork for SqlUnit {
         step: &str,
         correlation: &CorrelationId,
     ) -> Result<StepState, StoreError> {
-        // Decided inside the write transaction: a step's record is never seen half-written.
-        self.lock_step(group, step, correlation).await.map_err(store)?;
-        match self.read_step(group, step, correlation).await.map_err(store)?.as_deref() {
-            Some("done") => Ok(StepState::Done),
-            _ => {
-                self.write_step(group, step, correlation, "cancelled").await.map_err(store)?;
-                Ok(StepState::NotRun)
-            }
-        }
+        // Read without a lock: the write transaction (on SQLite the database-wide write lock)
+        // is not held while the compensator runs. The commit checks the step again under the
+        // lock and writes "cancelled" there when it had not run.
+        let done = self.read_step(group, step, correlation).await.map_err(store)?.as_deref() == Some("done");
+        self.compensated = Some(((group.to_owned(), step.to_owned(), correlation.clone()), done));
+        Ok(if done { StepState::Done } else { StepState::NotRun })
     }
 
     fn lend_transaction(&mut self) -> Option<Box<dyn std::any::Any + Send>> {
