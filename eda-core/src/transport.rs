@@ -76,6 +76,15 @@ pub trait Transport: Send + Sync + 'static {
     fn store(self: Arc<Self>) -> Option<Arc<dyn Store>> {
         None
     }
+
+    /// The inbox the runtimes on this transport share, where it keeps one: saga step records
+    /// there reach every instance of a group (and survive a restart where the broker keeps
+    /// them), so a compensator on another instance finds the step it undoes. `None` where
+    /// handlings go through the transport's own [`store`](Self::store), or where it keeps
+    /// none: a runtime with compensators then needs an inbox every instance shares.
+    fn inbox(&self) -> Option<Arc<dyn crate::Inbox>> {
+        None
+    }
 }
 
 /// What a consumer asks of [`Transport::subscribe`].

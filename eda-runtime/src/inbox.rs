@@ -19,8 +19,13 @@ struct State {
     /// Each key is allocated once, at its claim, and shared with `done_order`.
     guards: HashMap<Arc<GuardKey>, bool>,
     done_order: VecDeque<Arc<GuardKey>>,
-    steps: HashMap<(String, String, CorrelationId), Step>,
+    steps: HashMap<StepKey, Step>,
+    /// Step records that stopped running (done or cancelled), oldest first: forgotten in this
+    /// order beyond `capacity`.
+    finished_steps: VecDeque<StepKey>,
 }
+
+type StepKey = (String, String, CorrelationId);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -46,7 +51,21 @@ impl MemoryInbox {
     }
 }
 
-fn step_key(group: &str, step: &str, correlation: &CorrelationId) -> (String, String, CorrelationId) {
+impl State {
+    /// A step record stopped running; beyond `capacity` finished records, the oldest go (never
+    /// a running one, and never all at once).
+    fn finished(&mut self, key: StepKey, capacity: usize) {
+        self.finished_steps.push_back(key);
+        while self.finished_steps.len() > capacity {
+            let Some(old) = self.finished_steps.pop_front() else { break };
+            if self.steps.get(&old).is_some_and(|s| *s != Step::Running) {
+                self.steps.remove(&old);
+            }
+        }
+    }
+}
+
+fn step_key(group: &str, step: &str, correlation: &CorrelationId) -> StepKey {
     (group.to_owned(), step.to_owned(), correlation.clone())
 }
 
@@ -112,13 +131,10 @@ impl Inbox for MemoryInbox {
         let mut s = self.lock();
         let key = step_key(group, step, correlation);
         if succeeded {
-            s.steps.insert(key, Step::Done);
+            s.steps.insert(key.clone(), Step::Done);
+            s.finished(key, self.capacity);
         } else {
             s.steps.remove(&key);
-        }
-        if s.steps.len() > self.capacity {
-            // Bounded memory: forget finished records first.
-            s.steps.retain(|_, v| *v == Step::Running);
         }
         Ok(())
     }
@@ -130,12 +146,18 @@ impl Inbox for MemoryInbox {
         correlation: &CorrelationId,
     ) -> Result<StepState, StoreError> {
         let mut s = self.lock();
-        let entry = s.steps.entry(step_key(group, step, correlation)).or_insert(Step::Cancelled);
-        Ok(match *entry {
-            Step::Running => StepState::Running,
-            Step::Done => StepState::Done,
-            Step::Cancelled => StepState::NotRun,
-        })
+        let key = step_key(group, step, correlation);
+        let state = match s.steps.get(&key) {
+            Some(Step::Running) => StepState::Running,
+            Some(Step::Done) => StepState::Done,
+            Some(Step::Cancelled) => StepState::NotRun,
+            None => {
+                s.steps.insert(key.clone(), Step::Cancelled);
+                s.finished(key, self.capacity);
+                StepState::NotRun
+            }
+        };
+        Ok(state)
     }
 }
 
@@ -158,6 +180,25 @@ mod tests {
             inbox.complete(&key(k)).await.ok();
         }
         assert_eq!(inbox.claim(&key("1")).await.ok(), Some(Claim::Acquired), "oldest forgotten beyond capacity");
+    }
+
+    #[tokio::test]
+    async fn past_capacity_the_oldest_step_records_are_forgotten_one_at_a_time() {
+        let inbox = MemoryInbox::with_capacity(2);
+        let c = |n: &str| CorrelationId::from(n);
+        for n in ["1", "2", "3"] {
+            assert_eq!(inbox.step_started("g", "reserve", &c(n)).await.ok(), Some(true));
+            inbox.step_finished("g", "reserve", &c(n), true).await.ok();
+        }
+        // A running step is never forgotten, however many records there are.
+        assert_eq!(inbox.step_started("g", "reserve", &c("4")).await.ok(), Some(true));
+        let state = |n: &'static str| {
+            let inbox = &inbox;
+            async move { inbox.compensation_started("g", "reserve", &c(n)).await.ok() }
+        };
+        assert_eq!(state("3").await, Some(StepState::Done), "the newest done records are kept");
+        assert_eq!(state("2").await, Some(StepState::Done));
+        assert_eq!(state("4").await, Some(StepState::Running));
     }
 
     #[tokio::test]

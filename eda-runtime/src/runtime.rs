@@ -135,7 +135,10 @@ impl RuntimeBuilder {
         self
     }
 
-    /// The inbox behind idempotency guards (in memory unless given).
+    /// The inbox behind idempotency guards and saga step records, for transports that handle
+    /// outside a database transaction. By default the transport's own
+    /// ([`Transport::inbox`]: shared by the runtimes on an in-process log; on NATS, step records
+    /// in the broker and guards in the process), else one in this process's memory.
     pub fn inbox(mut self, inbox: impl Inbox) -> Self {
         self.inbox = Some(Arc::new(inbox));
         self
@@ -248,7 +251,7 @@ impl RuntimeBuilder {
                         .into(),
                 )),
             };
-        let steps =
+        let steps: HashSet<_> =
             registry.handlers().iter().filter_map(|h| h.compensates.map(|s| s())).map(|s| (s.group, s.name)).collect();
         let failures = registry
             .handlers()
@@ -272,6 +275,22 @@ impl RuntimeBuilder {
         };
         #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
         let store = None;
+        let inbox = match inbox.or_else(|| transport.inbox()) {
+            Some(inbox) => inbox,
+            None => {
+                let own_store = store.is_some() || transport.clone().store().is_some();
+                if let (false, Some(h)) = (own_store, registry.handlers().iter().find(|h| h.compensates.is_some())) {
+                    return Err(Error::Config(format!(
+                        "`{}` compensates a saga step, and the `{}` transport keeps no saga records that every instance shares: \
+                         a compensator on another instance, or after a restart, would find no step and skip it. \
+                         Keep the inbox in a database with `.outbox(db)`, or give `.inbox(…)` one every instance shares",
+                        h.qualified_name(),
+                        transport.kind()
+                    )));
+                }
+                Arc::new(MemoryInbox::default())
+            }
+        };
         let (stop_tx, stop) = watch::channel(false);
         let metrics = crate::metrics::Metrics::default();
         let handler_infos = registry
@@ -283,7 +302,7 @@ impl RuntimeBuilder {
             handlers: handler_infos,
             sequences_keys: transport.sequences_keys(),
             transport,
-            inbox: inbox.unwrap_or_else(|| Arc::new(MemoryInbox::default())),
+            inbox,
             states,
             source,
             config,

@@ -29,8 +29,111 @@ async fn refuse(ev: Refused) -> Result<(), HandlerError> {
 }
 
 on_every_transport! {
+    a_compensation_after_a_restart_finds_its_step,
     dead_letter_ids_are_never_reused,
     a_shutdown_during_a_backoff_counts_one_failure_once,
+}
+
+// A saga step, its failure downstream, and its compensator.
+#[event(topic = "seats", key = seat)]
+#[derive(Serialize, Deserialize)]
+struct SeatRequested {
+    seat: String,
+}
+#[event(topic = "seats", key = seat)]
+#[derive(Serialize, Deserialize)]
+struct SeatHeld {
+    seat: String,
+}
+#[event(topic = "seat_checks", key = seat)]
+#[derive(Serialize, Deserialize)]
+struct SeatCheckFailed {
+    seat: String,
+}
+
+#[handler(group = "seating")]
+async fn hold_seat(ev: SeatRequested) -> SeatHeld {
+    SeatHeld { seat: ev.seat }
+}
+
+#[handler(group = "seat_checker")]
+async fn check_seat(ev: SeatHeld) -> Outcome<(), SeatCheckFailed> {
+    Outcome::Failure(SeatCheckFailed { seat: ev.seat })
+}
+
+#[eda::compensates(hold_seat)]
+#[handler(group = "seating")]
+async fn release_seat(_ev: SeatCheckFailed) {}
+
+fn seating() -> Registry {
+    Registry::builder()
+        .handler::<hold_seat>()
+        .handler::<check_seat>()
+        .handler::<release_seat>()
+        .publishes::<SeatRequested>()
+        .build()
+}
+
+/// Defect 1: step records lived in each process's memory. The step ran in one instance; the
+/// failure reached a restarted one (or another instance), which found no record, recorded the
+/// step as cancelled and skipped the compensator: the hold stayed placed.
+async fn a_compensation_after_a_restart_finds_its_step(bus: Bus) {
+    let saga = CorrelationId::from("seat-1");
+    // The first instance runs the seating group only: the step, and nothing downstream yet.
+    let first =
+        Runtime::builder(seating()).groups(["seating"]).shared_transport(bus.transport()).start().await.expect("start");
+    first.publisher().publish_correlated(&SeatRequested { seat: "1A".into() }, saga.clone()).await.expect("publish");
+    first.settled(SETTLE).await.expect("settled");
+    assert!(first
+        .trace(&saga)
+        .iter()
+        .any(|e| matches!(&e.kind, eda::EntryKind::Handled { handler, .. } if handler.contains("hold_seat"))));
+    first.shutdown().await;
+
+    // A new instance (a restart, or another process): the check fails, the compensator runs.
+    let second = Runtime::builder(seating()).shared_transport(bus.transport()).start().await.expect("start again");
+    second.settled(SETTLE).await.expect("settled");
+    let trace = second.trace(&saga);
+    let compensated = trace
+        .iter()
+        .any(|e| matches!(&e.kind, eda::EntryKind::Handled { handler, .. } if handler.contains("release_seat")));
+    assert!(compensated, "the compensator ran: {trace:?}");
+    assert_eq!(second.stats().skipped, 0, "{trace:?}");
+    second.shutdown().await;
+}
+
+/// A transport that keeps no inbox of its own (a broker without a key-value store).
+struct NoInbox(MemoryTransport);
+
+#[async_trait::async_trait]
+impl Transport for NoInbox {
+    fn kind(&self) -> &'static str {
+        "no-inbox"
+    }
+    async fn publish(&self, envelope: &Envelope) -> Result<(), eda::TransportError> {
+        self.0.publish(envelope).await
+    }
+    async fn subscribe(&self, subscription: &Subscription) -> Result<eda::Deliveries, eda::TransportError> {
+        self.0.subscribe(subscription).await
+    }
+    async fn lag(&self, group: &str, topic: &str) -> Result<Vec<eda::PartitionLag>, eda::TransportError> {
+        self.0.lag(group, topic).await
+    }
+}
+
+/// Defect 1, where records cannot be shared: compensators on a transport that keeps no
+/// inbox, with a per-process one, are refused at start with what to configure.
+#[tokio::test]
+async fn compensators_without_shared_step_records_are_refused_at_start() {
+    let err = Runtime::builder(seating()).transport(NoInbox(MemoryTransport::new())).start().await.err();
+    let err = err.map(|e| e.to_string()).expect("refused");
+    assert!(err.contains("seating/release_seat") && err.contains("no-inbox") && err.contains(".outbox(db)"), "{err}");
+    let given = Runtime::builder(seating())
+        .transport(NoInbox(MemoryTransport::new()))
+        .inbox(eda::MemoryInbox::default())
+        .start()
+        .await;
+    given.expect("an inbox given explicitly is the user's choice").shutdown().await;
 }
 
 /// Defect 8: the memory transport gave a new letter the id after the newest one, so once the

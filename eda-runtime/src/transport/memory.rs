@@ -42,6 +42,8 @@ pub struct MemoryTransport {
 struct Inner {
     topics: Mutex<HashMap<String, TopicLog>>,
     dead: Mutex<DeadLetters>,
+    /// Guards and saga step records of every runtime on this log.
+    inbox: Arc<crate::inbox::MemoryInbox>,
 }
 
 /// Dead letters, with ids that are never given out twice: an id from an earlier listing
@@ -271,6 +273,10 @@ impl Transport for MemoryTransport {
 
     fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
         Some(self)
+    }
+
+    fn inbox(&self) -> Option<Arc<dyn eda_core::Inbox>> {
+        Some(self.inner.inbox.clone())
     }
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {

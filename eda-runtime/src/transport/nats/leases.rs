@@ -33,32 +33,43 @@ impl NatsLeases {
         options: &NatsOptions,
     ) -> Result<Self, TransportError> {
         let name = format!("{}_leases", options.namespace);
-        if let Err(e) = js.get_key_value(&name).await {
-            tracing::debug!(bucket = %name, error = %e, "making the lease bucket");
-            // The bucket's stream, made as the KV layout has it (async-nats' own
-            // `create_key_value` cannot read a 2.9 server's account information).
-            js.get_or_create_stream(stream::Config {
-                name: format!("KV_{name}"),
-                description: Some("eda: which instance of a group consumes which partition".into()),
-                subjects: vec![format!("$KV.{name}.>")],
-                max_messages_per_subject: 1,
-                // Member keys of instances long gone age out; live keys are rewritten every
-                // heartbeat.
-                max_age: (options.engine.lease_ttl * 100).max(Duration::from_secs(3600)),
-                discard: stream::DiscardPolicy::New,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                storage: storage_type(options.storage),
-                num_replicas: options.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(other)?;
-        }
-        let bucket = js.get_key_value(&name).await.map_err(other)?;
-        Ok(Self { bucket })
+        // Member keys of instances long gone age out; live keys are rewritten every heartbeat.
+        let max_age = (options.engine.lease_ttl * 100).max(Duration::from_secs(3600));
+        let description = "eda: which instance of a group consumes which partition";
+        Ok(Self { bucket: open_bucket(js, options, &name, description, max_age).await? })
     }
+}
+
+/// Opens the key-value bucket `name`, making it when it is not there.
+pub(super) async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    options: &NatsOptions,
+    name: &str,
+    description: &str,
+    max_age: Duration,
+) -> Result<kv::Store, TransportError> {
+    if let Err(e) = js.get_key_value(name).await {
+        tracing::debug!(bucket = %name, error = %e, "making a key-value bucket");
+        // The bucket's stream, made as the KV layout has it (async-nats' own
+        // `create_key_value` cannot read a 2.9 server's account information).
+        js.get_or_create_stream(stream::Config {
+            name: format!("KV_{name}"),
+            description: Some(description.into()),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            storage: storage_type(options.storage),
+            num_replicas: options.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(other)?;
+    }
+    js.get_key_value(name).await.map_err(other)
 }
 
 #[async_trait]

@@ -47,6 +47,7 @@ mod consumer;
 mod dead_letters;
 mod leases;
 mod options;
+mod steps;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,6 +113,9 @@ struct Inner {
     max_payload: usize,
     /// The engine's leases, once a subscription needs them.
     leases: tokio::sync::OnceCell<Arc<leases::NatsLeases>>,
+    /// What the runtimes on this transport share: saga step records in the namespace's
+    /// bucket, guards in the process.
+    inbox: Arc<steps::NatsInbox>,
 }
 
 /// Where a topic lives on the server.
@@ -218,6 +222,7 @@ impl NatsTransport {
         })?;
         let max_payload = client.server_info().max_payload;
         let unconfirmed = tokio::sync::Semaphore::new(options.max_unconfirmed);
+        let inbox = Arc::new(steps::NatsInbox::new(js.clone(), options.clone()));
         let inner = Inner {
             options,
             client,
@@ -229,6 +234,7 @@ impl NatsTransport {
             engines: Mutex::default(),
             retired: Mutex::default(),
             leases: tokio::sync::OnceCell::new(),
+            inbox,
             max_payload,
             unconfirmed,
         };
@@ -289,10 +295,10 @@ impl NatsTransport {
         let ns = &self.inner.options.namespace;
         let names: Vec<String> = self.inner.js.stream_names().try_collect().await.map_err(other)?;
         let mut deleted = 0;
-        let leases = format!("KV_{ns}_leases");
+        let buckets = [format!("KV_{ns}_leases"), format!("KV_{ns}_steps")];
         for name in names
             .iter()
-            .filter(|n| n.starts_with(&format!("{ns}_")) || **n == self.dead_letter_stream() || **n == leases)
+            .filter(|n| n.starts_with(&format!("{ns}_")) || **n == self.dead_letter_stream() || buckets.contains(n))
         {
             self.inner.js.delete_stream(name).await.map_err(other)?;
             deleted += 1;
@@ -760,6 +766,10 @@ fn stream_change(existing: &stream::Config, wanted: &stream::Config) -> Option<S
 impl Transport for NatsTransport {
     fn kind(&self) -> &'static str {
         NAME
+    }
+
+    fn inbox(&self) -> Option<Arc<dyn eda_core::Inbox>> {
+        Some(self.inner.inbox.clone())
     }
 
     async fn publish(&self, envelope: &Envelope) -> Result<(), TransportError> {
