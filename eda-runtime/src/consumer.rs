@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -711,8 +711,12 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>) -> Disposition {
             return d;
         }
     }
+    // The inbox may be shared with other runtimes: a handling cut off (shutdown past its
+    // timeout) gives its claim back, or the event would be busy for them forever.
+    let held = HeldClaim { inbox: &shared.inbox, key: guard, open: AtomicBool::new(guard.is_some()) };
     let release = || async {
         if let Some(key) = guard {
+            held.open.store(false, Ordering::SeqCst);
             if let Err(e) = inbox.release(key).await {
                 tracing::warn!(handler = %job.info.name, error = %e, "could not release an idempotency guard");
             }
@@ -720,6 +724,7 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>) -> Disposition {
     };
     let complete = || async {
         if let Some(key) = guard {
+            held.open.store(false, Ordering::SeqCst);
             if let Err(e) = inbox.complete(key).await {
                 tracing::warn!(handler = %job.info.name, error = %e, "could not record a handled event; a redelivery would run it again");
             }
@@ -791,6 +796,26 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>) -> Disposition {
                 return d;
             }
         }
+    }
+}
+
+/// A claim on the inbox that the handling has neither completed nor released yet.
+struct HeldClaim<'a> {
+    inbox: &'a Arc<dyn Inbox>,
+    key: Option<&'a GuardKey>,
+    open: AtomicBool,
+}
+
+impl Drop for HeldClaim<'_> {
+    fn drop(&mut self) {
+        let (Some(key), true) = (self.key, self.open.load(Ordering::SeqCst)) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (inbox, key) = (self.inbox.clone(), key.clone());
+        runtime.spawn(async move {
+            if let Err(e) = inbox.release(&key).await {
+                tracing::warn!(handler = %key.handler, error = %e, "could not release the guard of a handling cut off");
+            }
+        });
     }
 }
 
