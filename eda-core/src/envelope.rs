@@ -260,7 +260,7 @@ impl Envelope {
         let source = take("source").ok_or(EnvelopeError::Missing("source"))?.to_owned();
         let ty = take("type").ok_or(EnvelopeError::Missing("type"))?.to_owned();
         let time = match take("time") {
-            Some(t) => humantime::parse_rfc3339_weak(t).map_err(|e| invalid("time", t, &e.to_string()))?,
+            Some(t) => crate::time::parse_rfc3339(t).map_err(|e| invalid("time", t, &e))?,
             None => SystemTime::now(),
         };
         let causation_id = match take("causationid") {
@@ -364,7 +364,7 @@ mod time_format {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_rfc3339_weak(&s).map_err(serde::de::Error::custom)
+        crate::time::parse_rfc3339(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -395,7 +395,13 @@ mod tests {
     use crate::event::EventInfo;
 
     fn sample() -> Envelope {
-        let info = EventInfo { name: "OrderConfirmed", version: 2, ce_type: "OrderConfirmed.v2", topic: "orders" };
+        let info = EventInfo {
+            name: "OrderConfirmed",
+            version: 2,
+            ce_type: "OrderConfirmed.v2",
+            topic: "orders",
+            path: "shop::OrderConfirmed",
+        };
         let pending = PendingEvent { info, key: Some("o-1".into()), data: b"{}".to_vec() };
         Envelope::root("shop", pending, None)
     }
@@ -438,10 +444,25 @@ mod tests {
     }
 
     #[test]
+    fn a_time_with_an_offset_or_in_lowercase_is_read_as_its_instant() {
+        let id = "01a23d1b-2d25-71b5-9de4-e4e102afca27";
+        let read = |time: &str| {
+            let headers =
+                [("ce-specversion", "1.0"), ("ce-id", id), ("ce-source", "s"), ("ce-type", "X.v1"), ("ce-time", time)];
+            Envelope::from_headers(Binding::Nats, "t", headers, vec![]).map(|e| e.time)
+        };
+        let utc = read("2026-03-01T10:00:00Z").expect("UTC");
+        // Without a fraction this was refused (dead-lettered); with one, read two hours off.
+        assert_eq!(read("2026-03-01T12:00:00+02:00"), Ok(utc));
+        assert_eq!(read("2026-03-01T12:00:00.000+02:00"), Ok(utc));
+        assert_eq!(read("2026-03-01t10:00:00z"), Ok(utc));
+    }
+
+    #[test]
     fn derived_events_keep_the_trace_and_have_stable_ids() {
         let root = sample();
         let pending = || PendingEvent {
-            info: EventInfo { name: "A", version: 1, ce_type: "A.v1", topic: "a" },
+            info: EventInfo { name: "A", version: 1, ce_type: "A.v1", topic: "a", path: "tests::A" },
             key: None,
             data: vec![],
         };

@@ -133,6 +133,17 @@ pub enum TransportError {
         /// What the broker said.
         reason: String,
     },
+    /// The transport can never carry this event as it is (a header value it cannot hold, a
+    /// size over its limit): trying again cannot help; the event must change.
+    #[error("the {transport} transport cannot carry this event for topic `{topic}`: {reason}")]
+    EventRefused {
+        /// Which transport.
+        transport: &'static str,
+        /// The topic the event was published to.
+        topic: String,
+        /// What is wrong with it, and what to do.
+        reason: String,
+    },
     /// The transport's settings are wrong or contradict each other; nothing was sent.
     #[error("{transport} settings: {reason}")]
     Config {

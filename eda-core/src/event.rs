@@ -20,6 +20,9 @@ pub struct EventInfo {
     pub ce_type: &'static str,
     /// The topic the event is bound to.
     pub topic: &'static str,
+    /// The Rust type's path (`module::Type`): two types claiming one CloudEvents `type` are
+    /// told apart by it, and refused at start-up.
+    pub path: &'static str,
 }
 
 /// A domain event: a fact that happened, bound to one topic.

@@ -29,6 +29,7 @@ pub mod event;
 pub mod handler;
 pub mod registry;
 pub mod store;
+pub mod time;
 pub mod transport;
 
 pub use eda_macros::{compensates, event, handler};
@@ -55,6 +56,7 @@ pub mod __private {
     pub use crate::handler::{
         describe, BoxFuture, Ctx, Handler, HandlerAttrs, HandlerDescriptor, HandlerFn, HandlerRegistration, Idempotency,
     };
+    pub use eda_macros::{__compensates, handler};
     pub use inventory;
     pub use serde;
     pub use std::boxed::Box;
@@ -62,7 +64,7 @@ pub mod __private {
     pub use std::result::Result::{self, Err, Ok};
     pub use std::string::{String, ToString};
     pub use std::vec::Vec;
-    pub use std::{module_path, panic, stringify};
+    pub use std::{concat, module_path, panic, stringify};
 
     /// `a == b`, usable in constants: the compile-time topic check of `#[handler(topic)]`.
     pub const fn str_eq(a: &str, b: &str) -> bool {

@@ -133,6 +133,35 @@ impl Registry {
         by_type
     }
 
+    /// Two Rust types claiming one CloudEvents `type` (two `Cancelled` structs in two modules)
+    /// would each be taken for the other on the wire: handlers of both would run on either.
+    fn check_event_types(
+        &self,
+        emitters: &HashMap<&'static str, Vec<(&'static HandlerDescriptor, EmittedEvent)>>,
+        report: &mut Report,
+    ) {
+        let handled = self.handlers.iter().map(|h| h.event);
+        let emitted = emitters.values().flatten().map(|(_, e)| e.info);
+        let mut paths: HashMap<&str, Vec<&str>> = HashMap::new();
+        for info in handled.chain(emitted).chain(self.published.iter().copied()) {
+            let known = paths.entry(info.ce_type).or_default();
+            if !known.contains(&info.path) {
+                known.push(info.path);
+            }
+        }
+        let mut clashes: Vec<_> = paths.into_iter().filter(|(_, p)| p.len() > 1).collect();
+        clashes.sort_unstable();
+        for (ty, mut types) in clashes {
+            types.sort_unstable();
+            report.error(format!(
+                "{} all claim the event type `{ty}`: each would be taken for the other on the wire; give each a name of its own, for example `#[event(name = \"Orders{}\", …)]` on `{}`",
+                types.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(" and "),
+                ty.split('.').next().unwrap_or(ty),
+                types[0],
+            ));
+        }
+    }
+
     /// Checks the choreography: duplicate handler names in a group, handlers nothing can
     /// trigger, failure events after a step with effects that no compensator of that step
     /// handles, emitted events nobody handles.
@@ -154,6 +183,8 @@ impl Registry {
                 ));
             }
         }
+
+        self.check_event_types(&emitters, &mut report);
 
         for h in &self.handlers {
             let emitted = emitters.contains_key(h.event.ce_type);

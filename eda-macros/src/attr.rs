@@ -43,7 +43,9 @@ pub fn parse_args(
     mut on_key: impl FnMut(&str, &ParseNestedMeta) -> syn::Result<()>,
 ) {
     let mut seen: Vec<String> = Vec::new();
-    let expected = keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+    // Keys of the macros' own (`__eda_…`) are not offered to users.
+    let expected =
+        keys.iter().filter(|k| !k.starts_with("__")).map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
     let mut local = Errors::default();
     let parser = syn::meta::parser(|meta| {
         let key = meta.path.get_ident().map(ToString::to_string).unwrap_or_default();

@@ -34,15 +34,29 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
                 syn::Meta::List(list) => list.tokens.clone(),
                 _ => TokenStream::new(),
             };
-            let sep = if existing.is_empty() { quote!() } else { quote!(,) };
+            let sep =
+                if existing.is_empty() || crate::handler::ends_with_comma(&existing) { quote!() } else { quote!(,) };
             *attr = syn::parse_quote!(#[#path(#existing #sep compensates = #step)]);
         }
-        (None, _) => errors.at(
-            Span::call_site(),
-            "`#[compensates]` goes with `#[handler]`: add `#[handler(group = \"…\")]` to this function",
-        ),
-        (Some(_), None) => {}
+        // No attribute named `handler` here: it may be renamed (`use eda::handler as on;`).
+        // Leave the step for it, by a private attribute that it takes, and that says what is
+        // missing if no handler comes to take it.
+        (None, Some(step)) => match crate::paths::private(None) {
+            Ok(p) => func.attrs.push(syn::parse_quote!(#[#p::__compensates(#step)])),
+            Err(e) => errors.push(e),
+        },
+        (_, None) => {}
     }
     let e = errors.to_compile_errors();
     quote!(#func #e)
+}
+
+/// `#[__compensates(step)]` left by `#[compensates]` that no `#[handler]` took.
+pub fn unclaimed(item: TokenStream) -> TokenStream {
+    let e = syn::Error::new(
+        Span::call_site(),
+        "`#[compensates]` goes with `#[handler]`: add `#[handler(group = \"…\")]` to this function",
+    )
+    .to_compile_error();
+    quote!(#item #e)
 }

@@ -34,12 +34,17 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = parse(args, &mut errors);
     check(&parsed, &args, &mut errors);
 
-    let p = crate::paths::private(args.krate.as_ref());
+    let p = crate::paths::private(args.krate.as_ref()).unwrap_or_else(|e| {
+        errors.push(e);
+        quote!(::eda::__private)
+    });
     let ident = &parsed.ident;
     // On errors, still implement `Event` with what is known, so uses of the type elsewhere do
     // not add a cascade of errors to the real one.
     let topic = args.topic.as_ref().map(syn::LitStr::value).unwrap_or_default();
-    let name = args.name.as_ref().map(syn::LitStr::value).unwrap_or_else(|| ident.to_string());
+    // A raw identifier (`r#type`) names the type `type` on the wire.
+    let type_name = syn::ext::IdentExt::unraw(ident).to_string();
+    let name = args.name.as_ref().map(syn::LitStr::value).unwrap_or_else(|| type_name.clone());
     let version = args.version.unwrap_or(1);
     let ce_type = format!("{name}.v{version}");
     let key = match (&args.key, &parsed.data) {
@@ -67,6 +72,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
                     version: #version,
                     ce_type: #ce_type,
                     topic: #topic,
+                    path: #p::concat!(#p::module_path!(), "::", #type_name),
                 };
                 fn key(&self) -> #p::Option<#p::String> {
                     #key

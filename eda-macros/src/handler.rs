@@ -2,6 +2,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 
 use crate::attr::{self, Errors};
@@ -15,7 +16,34 @@ const CONCURRENCY: &str = "concurrency";
 const MAX_ATTEMPTS: &str = "max_attempts";
 const COMPENSATES: &str = "compensates";
 const CRATE: &str = "crate";
-const KEYS: &[&str] = &[GROUP, TOPIC, NAME, IDEMPOTENT, DEDUPE_KEY, CONCURRENCY, MAX_ATTEMPTS, COMPENSATES, CRATE];
+/// Set on the `#[handler]` this macro re-emits below other attribute macros (see `defer`).
+const DEFERRED: &str = "__eda_deferred";
+const KEYS: &[&str] =
+    &[GROUP, TOPIC, NAME, IDEMPOTENT, DEDUPE_KEY, CONCURRENCY, MAX_ATTEMPTS, COMPENSATES, CRATE, DEFERRED];
+
+/// Attributes that are not macros: they stay on the function and need nothing done first.
+const INERT: &[&str] = &[
+    "doc",
+    "allow",
+    "warn",
+    "deny",
+    "forbid",
+    "expect",
+    "cfg",
+    "cfg_attr",
+    "inline",
+    "cold",
+    "must_use",
+    "deprecated",
+    "track_caller",
+    "no_mangle",
+    "export_name",
+    "link_section",
+    "automatically_derived",
+    "rustfmt",
+    "clippy",
+    "diagnostic",
+];
 
 #[derive(Default)]
 struct Args {
@@ -28,6 +56,7 @@ struct Args {
     max_attempts: Option<u32>,
     compensates: Option<syn::Path>,
     krate: Option<syn::Path>,
+    deferred: bool,
 }
 
 /// The parts of the signature the expansion needs.
@@ -47,17 +76,55 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#item #e);
         }
     };
+    let raw_args = args.clone();
     let mut args = parse(args, &mut errors);
+    let p = crate::paths::private(args.krate.as_ref()).unwrap_or_else(|e| {
+        errors.push(e);
+        quote!(::eda::__private)
+    });
+    if !args.deferred && errors.is_empty() && func.attrs.iter().any(may_be_macro) {
+        return defer(func, &p, raw_args);
+    }
     take_compensates_attr(&mut func, &mut args, &mut errors);
     let sig = check(&func, &args, &mut errors);
     let compile_errors = errors.to_compile_errors();
     match sig {
         Some(sig) if errors.is_empty() => {
-            let generated = generate(&func, &args, &sig);
+            let generated = generate(&func, &args, &sig, &p);
             quote!(#func #generated)
         }
-        _ => quote!(#func #compile_errors),
+        // The marker still exists, so `Registry::builder().handler::<name>()` and
+        // `#[compensates(name)]` elsewhere add no errors of their own to the real one.
+        // (Not for a method: no module or import may stand in an `impl` block.)
+        _ if func.sig.receiver().is_some() => quote!(#func #compile_errors),
+        _ => {
+            let stub = stub(&func, &p);
+            quote!(#func #stub #compile_errors)
+        }
     }
+}
+
+/// True for an attribute that may be a macro (a renamed `#[compensates]`, `#[instrument]`, …).
+fn may_be_macro(attr: &syn::Attribute) -> bool {
+    let path = attr.path();
+    let first = path.segments.first().map(|s| s.ident.to_string()).unwrap_or_default();
+    let last = path.segments.last().map(|s| s.ident.to_string()).unwrap_or_default();
+    !(INERT.contains(&first.as_str()) || ["compensates", "__compensates", "handler"].contains(&last.as_str()))
+}
+
+/// Attribute macros below this one have not run yet, and one of them may be a renamed
+/// `#[compensates]` (`use eda::compensates as undoes;`) that must reach this handler: emit the
+/// function with `#[handler]` again, by its absolute path, after them, so they run first.
+fn defer(mut func: syn::ItemFn, p: &TokenStream, args: TokenStream) -> TokenStream {
+    let sep = if args.is_empty() || ends_with_comma(&args) { quote!() } else { quote!(,) };
+    let deferred = format_ident!("{DEFERRED}");
+    func.attrs.push(syn::parse_quote!(#[#p::handler(#args #sep #deferred)]));
+    quote!(#func)
+}
+
+/// True when the tokens end with `,` (a trailing comma in attribute arguments).
+pub fn ends_with_comma(tokens: &TokenStream) -> bool {
+    matches!(tokens.clone().into_iter().last(), Some(proc_macro2::TokenTree::Punct(p)) if p.as_char() == ',')
 }
 
 fn parse(args: TokenStream, errors: &mut Errors) -> Args {
@@ -97,6 +164,7 @@ fn parse(args: TokenStream, errors: &mut Errors) -> Args {
                     )
                 })?)
             }
+            DEFERRED => out.deferred = true,
             _ => out.krate = Some(attr::crate_path(meta)?),
         }
         Ok(())
@@ -107,7 +175,10 @@ fn parse(args: TokenStream, errors: &mut Errors) -> Args {
 /// `#[compensates(step)]` written below `#[handler]` is still on the function when this macro
 /// runs: take it from there.
 fn take_compensates_attr(func: &mut syn::ItemFn, args: &mut Args, errors: &mut Errors) {
-    let is_compensates = |a: &syn::Attribute| a.path().segments.last().is_some_and(|s| s.ident == "compensates");
+    // `__compensates` is what `#[compensates]` above a renamed `#[handler]` leaves for it.
+    let is_compensates = |a: &syn::Attribute| {
+        a.path().segments.last().is_some_and(|s| s.ident == "compensates" || s.ident == "__compensates")
+    };
     let (found, rest): (Vec<_>, Vec<_>) = func.attrs.drain(..).partition(is_compensates);
     func.attrs = rest;
     for a in found {
@@ -149,8 +220,13 @@ fn check(func: &syn::ItemFn, args: &Args, errors: &mut Errors) -> Option<Signatu
     if let Some(c) = &sig.constness {
         errors.spanned(c, "a handler cannot be `const`");
     }
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        errors.spanned(&sig.generics, "a handler cannot be generic: the registry needs one concrete event type");
+    // Lifetimes are fine (`async fn charge<'a>(ev: E, cx: Ctx<'a, S>)`); types and constants
+    // would leave the registry without one concrete event type.
+    let generic = sig.generics.params.iter().find(|p| !matches!(p, syn::GenericParam::Lifetime(_)));
+    if let Some(param) = generic {
+        errors.spanned(param, "a handler cannot be generic: the registry needs one concrete event type");
+    } else if let Some(clause) = &sig.generics.where_clause {
+        errors.spanned(clause, "a handler takes no `where` clause: its event and state types are concrete");
     }
     if let Some(v) = &sig.variadic {
         errors.spanned(v, "a handler cannot be variadic");
@@ -237,14 +313,54 @@ fn ctx_state(ty: &syn::Type) -> Result<syn::Type, ()> {
     }
 }
 
-fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
-    let p = crate::paths::private(args.krate.as_ref());
+/// The module holding the marker type of a handler: `__eda_handler_<name>`.
+fn marker_module(func: &syn::ItemFn) -> syn::Ident {
+    format_ident!("__eda_handler_{}", func.sig.ident.unraw())
+}
+
+/// The marker type `name` that stands for the handler in `Registry::builder().handler::<name>()`
+/// and `#[compensates(name)]`. It lives in a module of its own and comes into the function's
+/// module by a glob import, which any item of the same name (`mod shipping` beside
+/// `fn shipping`) shadows without a conflict, as plain Rust allows those two.
+fn marker(func: &syn::ItemFn) -> TokenStream {
+    let (fn_name, vis, module) = (&func.sig.ident, &func.vis, marker_module(func));
+    quote! {
+        #[doc(hidden)]
+        #[allow(non_snake_case)]
+        #vis mod #module {
+            #[allow(non_camel_case_types, dead_code)]
+            pub struct #fn_name {}
+        }
+        #[doc(hidden)]
+        #[allow(unused_imports)]
+        #vis use #module::*;
+    }
+}
+
+/// What a handler that did not compile still defines.
+fn stub(func: &syn::ItemFn, p: &TokenStream) -> TokenStream {
+    let (fn_name, module, marker) = (&func.sig.ident, marker_module(func), marker(func));
+    quote! {
+        #marker
+        const _: () = {
+            #[automatically_derived]
+            impl #p::Handler for #module::#fn_name {
+                fn descriptor() -> &'static #p::HandlerDescriptor {
+                    #p::panic!("this handler did not compile")
+                }
+            }
+        };
+    }
+}
+
+fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature, p: &TokenStream) -> TokenStream {
     let fn_name = &func.sig.ident;
-    let vis = &func.vis;
-    let name = args.name.as_ref().map(syn::LitStr::value).unwrap_or_else(|| fn_name.to_string());
+    let module = marker_module(func);
+    let marker = marker(func);
+    // A raw identifier (`r#return`) is the handler `return`.
+    let name = args.name.as_ref().map(syn::LitStr::value).unwrap_or_else(|| fn_name.unraw().to_string());
     let group = args.group.as_ref().map(syn::LitStr::value).unwrap_or_default();
     let Signature { event, ret, .. } = sig;
-    let marker = format_ident!("{}", fn_name);
     let state: syn::Type = sig.state.clone().unwrap_or_else(|| syn::parse_quote!(()));
 
     let call = if sig.state.is_some() {
@@ -260,7 +376,7 @@ fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
             event.to_token_stream().to_string().replace(' ', ""),
         );
         quote_spanned! {topic.span()=>
-            const _: () = if !#p::str_eq(<<#marker as #p::HandlerFn>::Event as #p::Event>::INFO.topic, #topic) {
+            const _: () = if !#p::str_eq(<<__EdaHandlerFn as #p::HandlerFn>::Event as #p::Event>::INFO.topic, #topic) {
                 #p::panic!(#message)
             };
         }
@@ -292,17 +408,20 @@ fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
     let state_type = quote_spanned!(state.span()=> type State = #state;);
     let output_type = quote_spanned!(ret.span()=> type Output = #ret;);
 
+    // The function's types are named only by a type private to this block: a `pub` handler may
+    // take crate-private events, state and errors, as a plain `pub fn` may.
     quote! {
-        #[doc(hidden)]
-        #[allow(non_camel_case_types, dead_code)]
-        #vis struct #marker {}
+        #marker
 
         const _: () = {
             #topic_check
             #dedupe_fn
 
+            #[allow(non_camel_case_types)]
+            struct __EdaHandlerFn;
+
             #[automatically_derived]
-            impl #p::HandlerFn for #marker {
+            impl #p::HandlerFn for __EdaHandlerFn {
                 #event_type
                 #state_type
                 #output_type
@@ -311,7 +430,7 @@ fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
                 }
             }
 
-            static __EDA_HANDLER: #p::HandlerDescriptor = #p::describe::<#marker>(#p::HandlerAttrs {
+            static __EDA_HANDLER: #p::HandlerDescriptor = #p::describe::<__EdaHandlerFn>(#p::HandlerAttrs {
                 name: #name,
                 module: #p::module_path!(),
                 group: #group,
@@ -322,7 +441,7 @@ fn generate(func: &syn::ItemFn, args: &Args, sig: &Signature) -> TokenStream {
             });
 
             #[automatically_derived]
-            impl #p::Handler for #marker {
+            impl #p::Handler for #module::#fn_name {
                 fn descriptor() -> &'static #p::HandlerDescriptor {
                     &__EDA_HANDLER
                 }

@@ -36,6 +36,13 @@ pub fn event(args: TokenStream, item: TokenStream) -> TokenStream {
 /// event's topic, checked at compile time), `name = "…"`, `idempotent = false` (turns the
 /// idempotency guard off), `dedupe_key = field` (guard by a field of the event instead of its
 /// id), `concurrency = N`, `max_attempts = N`, `compensates = step`, `crate = "…"`.
+///
+/// It also defines a marker type of the function's name, for explicit registration
+/// (`Registry::builder().handler::<name>()`) and `#[compensates(name)]`. The marker comes into
+/// the module by a glob import, so a module or type of the same name may stand beside the
+/// function as plain Rust allows; it then hides the marker, and the handler registers through
+/// inventory only. Attribute macros below `#[handler]` (a renamed `#[compensates]`,
+/// `#[instrument]`) run before it.
 #[proc_macro_attribute]
 pub fn handler(args: TokenStream, item: TokenStream) -> TokenStream {
     handler::expand(args.into(), item.into()).into()
@@ -47,4 +54,12 @@ pub fn handler(args: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn compensates(args: TokenStream, item: TokenStream) -> TokenStream {
     compensates::expand(args.into(), item.into()).into()
+}
+
+/// Not public API: what `#[compensates]` leaves for a `#[handler]` it cannot see by name (a
+/// renamed import). Reached on its own, no handler took it: an error says what is missing.
+#[doc(hidden)]
+#[proc_macro_attribute]
+pub fn __compensates(_args: TokenStream, item: TokenStream) -> TokenStream {
+    compensates::unclaimed(item.into()).into()
 }

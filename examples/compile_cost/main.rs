@@ -50,7 +50,7 @@ fn by_hand(items: usize) -> String {
             src,
             "#[derive(Serialize, Deserialize)]\npub struct E{i} {{ pub id: u64 }}\n\
              const _: () = {{\n    #[automatically_derived]\n    impl {P}::Event for E{i} {{\n\
-             const INFO: {P}::EventInfo = {P}::EventInfo {{ name: \"E{i}\", version: 1u32, ce_type: \"E{i}.v1\", topic: \"t{topic}\" }};\n\
+             const INFO: {P}::EventInfo = {P}::EventInfo {{ name: \"E{i}\", version: 1u32, ce_type: \"E{i}.v1\", topic: \"t{topic}\", path: \"E{i}\" }};\n\
              fn key(&self) -> {P}::Option<{P}::String> {{ {P}::Some({P}::ToString::to_string(&self.id)) }}\n    }}\n}};\n\n\
              pub async fn h{i}(ev: E{i}) -> E{next} {{ E{next} {{ id: ev.id }} }}\n\
              #[doc(hidden)]\n#[allow(non_camel_case_types, dead_code)]\npub struct h{i} {{}}\n\

@@ -295,7 +295,7 @@ pub(super) mod tests {
     use super::*;
 
     fn event(key: &str, n: u32) -> Envelope {
-        let info = eda_core::EventInfo { name: "T", version: 1, ce_type: "T.v1", topic: "t" };
+        let info = eda_core::EventInfo { name: "T", version: 1, ce_type: "T.v1", topic: "t", path: "tests::T" };
         let data = serde_json::to_vec(&n).unwrap_or_default();
         Envelope::root("test", eda_core::PendingEvent { info, key: Some(key.to_owned()), data }, None)
     }

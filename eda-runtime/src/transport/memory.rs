@@ -406,7 +406,7 @@ mod tests {
     }
 
     fn envelope(key: &str, n: u32) -> Envelope {
-        let info = EventInfo { name: "T", version: 1, ce_type: "T.v1", topic: "t" };
+        let info = EventInfo { name: "T", version: 1, ce_type: "T.v1", topic: "t", path: "tests::T" };
         let data = n.to_string().into_bytes();
         Envelope::root("test", PendingEvent { info, key: Some(key.into()), data }, None)
     }

@@ -609,14 +609,18 @@ impl NatsTransport {
     fn event_headers(&self, envelope: &Envelope) -> Result<HeaderMap, TransportError> {
         let mut headers = HeaderMap::new();
         for (name, value) in envelope.headers(Binding::Nats) {
+            let refused = |why: &str| TransportError::EventRefused {
+                transport: NAME,
+                topic: envelope.topic.clone(),
+                reason: format!("the `{name}` attribute {why}: change the key or correlation id"),
+            };
             if value.contains(['\r', '\n']) {
-                return Err(TransportError::PublishRejected {
-                    transport: NAME,
-                    topic: envelope.topic.clone(),
-                    reason: format!(
-                        "the `{name}` attribute contains a line break, which a NATS header cannot carry: remove it from the key or correlation id"
-                    ),
-                });
+                return Err(refused("contains a line break, which a NATS header cannot carry"));
+            }
+            // The server trims header values: a key read back without its spaces would land
+            // its replays on another partition than its siblings.
+            if value.trim() != value {
+                return Err(refused("begins or ends with whitespace, which a NATS header does not keep"));
             }
             headers.insert(name, value);
         }
@@ -633,7 +637,7 @@ impl NatsTransport {
         let max_payload = self.inner.max_payload;
         let limit = max_payload.saturating_sub(DEAD_LETTER_RESERVE);
         if size > limit {
-            return Err(TransportError::PublishRejected {
+            return Err(TransportError::EventRefused {
                 transport: NAME,
                 topic: envelope.topic.clone(),
                 reason: format!(

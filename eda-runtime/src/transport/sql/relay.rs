@@ -8,10 +8,11 @@
 //! position publishes those events again; consumers' idempotency guards absorb the repeats
 //! (an event keeps its id).
 //!
-//! A target that is away is waited for, with backoff, as long as it takes. An event the target
-//! refuses for what it is (`PublishRejected`: a header it cannot carry, a size over its limit)
-//! becomes a dead letter of the relay's group in the outbox database (`dlq list` shows it),
-//! and the events after it go on.
+//! A target that is away or refuses for now (full, electing a leader, any error that may pass)
+//! is waited for, with backoff, as long as it takes. An event the target can never carry as it
+//! is (`EventRefused`: a header it cannot hold, a size over its limit) becomes a dead letter of
+//! the relay's group in the outbox database (`dlq list` shows it), and the events after it go
+//! on.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,16 +162,16 @@ impl Relay {
     }
 
     /// Publishes a batch to the target, in order, retrying with backoff until it is accepted
-    /// or the relay stops. When the target refuses an event for what it is (a header it
-    /// cannot carry, a size over its limit), the batch goes one event at a time and each
-    /// refused event becomes a dead letter of the relay's group: a poison event never holds
-    /// its partition's outbox back.
+    /// or the relay stops. When the target can never carry an event as it is
+    /// ([`TransportError::EventRefused`]), the batch goes one event at a time and each refused
+    /// event becomes a dead letter of the relay's group: a poison event never holds its
+    /// partition's outbox back.
     async fn carry(&self, batch: &Batch, mut stop: watch::Receiver<bool>) -> Result<(), TransportError> {
         let mut attempt = 1;
         loop {
             let e = match self.target.publish_all(&batch.envelopes).await {
                 Ok(()) => return Ok(()),
-                Err(e @ TransportError::PublishRejected { .. }) => {
+                Err(e @ TransportError::EventRefused { .. }) => {
                     tracing::debug!(error = %e, "the relay's target refused an event of a batch; sending them one by one");
                     return self.carry_one_by_one(batch, stop).await;
                 }
@@ -191,7 +192,7 @@ impl Relay {
             loop {
                 let e = match self.target.publish(envelope).await {
                     Ok(()) => break,
-                    Err(e @ TransportError::PublishRejected { .. }) => {
+                    Err(e @ TransportError::EventRefused { .. }) => {
                         tracing::error!(
                             event_id = %envelope.id, r#type = %envelope.ty, topic = %envelope.topic, error = %e,
                             "the relay's target refused an event; kept as a dead letter of the relay (`dlq list`)"
