@@ -730,10 +730,26 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>) -> Disposition {
             }
         }
     };
+    // A step's record must be written: left "running", its compensator would wait for it
+    // for good. Tried until the store answers, holding the event (and its key); false when
+    // the runtime stops first.
     let step_finished = |succeeded| async move {
-        if job.is_step() {
-            if let Err(e) = inbox.step_finished(h.group, h.name, correlation, succeeded).await {
-                tracing::warn!(handler = %job.info.name, error = %e, "could not record a saga step");
+        if !job.is_step() {
+            return true;
+        }
+        let mut tries = 1;
+        loop {
+            match inbox.step_finished(h.group, h.name, correlation, succeeded).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(handler = %job.info.name, error = %e, "could not record a saga step; trying again");
+                    tries += 1;
+                    let mut stop = shared.stop.clone();
+                    let pause = shared.config.retry.backoff(tries);
+                    if tokio::time::timeout(pause, stop.wait_for(|s| *s)).await.is_ok() {
+                        return false;
+                    }
+                }
             }
         }
     };
@@ -782,7 +798,11 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>) -> Disposition {
                     release().await;
                     return Disposition::Redeliver(job.policy.backoff(attempt + 1));
                 }
-                step_finished(!failed_step).await;
+                if !step_finished(!failed_step).await {
+                    // Stopping with the step unrecorded: it runs again after the restart.
+                    release().await;
+                    return Disposition::Redeliver(Duration::ZERO);
+                }
                 complete().await;
                 return job.succeeded(&envelopes, attempt);
             }
@@ -792,7 +812,9 @@ async fn with_inbox(job: &Job<'_>, guard: Option<&GuardKey>) -> Disposition {
             AfterFailure::Retry => attempt += 1,
             AfterFailure::Stop(d) => {
                 release().await;
-                step_finished(false).await;
+                if !step_finished(false).await {
+                    return Disposition::Redeliver(Duration::ZERO);
+                }
                 return d;
             }
         }

@@ -23,6 +23,9 @@ struct State {
     /// Step records that stopped running (done or cancelled), oldest first: forgotten in this
     /// order beyond `capacity`.
     finished_steps: VecDeque<StepKey>,
+    /// How many times each key stands in `finished_steps` (a step that finishes again is
+    /// queued again, and only its last place counts).
+    queued: HashMap<StepKey, usize>,
 }
 
 type StepKey = (String, String, CorrelationId);
@@ -55,11 +58,19 @@ impl State {
     /// A step record stopped running; beyond `capacity` finished records, the oldest go (never
     /// a running one, and never all at once).
     fn finished(&mut self, key: StepKey, capacity: usize) {
+        *self.queued.entry(key.clone()).or_default() += 1;
         self.finished_steps.push_back(key);
         while self.finished_steps.len() > capacity {
             let Some(old) = self.finished_steps.pop_front() else { break };
-            if self.steps.get(&old).is_some_and(|s| *s != Step::Running) {
-                self.steps.remove(&old);
+            let left = self.queued.get_mut(&old).map(|n| {
+                *n -= 1;
+                *n
+            });
+            if left == Some(0) {
+                self.queued.remove(&old);
+                if self.steps.get(&old).is_some_and(|s| *s != Step::Running) {
+                    self.steps.remove(&old);
+                }
             }
         }
     }
@@ -114,11 +125,13 @@ impl Inbox for MemoryInbox {
     async fn step_started(&self, group: &str, step: &str, correlation: &CorrelationId) -> Result<bool, StoreError> {
         let mut s = self.lock();
         let entry = s.steps.entry(step_key(group, step, correlation)).or_insert(Step::Running);
-        if *entry == Step::Cancelled {
-            return Ok(false);
+        match *entry {
+            Step::Cancelled => Ok(false),
+            // Already done (a redelivery after a crash): it stays done, so that this run
+            // failing cannot erase what the first run did.
+            Step::Done => Ok(true),
+            Step::Running => Ok(true),
         }
-        *entry = Step::Running;
-        Ok(true)
     }
 
     async fn step_finished(
@@ -130,11 +143,19 @@ impl Inbox for MemoryInbox {
     ) -> Result<(), StoreError> {
         let mut s = self.lock();
         let key = step_key(group, step, correlation);
-        if succeeded {
-            s.steps.insert(key.clone(), Step::Done);
-            s.finished(key, self.capacity);
-        } else {
-            s.steps.remove(&key);
+        match (s.steps.get(&key).copied(), succeeded) {
+            (Some(Step::Cancelled), true) => {
+                tracing::warn!(group, step, %correlation, "a saga step ran although compensated before it; its effects remain");
+            }
+            (Some(Step::Running) | None, true) => {
+                s.steps.insert(key.clone(), Step::Done);
+                s.finished(key, self.capacity);
+            }
+            // Its effects did not happen: as if it never ran (a done or cancelled record stays).
+            (Some(Step::Running), false) => {
+                s.steps.remove(&key);
+            }
+            _ => {}
         }
         Ok(())
     }

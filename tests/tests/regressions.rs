@@ -102,6 +102,21 @@ async fn a_compensation_after_a_restart_finds_its_step(bus: Bus) {
     second.shutdown().await;
 }
 
+/// Defect 1, as a review of its fix found: a step delivered again after it was done (the
+/// instance crashed before acknowledging it) overwrote "done" with "running"; when that run
+/// failed ("already reserved"), it removed the record, and the compensation was skipped.
+async fn a_step_run_again_after_it_was_done_keeps_its_record(bus: Bus) {
+    let inbox = bus.transport().inbox().expect("the transport's own inbox");
+    let saga = CorrelationId::from("again-1");
+    assert!(inbox.step_started("seating", "hold_seat", &saga).await.expect("started"));
+    inbox.step_finished("seating", "hold_seat", &saga, true).await.expect("done");
+    // Delivered again; this run fails and is given up.
+    assert!(inbox.step_started("seating", "hold_seat", &saga).await.expect("started again"));
+    inbox.step_finished("seating", "hold_seat", &saga, false).await.expect("failed");
+    let state = inbox.compensation_started("seating", "hold_seat", &saga).await.expect("compensation");
+    assert_eq!(state, eda::StepState::Done, "the first run's effects are compensated");
+}
+
 /// A transport that keeps no inbox of its own (a broker without a key-value store).
 struct NoInbox(MemoryTransport);
 
@@ -317,10 +332,24 @@ async fn hand_backs_do_not_use_up_the_retry_limit(bus: Bus) {
     rt.shutdown().await;
 }
 
-/// On the SQL log a compensator never meets its step running: it cancels the step, whose
-/// commit then rolls back (the delivery tests show that); there are no hand-backs to count.
+/// The transports that keep an inbox of their own (the SQL log handles in its transactions,
+/// and there a compensator never meets its step running: it cancels the step, whose commit
+/// then rolls back, as the delivery tests show).
 mod inbox {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_run_again_after_it_was_done_keeps_its_record_in_memory() {
+        a_step_run_again_after_it_was_done_keeps_its_record(Bus::new(Kind::Memory).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_run_again_after_it_was_done_keeps_its_record_on_nats() {
+        let bus = Bus::new(Kind::Nats).await;
+        let cleanup = bus.cleanup();
+        a_step_run_again_after_it_was_done_keeps_its_record(bus).await;
+        cleanup.run().await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hand_backs_do_not_use_up_the_retry_limit_in_memory() {

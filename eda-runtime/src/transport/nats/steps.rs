@@ -7,6 +7,8 @@
 //! Each record is one key, changed only by compare-and-set on its revision: a step and its
 //! compensator never both think they went first.
 
+use std::time::Duration;
+
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -20,6 +22,13 @@ use crate::inbox::MemoryInbox;
 const RUNNING: &[u8] = b"running";
 const DONE: &[u8] = b"done";
 const CANCELLED: &[u8] = b"cancelled";
+
+/// The least time a step record is kept.
+const MIN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Compare-and-set rounds before a record is reported unavailable: each lost round means
+/// another writer got there first (or a replica is behind), so a few always settle it.
+const ROUNDS: u32 = 50;
 
 /// Guards in the process, saga step records in the namespace's bucket.
 pub(super) struct NatsInbox {
@@ -64,13 +73,30 @@ impl NatsInbox {
         self.steps
             .get_or_try_init(|| async {
                 let name = format!("{}_steps", self.options.namespace);
-                // As long as the events that can still reach a compensator: the topics' age.
-                let max_age = self.options.max_age.unwrap_or_default();
+                // A compensation can come long after its step (a long saga, a backlog, a
+                // replay): records stay four times the topics' age, and at least 30 days
+                // (without a topic age, for good).
+                let max_age = self.options.max_age.map_or(Duration::ZERO, |age| (age * 4).max(MIN_RETENTION));
                 let description = "eda: saga steps, done or cancelled, per group and correlation id";
                 open_bucket(&self.js, &self.options, &name, description, max_age).await
             })
             .await
             .map_err(store)
+    }
+
+    /// Before compare-and-set round `round` (from 0): a short pause once a round was lost,
+    /// and an error once too many were.
+    async fn round(&self, round: u32, key: &str) -> Result<(), StoreError> {
+        if round >= ROUNDS {
+            return Err(StoreError {
+                store: "nats",
+                source: format!("the saga step record `{key}` kept changing under {ROUNDS} writes; try again").into(),
+            });
+        }
+        if round > 0 {
+            tokio::time::sleep(Duration::from_millis(u64::from(round.min(20)) * 5)).await;
+        }
+        Ok(())
     }
 
     async fn read(&self, key: &str) -> Result<Record, StoreError> {
@@ -122,13 +148,21 @@ impl Inbox for NatsInbox {
 
     async fn step_started(&self, group: &str, step: &str, correlation: &CorrelationId) -> Result<bool, StoreError> {
         let key = key(group, step, correlation);
+        let mut round = 0;
         loop {
+            self.round(round, &key).await?;
+            round += 1;
             let (value, revision) = self.read(&key).await?;
-            if value.as_deref() == Some(CANCELLED) {
-                return Ok(false);
-            }
-            if self.write(&key, RUNNING, revision).await? {
-                return Ok(true);
+            match value.as_deref() {
+                Some(CANCELLED) => return Ok(false),
+                // Already done (a redelivery after a crash): it stays done, so that this run
+                // failing cannot erase what the first run did.
+                Some(DONE) | Some(RUNNING) => return Ok(true),
+                _ => {
+                    if self.write(&key, RUNNING, revision).await? {
+                        return Ok(true);
+                    }
+                }
             }
         }
     }
@@ -141,23 +175,32 @@ impl Inbox for NatsInbox {
         succeeded: bool,
     ) -> Result<(), StoreError> {
         let key = key(group, step, correlation);
+        let mut round = 0;
         loop {
+            self.round(round, &key).await?;
+            round += 1;
             let (value, revision) = self.read(&key).await?;
-            if succeeded {
-                if self.write(&key, DONE, revision).await? {
+            match (value.as_deref(), succeeded) {
+                (Some(DONE), _) => return Ok(()),
+                (Some(CANCELLED), true) => {
+                    tracing::warn!(group, step, %correlation, "a saga step ran although compensated before it; its effects remain");
                     return Ok(());
                 }
-                continue;
-            }
-            // Its effects did not happen: as if it never ran, unless a record other than its
-            // own "running" is there.
-            let Some(revision) = revision.filter(|_| value.as_deref() == Some(RUNNING)) else { return Ok(()) };
-            match self.bucket().await?.delete_expect_revision(&key, Some(revision)).await {
-                Ok(()) => return Ok(()),
-                Err(e) if self.read(&key).await?.1 != Some(revision) => {
-                    tracing::debug!(error = %e, "a step record changed while it was removed; reading it again");
+                (Some(CANCELLED), false) => return Ok(()),
+                (_, true) => {
+                    if self.write(&key, DONE, revision).await? {
+                        return Ok(());
+                    }
                 }
-                Err(e) => return Err(store(e)),
+                // Its effects did not happen: as if it never ran.
+                (Some(RUNNING), false) => match self.bucket().await?.delete_expect_revision(&key, revision).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if self.read(&key).await?.1 != revision => {
+                        tracing::debug!(error = %e, "a step record changed while it was removed; reading it again");
+                    }
+                    Err(e) => return Err(store(e)),
+                },
+                (_, false) => return Ok(()),
             }
         }
     }
@@ -169,7 +212,10 @@ impl Inbox for NatsInbox {
         correlation: &CorrelationId,
     ) -> Result<StepState, StoreError> {
         let key = key(group, step, correlation);
+        let mut round = 0;
         loop {
+            self.round(round, &key).await?;
+            round += 1;
             let (value, revision) = self.read(&key).await?;
             match value.as_deref() {
                 Some(RUNNING) => return Ok(StepState::Running),

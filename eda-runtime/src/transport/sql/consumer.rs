@@ -369,14 +369,15 @@ pub(super) struct Batch {
 }
 
 impl Batch {
-    /// Keeps the event at `index` as a dead letter of the batch's group, with why; the batch's
+    /// Keeps the event at `index` as a dead letter of the batch's group, with why, once: a
+    /// batch read again (after a crash, a lapsed lease) adds no second letter. The batch's
     /// [`ack`](Self::ack) then passes it with the others.
     pub(super) async fn dead_letter(&self, index: usize, error: String) -> Result<(), TransportError> {
         let (Some(seq), Some(envelope)) = (self.seqs.get(index), self.envelopes.get(index)) else { return Ok(()) };
         let s = &self.shared;
         let envelope = serde_json::to_string(envelope).map_err(other)?;
         let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        sqlx::query(&s.transport.inner.sql.dead_insert)
+        sqlx::query(&s.transport.inner.sql.dead_insert_once)
             .bind(&s.group)
             .bind(&s.topic)
             .bind(seq)

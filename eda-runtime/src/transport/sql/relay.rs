@@ -197,8 +197,11 @@ impl Relay {
                             event_id = %envelope.id, r#type = %envelope.ty, topic = %envelope.topic, error = %e,
                             "the relay's target refused an event; kept as a dead letter of the relay (`dlq list`)"
                         );
-                        batch.dead_letter(index, e.to_string()).await?;
-                        break;
+                        match batch.dead_letter(index, e.to_string()).await {
+                            Ok(()) => break,
+                            // Kept nowhere yet: not passed either. Try again after a pause.
+                            Err(e) => e,
+                        }
                     }
                     Err(e) => e,
                 };

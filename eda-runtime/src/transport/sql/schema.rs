@@ -100,6 +100,9 @@ pub struct Sql {
     pub step_upsert: String,
     pub step_delete: String,
     pub dead_insert: String,
+    /// `dead_insert`, unless the group already keeps a letter of that event (the relay's:
+    /// a batch read again after a crash must not make a second letter).
+    pub dead_insert_once: String,
     pub dead_select: String,
     pub dead_one: String,
     pub dead_delete: String,
@@ -217,6 +220,11 @@ impl Sql {
                 "INSERT INTO {p}dead_letters (grp, topic, seq, envelope, attempts, handler, error, permanent, at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             ),
+            dead_insert_once: format!(
+                "INSERT INTO {p}dead_letters (grp, topic, seq, envelope, attempts, handler, error, permanent, at)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                 WHERE NOT EXISTS (SELECT 1 FROM {p}dead_letters WHERE grp = $1 AND topic = $2 AND seq = $3)"
+            ),
             dead_select: format!(
                 "SELECT id, grp, envelope, attempts, handler, error, permanent, at FROM {p}dead_letters
                  WHERE $1 OR grp = $2 ORDER BY id"
@@ -256,7 +264,15 @@ mod tests {
     fn the_prefix_reaches_every_statement_and_placeholders_are_numbered_in_order() {
         for dialect in [Dialect::Sqlite, Dialect::Postgres] {
             let sql = Sql::new(dialect, "app.eda_");
-            for s in [&sql.insert_event, &sql.next_events, &sql.ack, &sql.lag, &sql.lease_claim, &sql.dead_insert] {
+            for s in [
+                &sql.insert_event,
+                &sql.next_events,
+                &sql.ack,
+                &sql.lag,
+                &sql.lease_claim,
+                &sql.dead_insert,
+                &sql.dead_insert_once,
+            ] {
                 assert!(!s.contains(" eda_"), "{s}");
                 // First uses of $N appear in increasing order, as SQLite binds names by first use.
                 let mut highest = 0;
