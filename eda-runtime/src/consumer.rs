@@ -187,6 +187,12 @@ pub(crate) async fn consume(
         };
         match next {
             Some(Ok(delivery)) => {
+                if shared.stopping() {
+                    // Taken as the stop came (a hand-back of a handler that saw it): dropped
+                    // unhandled, it goes back to the transport.
+                    drop(delivery);
+                    break;
+                }
                 failures = 0;
                 shared.in_flight.fetch_add(1, Ordering::SeqCst);
                 dispatch(&shared, &handlers, &lanes, &mut tasks, delivery, permit);

@@ -584,9 +584,12 @@ impl Runtime {
     }
 
     /// Stops intake, lets running handlers finish (up to the shutdown timeout), settles their
-    /// deliveries and returns. Events not handled stay with the transport.
+    /// deliveries and returns. Events not handled stay with the transport. It returns within
+    /// the shutdown timeout and a few seconds more, whatever the broker does (away, slow).
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + self.shared.config.shutdown_timeout + CLOSE_GRACE;
+        // Each consumer bounds its own drain by the shutdown timeout.
         let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut tasks) = tasks {
             while tasks.join_next().await.is_some() {}
@@ -596,14 +599,24 @@ impl Runtime {
         {
             let relay = self.relay.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(relay) = relay {
-                relay.stop().await;
+                if tokio::time::timeout_at(deadline, relay.stop()).await.is_err() {
+                    tracing::warn!(
+                        "the relay did not stop in time; what it did not record goes again at the next start"
+                    );
+                }
             }
         }
-        if let Err(e) = self.shared.transport.close().await {
-            tracing::warn!(error = %e, "closing the transport failed");
+        let at_least = tokio::time::Instant::now() + Duration::from_secs(1);
+        match tokio::time::timeout_at(deadline.max(at_least), self.shared.transport.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "closing the transport failed"),
+            Err(_) => tracing::warn!("closing the transport did not finish in time; unsettled events will come again"),
         }
     }
 }
+
+/// What shutdown allows past its timeout for the relay and the transport to close.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 impl Drop for Runtime {
     fn drop(&mut self) {

@@ -50,7 +50,10 @@ impl Default for EngineOptions {
             window: 1024,
             lease_ttl: Duration::from_secs(10),
             heartbeat: Duration::from_secs(2),
-            handover_timeout: Duration::from_secs(10),
+            // As long as a handler may sensibly run (Kafka's max.poll.interval.ms is 5 min):
+            // given back earlier, the partition's next owner would handle an event that still
+            // runs here, at the same time.
+            handover_timeout: Duration::from_secs(300),
             max_deliver: 20,
         }
     }

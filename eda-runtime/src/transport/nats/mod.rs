@@ -66,6 +66,9 @@ use futures_util::TryStreamExt;
 use tokio::time::Instant;
 
 use super::keys::{fnv1a, partition_of};
+
+/// How long closing waits for the client to flush what it holds.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 pub use options::{NatsOptions, Retention, Storage};
 
 const NAME: &str = "nats";
@@ -912,7 +915,15 @@ impl Transport for NatsTransport {
         while stopping() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.inner.client.flush().await.map_err(other)
+        // While the server is away the client holds a flush until it is back, which may be
+        // never: acks not flushed make their events come again, which the guards absorb.
+        match tokio::time::timeout(FLUSH_TIMEOUT, self.inner.client.flush()).await {
+            Ok(flushed) => flushed.map_err(other),
+            Err(_) => Err(unreachable(format!(
+                "{}: the last acknowledgements were not flushed within {FLUSH_TIMEOUT:?}; their events will be delivered again",
+                self.inner.options.shown
+            ))),
+        }
     }
 
     fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {

@@ -326,8 +326,12 @@ impl NatsOptions {
     }
 
     /// How long an instance handing a partition over (another instance joined, or it stops)
-    /// waits for the events it has in flight before it lets go (10 s by default). What has not
-    /// finished by then is handled again by the next owner, and its guard absorbs the repeat.
+    /// waits for the handlers still running on its events before it lets go (5 min by
+    /// default; most handovers take milliseconds, as they wait only for what runs). A handler
+    /// still running past it is handled again by the next owner, at the same time as here;
+    /// the guards absorb that repeat only where they are shared (`.outbox(db)`). A stopping
+    /// runtime cuts its handlers off at its own shutdown timeout, so shutdown never waits this
+    /// long.
     pub fn handover_timeout(mut self, timeout: Duration) -> Self {
         self.engine.handover_timeout = timeout;
         self
