@@ -252,9 +252,26 @@ async fn an_existing_stream_keeps_its_partitions_and_takes_the_configured_limits
     let info =
         f.js().get_stream(f.nats.stream_name("orders.placed")).await.expect("stream").get_info().await.expect("info");
     assert_eq!(info.config.subjects.len(), 3, "the stream kept its partitions");
-    assert_eq!(info.config.max_age, Duration::from_secs(7200), "and took the configured age");
+    assert_eq!(info.config.max_age, Duration::from_secs(7200), "and took the configured, longer age");
     assert_eq!(other.lag("shipping", "orders.placed").await.expect("lag").len(), 3);
     rt.shutdown().await;
+
+    // The NATS review's defect 2: a process configured to keep less (a producer-only
+    // service, a `dlq` command without the service's URL options) shrank the stream, and the
+    // server deleted events not yet read. The stream keeps its wider limits.
+    let narrow = f.peer(|o| o.max_age(Some(Duration::from_secs(600))).max_messages(Some(5))).await;
+    let rt = Runtime::builder(Registry::builder().publishes::<OrderPlaced>().build())
+        .transport(narrow)
+        .start()
+        .await
+        .expect("start");
+    rt.publisher().publish(&OrderPlaced { order: "o-narrow".into(), cents: 1 }).await.expect("publish");
+    rt.shutdown().await;
+    let info =
+        f.js().get_stream(f.nats.stream_name("orders.placed")).await.expect("stream").get_info().await.expect("info");
+    assert_eq!(info.config.max_age, Duration::from_secs(7200), "not shrunk to 10 min");
+    assert!(info.config.max_messages <= 0, "not limited to 5 messages: {}", info.config.max_messages);
+    assert_eq!(info.state.messages, 12, "nothing deleted");
     f.done().await;
 }
 

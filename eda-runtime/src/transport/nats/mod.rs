@@ -412,7 +412,12 @@ impl NatsTransport {
                         tracing::warn!(topic, stream = %name, partitions, configured = self.inner.options.partitions,
                             "the topic's stream has another partition count than configured; it keeps its own, as moving keys between partitions would break their order");
                     }
-                    let wanted = self.stream_config(topic, partitions);
+                    let configured = self.stream_config(topic, partitions);
+                    let wanted = widened(&existing, &configured);
+                    if let Some(kept) = stream_change(&configured, &wanted) {
+                        tracing::warn!(stream = %name, %kept,
+                            "the topic's stream keeps its wider limits: this process is configured to keep less, and eda never lets a process shrink what the server keeps (unread events would go); shrink it on the server (`nats stream edit`) if that is meant");
+                    }
                     if let Some(change) = stream_change(&existing, &wanted) {
                         tracing::info!(stream = %name, %change, "updating the stream to the configured limits");
                         js.update_stream(&wanted).await.map_err(|e| {
@@ -741,6 +746,26 @@ fn create_code(e: &async_nats::error::Error<CreateStreamErrorKind>) -> Option<Er
 }
 
 /// What differs between an existing stream and the configured one, in the settings eda owns.
+/// `configured`, widened to what `existing` keeps where that is more: a process with smaller
+/// limits (a producer-only service, a `dlq` command run without the service's URL options)
+/// must not make the server delete events that others have not read. Limits grow; retention
+/// policy and storage stay as the stream has them.
+fn widened(existing: &stream::Config, configured: &stream::Config) -> stream::Config {
+    // "No limit" is 0 or -1 on the server, and the widest of all.
+    let wider = |a: i64, b: i64| if a <= 0 || b <= 0 { -1 } else { a.max(b) };
+    let age = |a: Duration, b: Duration| if a.is_zero() || b.is_zero() { Duration::ZERO } else { a.max(b) };
+    stream::Config {
+        retention: existing.retention,
+        storage: existing.storage,
+        max_age: age(existing.max_age, configured.max_age),
+        max_bytes: wider(existing.max_bytes, configured.max_bytes),
+        max_messages: wider(existing.max_messages, configured.max_messages),
+        num_replicas: existing.num_replicas.max(configured.num_replicas),
+        duplicate_window: existing.duplicate_window.max(configured.duplicate_window),
+        ..configured.clone()
+    }
+}
+
 fn stream_change(existing: &stream::Config, wanted: &stream::Config) -> Option<String> {
     // The server reports "no limit" as -1 (or 0 for an age); compare them as equal.
     let limit = |n: i64| if n <= 0 { -1 } else { n };
@@ -942,6 +967,23 @@ mod tests {
         assert_ne!(name_part("orders.confirmed"), name_part("orders_confirmed"));
         assert!(name_part("orders.confirmed").starts_with("orders_confirmed-"));
         assert_eq!(NatsTransport::consumer_name("billing", 3), "billing_3");
+    }
+
+    #[test]
+    fn limits_only_widen_and_no_limit_is_the_widest() {
+        let day = Duration::from_secs(86_400);
+        let existing = stream::Config { max_age: day * 30, max_bytes: 1 << 30, max_messages: -1, ..Default::default() };
+        let smaller = stream::Config { max_age: day * 7, max_bytes: 1 << 20, max_messages: 1000, ..Default::default() };
+        let kept = widened(&existing, &smaller);
+        assert_eq!((kept.max_age, kept.max_bytes, kept.max_messages), (day * 30, 1 << 30, -1));
+        assert_eq!(stream_change(&existing, &kept), None, "nothing to update");
+        let larger =
+            stream::Config { max_age: Duration::ZERO, max_bytes: 1 << 31, max_messages: -1, ..Default::default() };
+        let grown = widened(&existing, &larger);
+        assert_eq!((grown.max_age, grown.max_bytes), (Duration::ZERO, 1 << 31));
+        assert!(stream_change(&existing, &grown).is_some_and(|c| c.contains("max_age") && c.contains("max_bytes")));
+        let interest = stream::Config { retention: RetentionPolicy::Interest, ..smaller };
+        assert_eq!(widened(&existing, &interest).retention, RetentionPolicy::Limits, "the stream keeps its policy");
     }
 
     #[test]
