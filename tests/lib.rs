@@ -81,6 +81,12 @@ impl Bus {
     /// would); elsewhere it does nothing, as a republish already arrives twice there.
     pub async fn publish_past_deduplication(&self, envelope: &eda::Envelope) {
         let Some(nats) = &self.nats else { return };
+        Self::republish_on_nats(nats, envelope).await;
+    }
+
+    /// Publishes `envelope` on `nats` once more, under another `Nats-Msg-Id` (see
+    /// [`Bus::publish_past_deduplication`]).
+    pub async fn republish_on_nats(nats: &NatsTransport, envelope: &eda::Envelope) {
         let subject = nats.subject_of(envelope).await.expect("the topic's subject");
         let mut headers = async_nats::HeaderMap::new();
         for (name, value) in envelope.headers(eda::Binding::Nats) {

@@ -346,6 +346,46 @@ async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_commands(
     f.done().await;
 }
 
+/// The NATS review's defect 1: a dead letter's id was `group:stream:sequence`. A topic's
+/// stream deleted and made again restarts its sequences, so the next letter at the same
+/// sequence came back `duplicate`, was taken as stored, and its event was acked: lost. A
+/// letter purged and then written again within the duplicate window must be kept too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_never_taken_for_an_earlier_one() {
+    let f = Fixture::new(|o| o.partitions(1)).await;
+    let services = || {
+        Runtime::builder(Registry::builder().handler::<bill>().publishes::<OrderPlaced>().build())
+            .state(Flaky::default())
+            .transport(f.nats.clone())
+    };
+    async fn letters(rt: &Runtime) -> Vec<eda::StoredDeadLetter> {
+        rt.dead_letters(Some("billing")).await.expect("dead letters")
+    }
+    let rt = services().start().await.expect("start");
+    let first = rt.publisher().publish(&OrderPlaced { order: "o-1".into(), cents: 0 }).await.expect("publish");
+    rt.settled(SETTLE).await.expect("settled");
+    assert_eq!(letters(&rt).await.len(), 1);
+    rt.shutdown().await;
+
+    // The topic's stream is deleted and made again: sequences start over at 1.
+    f.js().delete_stream(f.nats.stream_name("orders.placed")).await.expect("the stream is deleted");
+    let rt = services().start().await.expect("start again");
+    let second = rt.publisher().publish(&OrderPlaced { order: "o-2".into(), cents: 0 }).await.expect("publish");
+    rt.settled(SETTLE).await.expect("settled");
+    let kept: Vec<_> = letters(&rt).await.iter().map(|d| d.letter.envelope.id).collect();
+    assert!(kept.contains(&first.id) && kept.contains(&second.id), "both letters are kept: {kept:?}");
+
+    // Purged, then the same event given up again within the window: a letter again.
+    let letter = letters(&rt).await.into_iter().find(|d| d.letter.envelope.id == second.id).expect("kept");
+    assert!(rt.purge(letter.id).await.expect("purge"));
+    eda_tests::Bus::republish_on_nats(&f.nats, &letter.letter.envelope).await;
+    rt.settled(SETTLE).await.expect("settled");
+    let kept: Vec<_> = letters(&rt).await.iter().map(|d| d.letter.envelope.id).collect();
+    assert!(kept.contains(&second.id), "given up again, it is kept again: {kept:?}");
+    rt.shutdown().await;
+    f.done().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_nats_cannot_carry_is_refused_with_a_reason() {
     let f = Fixture::new(|o| o).await;

@@ -48,8 +48,9 @@ fn header_value(text: &str, max: usize) -> String {
 
 impl NatsTransport {
     /// The dead-letter copy of a message: its own headers (CloudEvents attributes and all) and
-    /// payload, plus why it was given up. Its `Nats-Msg-Id` names the original, so dead-lettering
-    /// the same delivery twice keeps one copy.
+    /// payload, plus why it was given up. Its `Nats-Msg-Id` names the group and the event, so
+    /// dead-lettering the same delivery twice keeps one copy (see [`Self::letter_is_kept`]).
+
     pub(super) fn dead_letter_copy(
         &self,
         layout: &TopicLayout,
@@ -79,7 +80,15 @@ impl NatsTransport {
         headers.insert(ATTEMPTS, attempts.to_string());
         headers.insert(AT, at);
         headers.insert(ORIGIN, format!("{}:{stream_sequence}", layout.stream));
-        headers.insert(NATS_MESSAGE_ID, format!("{group}:{}:{stream_sequence}", layout.stream));
+        // Named by the event, never by its place in the stream: a stream deleted and made
+        // again restarts its sequences, and a letter named by one would be taken by the
+        // server for an earlier event's. A message that is no eda event gets an id of its own.
+        let event_id = original.headers.as_ref().and_then(|h| h.get("ce-id")).map(|v| v.as_str().to_owned());
+        let id = match event_id {
+            Some(event) => format!("{group}:{event}"),
+            None => format!("{group}:{}:{stream_sequence}:{}", layout.stream, uuid::Uuid::new_v4().simple()),
+        };
+        headers.insert(NATS_MESSAGE_ID, id);
         headers.insert(NATS_EXPECTED_STREAM, self.dead_letter_stream());
         let mut payload = original.payload.clone();
         let limit = self.inner.client.server_info().max_payload;
@@ -232,6 +241,23 @@ impl DeadLetterStore for NatsTransport {
                 }
                 _ => Err(other(e)),
             },
+        }
+    }
+}
+
+impl NatsTransport {
+    /// The server called a dead letter a duplicate, pointing at `sequence`: true when a letter
+    /// with that id is really kept there, and not one purged or replayed since (then the server
+    /// still remembers the id within its duplicate window, and the new letter must go in under
+    /// another).
+    pub(super) async fn letter_is_kept(&self, sequence: u64, id: &str) -> Result<bool, TransportError> {
+        let stream = self.inner.js.get_stream_no_info(self.dead_letter_stream()).await.map_err(other)?;
+        match stream.get_raw_message(sequence).await {
+            Ok(kept) => Ok(kept.headers.get(async_nats::header::NATS_MESSAGE_ID).is_some_and(|v| v.as_str() == id)),
+            Err(e) if matches!(e.kind(), async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound) => {
+                Ok(false)
+            }
+            Err(e) => Err(other(e)),
         }
     }
 }

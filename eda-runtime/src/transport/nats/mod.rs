@@ -556,6 +556,20 @@ impl NatsTransport {
                 Err(e) => Err(e),
             };
             let e = match stored {
+                Ok(ack) if ack.duplicate && m.dead_letter => {
+                    // A dead letter is settled only once it is surely kept.
+                    let id = m.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|v| v.as_str().to_owned());
+                    let id = id.unwrap_or_default();
+                    if self.letter_is_kept(ack.sequence, &id).await? {
+                        return Ok(());
+                    }
+                    let fresh = format!("{id}:{}", uuid::Uuid::new_v4().simple());
+                    tracing::debug!(%id, %fresh, "the server remembers this letter's id from one no longer kept; storing it under another");
+                    if let Some(h) = m.headers.as_mut() {
+                        h.insert(NATS_MESSAGE_ID, fresh);
+                    }
+                    continue;
+                }
                 Ok(ack) => {
                     if ack.duplicate {
                         self.inner.deduplicated.fetch_add(1, Ordering::Relaxed);
