@@ -1,5 +1,7 @@
-//! Stopping a service on NATS: shutdown returns in time whatever the server does, and a
-//! partition is not given to another instance while a handler still runs on it here.
+//! Stopping, handing over and outages on NATS: shutdown returns in time whatever the server
+//! does; a partition is not given to another instance while a handler still runs on it here;
+//! what a stopping instance held reaches the next owner at once; pull requests stay few
+//! across an outage.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -129,4 +131,83 @@ async fn a_stopping_instance_keeps_its_partitions_while_its_handlers_run() {
     assert_eq!(runs.overlapped.load(Ordering::SeqCst), 0, "the event ran on both instances at once");
     assert_eq!(runs.started.load(Ordering::SeqCst), 1, "handled once");
     second.shutdown().await;
+}
+
+#[handler(group = "quick_ledger")]
+async fn apply_quickly(t: Transfer, runs: Ctx<'_, Runs>) {
+    run(&t, &runs, 20).await;
+}
+
+fn quick(server: &NatsServer) -> NatsOptions {
+    NatsOptions::new(server.url())
+        .partitions(1)
+        .ack_wait(Duration::from_secs(30))
+        .lease_ttl(Duration::from_secs(3))
+        .heartbeat(Duration::from_secs(1))
+}
+
+async fn quick_instance(server: &NatsServer, runs: &Arc<Runs>, in_flight: usize) -> Runtime {
+    Runtime::builder(Registry::builder().handler::<apply_quickly>().publishes::<Transfer>().build())
+        .shared_state(runs.clone())
+        .transport(quick(server).connect().await.expect("connect"))
+        .max_in_flight(in_flight)
+        .start()
+        .await
+        .expect("start")
+}
+
+/// The NATS review's defects 5 and 6: a message delivered while a worker stopped was dropped
+/// without a NAK, so its partition stalled for `ack_wait` (30 s here); and a worker could wait
+/// on a delivery it had itself buffered, renewing its partition until the process exited.
+/// Stopping with a backlog buffered returns at once, and the next owner has the rest at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_stopping_instance_held_reaches_the_next_owner_at_once() {
+    let server = NatsServer::start();
+    let runs = Arc::new(Runs::default());
+    let first = quick_instance(&server, &runs, 1).await;
+    let transfers: Vec<_> = (0..60).map(|seq| Transfer { seq, account: seq }).collect();
+    first.publisher().publish_all(&transfers).await.expect("publish");
+    wait_for("a few handled", || runs.started.load(Ordering::SeqCst) >= 3).await;
+    let second = quick_instance(&server, &runs, 16).await;
+    let stopping = tokio::time::Instant::now();
+    first.shutdown().await;
+    assert!(stopping.elapsed() < Duration::from_secs(5), "shutdown took {:?}", stopping.elapsed());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while runs.started.load(Ordering::SeqCst) < 60 {
+        let started = runs.started.load(Ordering::SeqCst);
+        assert!(tokio::time::Instant::now() < deadline, "{started} of 60 after 10 s: held back until ack_wait");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.settled(Duration::from_secs(10)).await.expect("settled");
+    assert!(runs.started.load(Ordering::SeqCst) >= 60);
+    second.shutdown().await;
+}
+
+/// The NATS review's defect 4: pull requests buffered while the server was away were all sent
+/// when it came back, and each timeout sent another, until consumers passed their limit of
+/// waiting requests (512). After an outage each partition's consumer has a few at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_requests_stay_few_across_an_outage() {
+    let mut server = NatsServer::start();
+    let runs = Arc::new(Runs::default());
+    let rt = quick_instance(&server, &runs, 16).await;
+    let transfers: Vec<_> = (0..10).map(|seq| Transfer { seq, account: seq }).collect();
+    rt.publisher().publish_all(&transfers).await.expect("publish");
+    rt.settled(Duration::from_secs(20)).await.expect("settled");
+    server.stop("-TERM");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    server.run();
+    let more: Vec<_> = (10..20).map(|seq| Transfer { seq, account: seq }).collect();
+    rt.publisher().publish_all(&more).await.expect("publish after the outage");
+    wait_for("the events after the outage", || runs.started.load(Ordering::SeqCst) >= 20).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("eda_transfers").await.expect("the topic's stream");
+    let consumers: Vec<_> = futures_util::TryStreamExt::try_collect(stream.consumers()).await.expect("consumers");
+    assert!(!consumers.is_empty());
+    for c in &consumers {
+        assert!(c.num_waiting <= 4, "consumer {} has {} pull requests waiting", c.name, c.num_waiting);
+    }
+    rt.shutdown().await;
 }
