@@ -50,7 +50,6 @@ impl NatsTransport {
     /// The dead-letter copy of a message: its own headers (CloudEvents attributes and all) and
     /// payload, plus why it was given up. Its `Nats-Msg-Id` names the group and the event, so
     /// dead-lettering the same delivery twice keeps one copy (see [`Self::letter_is_kept`]).
-
     pub(super) fn dead_letter_copy(
         &self,
         layout: &TopicLayout,
