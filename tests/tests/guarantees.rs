@@ -1,6 +1,7 @@
 //! Guarantees the README makes that the rest of the suite only compiled or could not have
 //! caught broken: the guard's `dedupe_key`, `idempotent = false`, `concurrency`, running
-//! handlers finishing at shutdown, and a replay's guard (on every transport, memory included).
+//! handlers finishing at shutdown, a replay's guard, and per-key order with two instances
+//! sharing the work (on every transport, memory included).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ on_every_transport! {
     concurrency_bounds_the_handlings_running_at_once,
     shutdown_lets_every_running_handler_finish,
     a_replay_skips_handlers_that_already_handled_the_event_unless_forced,
+    per_key_order_holds_when_a_second_instance_joins_mid_stream,
 }
 
 #[event(topic = "payments", key = account)]
@@ -235,4 +237,73 @@ async fn a_replay_skips_handlers_that_already_handled_the_event_unless_forced(bu
     assert_eq!(counts(), (2, 3), "forced, `store` ran again; `parse` did not");
     assert!(rt.dead_letters(Some("importer")).await.expect("list").is_empty());
     rt.shutdown().await;
+}
+
+#[event(topic = "moves", key = piece)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Moved {
+    piece: u32,
+    seq: u32,
+}
+
+/// Which instance handled what, in the order of the first handling of each event.
+#[derive(Default)]
+struct Board {
+    first_handlings: std::sync::Mutex<Vec<(u32, u32)>>,
+    seen: std::sync::Mutex<std::collections::HashSet<(u32, u32)>>,
+    by_instance: [AtomicU32; 2],
+}
+
+struct Instance(usize);
+
+#[handler(group = "referee")]
+async fn referee(ev: Moved, cx: Ctx<'_, (Arc<Board>, Instance)>) {
+    let (board, me) = &*cx;
+    // Slow enough that the stream outlasts the second instance's joining (a heartbeat or two).
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    if board.seen.lock().expect("lock").insert((ev.piece, ev.seq)) {
+        board.first_handlings.lock().expect("lock").push((ev.piece, ev.seq));
+    }
+    board.by_instance[me.0].fetch_add(1, Ordering::SeqCst);
+}
+
+/// The suite's audit: the order test ran one runtime, whose own lanes order keys whatever the
+/// transport hands out, so the transport's order across instances and redeliveries never
+/// mattered. Here a second instance joins mid-stream and takes part of the work; each key's
+/// events are still first handled in order.
+async fn per_key_order_holds_when_a_second_instance_joins_mid_stream(bus: Bus) {
+    let board = Arc::new(Board::default());
+    let start = |me: usize| {
+        let registry = Registry::builder().handler::<referee>().publishes::<Moved>().build();
+        Runtime::builder(registry)
+            .shared_state(Arc::new((board.clone(), Instance(me))))
+            .shared_transport(bus.transport())
+            .start()
+    };
+    let first = start(0).await.expect("start");
+    let (pieces, moves) = (8u32, 500u32);
+    let all: Vec<_> = (0..moves).flat_map(|seq| (0..pieces).map(move |piece| Moved { piece, seq })).collect();
+    first.publisher().publish_all(&all).await.expect("publish");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while board.by_instance[0].load(Ordering::SeqCst) < 40 {
+        assert!(tokio::time::Instant::now() < deadline, "the first instance never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = start(1).await.expect("start the second");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while board.seen.lock().expect("lock").len() < (pieces * moves) as usize {
+        assert!(tokio::time::Instant::now() < deadline, "not every move was handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.settled(SETTLE).await.expect("settled");
+    second.settled(SETTLE).await.expect("settled");
+    let counts = [board.by_instance[0].load(Ordering::SeqCst), board.by_instance[1].load(Ordering::SeqCst)];
+    assert!(counts[0] > 0 && counts[1] > 0, "both instances handled moves: {counts:?} ({:?})", bus.kind);
+    let firsts = board.first_handlings.lock().expect("lock").clone();
+    for piece in 0..pieces {
+        let order: Vec<u32> = firsts.iter().filter(|(p, _)| *p == piece).map(|(_, s)| *s).collect();
+        assert_eq!(order, (0..moves).collect::<Vec<_>>(), "piece {piece} out of order ({:?})", bus.kind);
+    }
+    first.shutdown().await;
+    second.shutdown().await;
 }

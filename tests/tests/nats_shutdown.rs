@@ -211,3 +211,41 @@ async fn pull_requests_stay_few_across_an_outage() {
     }
     rt.shutdown().await;
 }
+
+#[handler(group = "patient_ledger")]
+async fn apply_patiently(t: Transfer, runs: Ctx<'_, Runs>) {
+    run(&t, &runs, 2500).await;
+}
+
+/// The suite's audit: "a slow handler is not handed to another instance" was never tested. A
+/// handler running 2.5 s past an `ack_wait` of 1 s, with a second instance of its group: the
+/// server delivers the event again, its partition's owner ignores the repeat, and the other
+/// instance never gets it. Called once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_ack_wait_runs_once() {
+    let server = NatsServer::start();
+    let runs = Arc::new(Runs::default());
+    let start = || async {
+        let registry = Registry::builder().handler::<apply_patiently>().publishes::<Transfer>().build();
+        let transport = NatsOptions::new(server.url())
+            .partitions(2)
+            .ack_wait(Duration::from_secs(1))
+            .connect()
+            .await
+            .expect("connect");
+        Runtime::builder(registry).shared_state(runs.clone()).transport(transport).start().await.expect("start")
+    };
+    let (first, second) = (start().await, start().await);
+    // Let the two agree on who owns which partition.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let transfers: Vec<_> = (0..4).map(|seq| Transfer { seq, account: seq }).collect();
+    first.publisher().publish_all(&transfers).await.expect("publish");
+    wait_for("the handlings", || runs.started.load(Ordering::SeqCst) >= 4).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    first.settled(Duration::from_secs(20)).await.expect("settled");
+    second.settled(Duration::from_secs(20)).await.expect("settled");
+    assert_eq!(runs.started.load(Ordering::SeqCst), 4, "each slow handling ran once");
+    assert_eq!(runs.overlapped.load(Ordering::SeqCst), 0);
+    first.shutdown().await;
+    second.shutdown().await;
+}
