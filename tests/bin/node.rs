@@ -104,10 +104,12 @@ fn registry() -> Registry {
 }
 
 async fn transport(url: &str, prefix: &str) -> eda::Result<(eda::sql::SqlTransport, Tables)> {
-    // A stable instance name: a restarted node takes its partitions back at once.
+    // A stable instance name: a restarted node takes its partitions back at once. Nodes that
+    // run side by side are named apart with EDA_TEST_INSTANCE.
+    let instance = std::env::var("EDA_TEST_INSTANCE").unwrap_or_else(|_| "node".to_owned());
     let transport = SqlOptions::new(url)
         .table_prefix(prefix)
-        .instance_id("node")
+        .instance_id(instance)
         .lease_ttl(Duration::from_secs(2))
         .connect()
         .await?;

@@ -33,8 +33,14 @@ impl Target {
     }
 
     fn node(&self, args: &[&str]) -> Child {
+        self.node_named("node", args)
+    }
+
+    /// A node with an instance id of its own, to run beside others.
+    fn node_named(&self, instance: &str, args: &[&str]) -> Child {
         let (mode, rest) = args.split_first().expect("a mode");
         let mut node = Command::new(NODE);
+        node.env("EDA_TEST_INSTANCE", instance);
         node.arg(mode).arg(&self.url).arg(&self.prefix).args(rest);
         if let Some(broker) = &self.1 {
             node.env("EDA_TEST_BROKER", broker);
@@ -52,6 +58,20 @@ impl Target {
             distinct_effects: self.count("SELECT COUNT(DISTINCT n) FROM {p}effects").await,
             tallies: self.count("SELECT COUNT(*) FROM {p}tallies").await,
             distinct_tallies: self.count("SELECT COUNT(DISTINCT n) FROM {p}tallies").await,
+        }
+    }
+
+    /// Each key's effects (keys are `n % 50`) in the order they were applied, checked to be
+    /// the order of the events.
+    async fn assert_effects_in_key_order(&self) {
+        let db = self.open().await;
+        let sql = format!("SELECT n FROM {}effects ORDER BY id", self.prefix);
+        let applied: Vec<i64> = sqlx::query_scalar(&sql).fetch_all(db.pool()).await.expect("effects");
+        let mut last: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+        for n in applied {
+            if let Some(before) = last.insert(n % 50, n) {
+                assert!(before < n, "key {}: effect of {n} applied after that of {before}", n % 50);
+            }
         }
     }
 
@@ -141,26 +161,64 @@ async fn sigkill_at_random_moments(db: Target, events: u32, kills_wanted: usize)
     assert!(db.run(&["publish", &events.to_string(), "0"]).success());
 
     let expected = events.to_string();
+    let all = i64::from(events);
     let mut kills = 0;
     while kills < kills_wanted {
         let mut consumer = db.node(&["consume", &expected]);
         std::thread::sleep(Duration::from_millis(rng.u64(150..900)));
+        let handled = db.counts().await.effects;
         if consumer.try_wait().expect("try_wait").is_some() {
             break; // finished before this kill: nothing left to interrupt
         }
         consumer.kill().expect("SIGKILL");
         consumer.wait().expect("reaped");
-        kills += 1;
+        // Only a kill that interrupted work counts: some handled, not all.
+        if 0 < handled && handled < all {
+            kills += 1;
+        }
     }
     let mut consumer = db.node(&["consume", &expected]);
     assert!(wait_with_timeout(&mut consumer, Duration::from_secs(300)).success());
 
     let c = db.counts().await;
     println!("{kills} kills; {c:?}");
-    assert!(kills >= kills_wanted, "only {kills} kills happened before the work was done: make the work longer");
-    let all = i64::from(events);
+    assert!(kills >= kills_wanted, "only {kills} kills interrupted work before it was done: make the work longer");
     assert_eq!((c.effects, c.distinct_effects), (all, all), "each event's effect exactly once");
     assert_eq!((c.tallies, c.distinct_tallies), (all, all), "each emitted event's effect exactly once");
+    db.assert_effects_in_key_order().await;
+}
+
+/// Two consumers; one is paused (SIGSTOP) past its lease while it holds partitions, the other
+/// takes them over, and the paused one wakes (SIGCONT) with handlings in flight: its late
+/// commits must be fenced off by the partitions' positions. Every effect once, in key order.
+async fn a_consumer_paused_past_its_lease_is_fenced_when_it_wakes(postgres: bool) {
+    const EVENTS: u32 = 4000;
+    let db = Target::new(postgres).await;
+    assert!(db.run(&["publish", &EVENTS.to_string(), "0"]).success());
+    let expected = EVENTS.to_string();
+    let mut paused = db.node_named("a", &["consume", &expected]);
+    let mut other = db.node_named("b", &["consume", &expected]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db.counts().await.effects < 300 {
+        assert!(Instant::now() < deadline, "the consumers never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = paused.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill runs").success());
+    let at_pause = db.counts().await.effects;
+    // Past the lease (2 s): the other consumer takes the paused one's partitions and goes on.
+    std::thread::sleep(Duration::from_secs(5));
+    let while_paused = db.counts().await.effects;
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().expect("kill runs").success());
+    assert!(while_paused > at_pause, "the other consumer took over ({at_pause} → {while_paused})");
+    assert!(while_paused < i64::from(EVENTS), "the pause ended before the work did: make the work longer");
+    assert!(wait_with_timeout(&mut other, Duration::from_secs(300)).success());
+    assert!(wait_with_timeout(&mut paused, Duration::from_secs(300)).success());
+    let c = db.counts().await;
+    let all = i64::from(EVENTS);
+    assert_eq!((c.effects, c.distinct_effects), (all, all), "each event's effect exactly once");
+    assert_eq!((c.tallies, c.distinct_tallies), (all, all), "each emitted event's effect exactly once");
+    db.assert_effects_in_key_order().await;
 }
 
 async fn a_poison_event_is_dead_lettered_while_the_rest_flow_and_is_replayed_from_the_command_line(postgres: bool) {
@@ -227,5 +285,6 @@ eda_tests::on_sql_databases! {
     a_consumer_that_was_down_catches_up_from_its_stored_offset,
     sigterm_mid_stream_loses_nothing_and_applies_nothing_twice,
     sigkill_at_random_moments_still_applies_every_effect_exactly_once,
+    a_consumer_paused_past_its_lease_is_fenced_when_it_wakes,
     a_poison_event_is_dead_lettered_while_the_rest_flow_and_is_replayed_from_the_command_line,
 }
