@@ -338,6 +338,7 @@ fn unhandled(shared: &Shared, handlers: &[&'static HandlerDescriptor], envelope:
                 .journal
                 .record(envelope, EntryKind::DeadLettered { handler: group.to_owned(), error: error.clone() });
             bump(&shared.stats.dead_lettered);
+            shared.metrics.dead_lettered.get_or_create(&crate::metrics::group(group)).inc();
             return Disposition::DeadLetter(DeadLetterReason { handler: None, error, permanent: true }, 1);
         }
     }

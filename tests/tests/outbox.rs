@@ -203,8 +203,11 @@ async fn a_relay_killed_between_publish_and_record_makes_duplicates_that_guards_
     assert!(run(&["consume", &target_url, "eda_", &EVENTS.to_string()]).success());
     let effects: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM eda_effects").fetch_one(target.pool()).await.expect("count");
+    let distinct_effects: i64 =
+        sqlx::query_scalar("SELECT COUNT(DISTINCT n) FROM eda_effects").fetch_one(target.pool()).await.expect("count");
     let inbox_skips = carried - effects;
     assert_eq!(effects, i64::from(EVENTS), "the guards absorbed all {inbox_skips} duplicates");
+    assert_eq!(distinct_effects, i64::from(EVENTS), "every event's effect, none twice");
 }
 
 eda_tests::on_sql_databases! {
