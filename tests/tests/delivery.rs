@@ -381,9 +381,22 @@ async fn a_compensator_undoes_its_step_and_one_arriving_first_cancels_the_step(b
     let p = rt.publisher();
 
     // The normal saga: placed, check fails, lifted.
-    p.publish(&HoldRequested { hold: "h1".into() }).await.expect("publish");
+    let saga = CorrelationId::from("saga-1");
+    p.publish_correlated(&HoldRequested { hold: "h1".into() }, saga.clone()).await.expect("publish");
     rt.settled(SETTLE).await.expect("settled");
     assert!(rt.state::<Holds>().expect("holds").0.lock().expect("lock").is_empty());
+    // Empty because it was placed and lifted, not because it never was.
+    let handled: Vec<_> = rt
+        .trace(&saga)
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            eda::EntryKind::Handled { handler, .. } => Some(handler),
+            _ => None,
+        })
+        .collect();
+    for h in ["holder/place_hold", "checker/check", "holder/lift_hold"] {
+        assert!(handled.iter().any(|x| x == h), "{h} ran: {handled:?}");
+    }
 
     // The failure overtakes the step (another topic, another route): the compensator is a
     // no-op, and the step, arriving later, does not run.

@@ -20,6 +20,7 @@ on_every_transport! {
     shutdown_lets_every_running_handler_finish,
     a_replay_skips_handlers_that_already_handled_the_event_unless_forced,
     per_key_order_holds_when_a_second_instance_joins_mid_stream,
+    a_compensation_that_meets_its_step_running_waits_or_cancels_it,
 }
 
 #[event(topic = "payments", key = account)]
@@ -306,4 +307,99 @@ async fn per_key_order_holds_when_a_second_instance_joins_mid_stream(bus: Bus) {
     }
     first.shutdown().await;
     second.shutdown().await;
+}
+
+#[event(topic = "bookings", key = room)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct BookingRequested {
+    room: u32,
+}
+
+#[event(topic = "bookings", key = room)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Booked {
+    room: u32,
+}
+
+#[event(topic = "booking_checks", key = room)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct BookingRefused {
+    room: u32,
+}
+
+/// Holds the step until released, and says when it is inside.
+#[derive(Default)]
+struct Door {
+    inside: AtomicBool,
+    open: AtomicBool,
+    booked: AtomicU32,
+    unbooked: AtomicU32,
+}
+
+#[handler(group = "booking")]
+async fn book(ev: BookingRequested, door: Ctx<'_, Door>) -> Booked {
+    door.inside.store(true, Ordering::SeqCst);
+    while !door.open.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    door.booked.fetch_add(1, Ordering::SeqCst);
+    Booked { room: ev.room }
+}
+
+#[handler(group = "booking_checker")]
+async fn check_booking(_ev: Booked) {}
+
+#[eda::compensates(book)]
+#[handler(group = "booking")]
+async fn unbook(_ev: BookingRefused, door: Ctx<'_, Door>) {
+    door.unbooked.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The suite's audit: the compensation test settled between step and compensator, so a
+/// compensator never met a running step. Here the failure arrives while the step runs. With
+/// an inbox (memory, NATS) the compensator waits for the step, then undoes it; on the SQL log
+/// it cancels the step, whose commit then rolls back ("compensated while it ran").
+async fn a_compensation_that_meets_its_step_running_waits_or_cancels_it(bus: Bus) {
+    let registry = Registry::builder()
+        .handler::<book>()
+        .handler::<check_booking>()
+        .handler::<unbook>()
+        .publishes::<BookingRequested>()
+        .publishes::<BookingRefused>()
+        .build();
+    let door = Arc::new(Door::default());
+    let rt = Runtime::builder(registry)
+        .shared_state(door.clone())
+        .shared_transport(bus.transport())
+        .start()
+        .await
+        .expect("start");
+    let saga = eda::CorrelationId::from("booking-1");
+    rt.publisher().publish_correlated(&BookingRequested { room: 7 }, saga.clone()).await.expect("publish");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while !door.inside.load(Ordering::SeqCst) {
+        assert!(tokio::time::Instant::now() < deadline, "the step never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rt.publisher().publish_correlated(&BookingRefused { room: 7 }, saga.clone()).await.expect("publish");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unbooked_while_running = door.unbooked.load(Ordering::SeqCst);
+    door.open.store(true, Ordering::SeqCst);
+    rt.settled(SETTLE).await.expect("settled");
+    let trace = rt.trace(&saga);
+    let kinds: Vec<_> = trace.iter().map(|e| format!("{:?}", e.kind)).collect();
+    assert_eq!(unbooked_while_running, 0, "no compensation while its step runs: {kinds:?}");
+    if bus.transport().inbox().is_some() {
+        // Waited (handed back while `Running`), then undid the step.
+        assert_eq!(door.unbooked.load(Ordering::SeqCst), 1, "{kinds:?}");
+        assert!(kinds.iter().any(|k| k.contains("Handled") && k.contains("booking/book")), "{kinds:?}");
+        assert!(kinds.iter().any(|k| k.contains("Handled") && k.contains("booking/unbook")), "{kinds:?}");
+    } else {
+        // Cancelled: the compensator had nothing to undo, and the step's commit rolled back.
+        assert_eq!(door.unbooked.load(Ordering::SeqCst), 0, "{kinds:?}");
+        assert!(kinds.iter().any(|k| k.contains("compensated while it ran")), "{kinds:?}");
+        assert!(kinds.iter().any(|k| k.contains("Skipped") && k.contains("booking/unbook")), "{kinds:?}");
+        assert!(!kinds.iter().any(|k| k.contains("Handled") && k.contains("booking/book")), "{kinds:?}");
+    }
+    rt.shutdown().await;
 }
