@@ -88,6 +88,13 @@ impl eda::Transport for Lingering {
 #[handler(group = "poisoned", max_attempts = 3)]
 async fn apply_or_choke(work: Work, cx: Ctx<'_, Tables>) -> Result<(), HandlerError> {
     if work.n == 0 && std::env::var("EDA_TEST_FIXED").as_deref() != Ok("1") {
+        // Each call on the poison is a line of EDA_TEST_CALLS, so a test counts them across
+        // processes.
+        if let Ok(path) = std::env::var("EDA_TEST_CALLS") {
+            use std::io::Write;
+            let mut calls = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            writeln!(calls, "call")?;
+        }
         return Err(HandlerError::transient("choked on work 0"));
     }
     let mut tx = eda::sql::transaction(&cx).await?;
@@ -192,7 +199,12 @@ async fn main() -> eda::Result<()> {
             let pool = transport.pool().clone();
             let count = format!("SELECT COUNT(*) FROM {prefix}effects");
             let dead = format!("SELECT COUNT(*) FROM {prefix}dead_letters");
-            let retry = eda::RetryPolicy { initial_backoff: Duration::from_millis(10), ..Default::default() };
+            let backoff = std::env::var("EDA_TEST_BACKOFF_MS").ok().and_then(|b| b.parse().ok()).unwrap_or(10);
+            let retry = eda::RetryPolicy {
+                initial_backoff: Duration::from_millis(backoff),
+                max_backoff: Duration::from_millis(backoff.max(10)),
+                ..Default::default()
+            };
             let runtime = Runtime::builder(poison_registry())
                 .state(tables)
                 .transport(transport)

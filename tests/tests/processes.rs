@@ -38,9 +38,14 @@ impl Target {
 
     /// A node with an instance id of its own, to run beside others.
     fn node_named(&self, instance: &str, args: &[&str]) -> Child {
+        self.node_with(&[("EDA_TEST_INSTANCE", instance)], args)
+    }
+
+    /// A node with these environment variables.
+    fn node_with(&self, env: &[(&str, &str)], args: &[&str]) -> Child {
         let (mode, rest) = args.split_first().expect("a mode");
         let mut node = Command::new(NODE);
-        node.env("EDA_TEST_INSTANCE", instance);
+        node.envs(env.iter().copied());
         node.arg(mode).arg(&self.url).arg(&self.prefix).args(rest);
         if let Some(broker) = &self.1 {
             node.env("EDA_TEST_BROKER", broker);
@@ -267,6 +272,36 @@ async fn a_poison_event_is_dead_lettered_while_the_rest_flow_and_is_replayed_fro
     assert!(!status.success(), "replaying a dead letter that is gone is an error");
 }
 
+/// README: "a crash does not reset failed attempts" (on the SQL log, where they are kept in
+/// the database). The poison's handler (limit 3) fails once, its process is killed during the
+/// backoff, and a new process finishes the count: three calls in all, then the dead letter.
+async fn a_crash_does_not_reset_failed_attempts(postgres: bool) {
+    let db = Target::new(postgres).await;
+    assert!(db.run(&["publish", "1", "0"]).success());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let calls_file = dir.path().join("calls");
+    let calls = || std::fs::read_to_string(&calls_file).map_or(0, |c| c.lines().count());
+    let env = [("EDA_TEST_CALLS", calls_file.to_str().expect("a path")), ("EDA_TEST_BACKOFF_MS", "3000")];
+    let mut first = db.node_with(&env, &["poison", "0"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while calls() < 1 {
+        assert!(Instant::now() < deadline, "the poison was never handled");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // In the backoff after the first failure (recorded before it).
+    std::thread::sleep(Duration::from_millis(500));
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reaped");
+    assert_eq!(calls(), 1, "killed before a second attempt");
+    let mut second = db.node_with(&env, &["poison", "0"]);
+    assert!(wait_with_timeout(&mut second, Duration::from_secs(120)).success());
+    assert_eq!(calls(), 3, "the limit is 3 attempts in all, across the crash");
+    let list = dlq(&db, &["list"], false);
+    let id = list.lines().nth(1).and_then(|l| l.split_whitespace().next()).expect("a dead letter row").to_owned();
+    let shown = dlq(&db, &["show", &id], false);
+    assert!(shown.contains("attempts     3 (retries exhausted)"), "{shown}");
+}
+
 /// Runs a `dlq` command of the test node and returns what it printed.
 fn dlq(db: &Target, args: &[&str], fixed: bool) -> String {
     let output = Command::new(NODE)
@@ -286,5 +321,6 @@ eda_tests::on_sql_databases! {
     sigterm_mid_stream_loses_nothing_and_applies_nothing_twice,
     sigkill_at_random_moments_still_applies_every_effect_exactly_once,
     a_consumer_paused_past_its_lease_is_fenced_when_it_wakes,
+    a_crash_does_not_reset_failed_attempts,
     a_poison_event_is_dead_lettered_while_the_rest_flow_and_is_replayed_from_the_command_line,
 }
