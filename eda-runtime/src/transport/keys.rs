@@ -21,19 +21,44 @@ pub fn partition_of(key: &str, partitions: u32) -> u32 {
     (fnv1a(&[key]) % u64::from(partitions.max(1))) as u32
 }
 
-/// A database URL with the password of its user info replaced by `***`.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+/// A URL fit for an error message or a log: the password of its user info and the value of
+/// every query parameter that names a secret (`password=`, `sslpassword=`, `token=`, …)
+/// replaced by `***`.
 pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match head.find("://") {
+        Some(scheme) => {
+            let rest = &head[scheme + 3..];
+            let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+            match authority.rfind('@').map(|at| (&authority[..at], at)) {
+                Some((userinfo, at)) if userinfo.contains(':') => {
+                    let user = userinfo.split(':').next().unwrap_or_default();
+                    format!("{}{user}:***{}", &head[..scheme + 3], &rest[at..])
+                }
+                _ => head.to_owned(),
             }
         }
-        _ => url.to_owned(),
+        None => head.to_owned(),
+    };
+    if let Some(query) = query {
+        let secret = |key: &str| {
+            let key = key.to_ascii_lowercase();
+            ["pass", "pwd", "secret", "token", "key"].iter().any(|s| key.contains(s))
+        };
+        let params: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if secret(k) => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 #[cfg(test)]
@@ -52,9 +77,15 @@ mod tests {
     }
 
     #[test]
-    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     fn passwords_are_hidden() {
         assert_eq!(redact("postgres://app:hunter2@db/x"), "postgres://app:***@db/x");
         assert_eq!(redact("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redact("postgres://app@db/x?sslmode=require&password=hunter2&sslpassword=k"),
+            "postgres://app@db/x?sslmode=require&password=***&sslpassword=***"
+        );
+        assert_eq!(redact("postgress://app:hunter2@db/x"), "postgress://app:***@db/x");
+        assert_eq!(redact("postgres://db/x?note=a@b"), "postgres://db/x?note=a@b", "an @ past the host is no user");
+        assert_eq!(redact("sqlite://./eda.db"), "sqlite://./eda.db");
     }
 }

@@ -62,11 +62,13 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
         "nats" | "tls" => Ok(Arc::new(nats::NatsTransport::connect(url).await?)),
         #[cfg(not(feature = "nats"))]
         "nats" | "tls" => Err(not_built("nats")),
-        "" => {
-            Err(Error::Config(format!("`{url}` is not a transport URL: write it as `<scheme>://…`, e.g. `memory://`")))
-        }
+        // Not echoed: without a scheme nothing says which part might be a password.
+        "" => Err(Error::Config(
+            "the transport URL has no scheme: write it as `<scheme>://…`, e.g. `memory://` or `postgres://user@host/db`".into(),
+        )),
         other => Err(Error::Config(format!(
-            "unknown transport scheme `{other}://` in `{url}`: eda knows `memory://`, `sqlite://`, `postgres://` and `nats://`"
+            "unknown transport scheme `{other}://` in `{}`: eda knows `memory://`, `sqlite://`, `postgres://` and `nats://`",
+            keys::redact(url)
         ))),
     }
 }

@@ -126,6 +126,7 @@ pub struct SqlOptions {
     poll_interval: Option<Duration>,
     instance: Option<String>,
     max_connections: u32,
+    acquire_timeout: Duration,
     retention: Option<Duration>,
 }
 
@@ -141,8 +142,22 @@ impl SqlOptions {
             poll_interval: None,
             instance: None,
             max_connections: 8,
+            acquire_timeout: Duration::from_secs(10),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
         }
+    }
+
+    /// How many connections this handle keeps to the database at most (8 by default).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long getting a connection may take before it is an error (10 s by default): a
+    /// database that does not answer fails the start, and each later step, within this.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
     }
 
     /// The prefix of eda's tables (`eda_` by default): letters, digits and `_`, and on PostgreSQL
@@ -286,7 +301,8 @@ impl SqlTransport {
         };
         let connect = AnyConnectOptions::from_str(&url)
             .map_err(|e| unreachable(format!("`{}` is not a valid database URL: {e}", redact(&options.url))))?;
-        let mut pool = AnyPoolOptions::new().max_connections(options.max_connections);
+        let mut pool =
+            AnyPoolOptions::new().max_connections(options.max_connections).acquire_timeout(options.acquire_timeout);
         if dialect == Dialect::Sqlite {
             pool = pool.after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)));
         }
