@@ -165,6 +165,24 @@ async fn a_handler_slower_than_the_lease_keeps_its_partition(postgres: bool) {
     b.shutdown().await;
 }
 
+/// The PostgreSQL review's defect 10: a table prefix long enough to make the NOTIFY channel 64
+/// bytes or more migrated fine (PostgreSQL cut the names) and then failed every publish. It is
+/// refused at start, saying how long a prefix may be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_too_long_for_postgres_names_is_refused_at_start() {
+    let url = eda_tests::postgres_url().await;
+    let long = format!("t{}_", "x".repeat(58));
+    let err = eda_tests::sql_options(&url).table_prefix(&long).connect().await.err().map(|e| e.to_string());
+    let err = err.expect("refused");
+    assert!(err.contains("too long for PostgreSQL") && err.contains("at most 47 characters"), "{err}");
+    let fits = format!("t{}_", "x".repeat(45));
+    let db = eda_tests::sql_options(&url).table_prefix(&fits).connect().await.expect("a prefix that fits");
+    let noted = Noted { key: "k".into(), n: 1 };
+    db.publish(&eda::Envelope::root("test", eda::PendingEvent::new(&noted).expect("encoded"), None))
+        .await
+        .expect("publish with the longest prefix that fits");
+}
+
 eda_tests::on_sql_databases! {
     a_corrupt_stored_event_is_dead_lettered_and_does_not_block_its_partition,
     retention_removes_what_every_group_has_passed,

@@ -248,6 +248,23 @@ fn other(e: impl std::error::Error + Send + Sync + 'static) -> TransportError {
     TransportError::Other { transport: "sql", source: Box::new(e) }
 }
 
+/// PostgreSQL cuts names past 63 bytes without a word: two tables could become one, and the
+/// NOTIFY channel (`<prefix>log`) fails every publish. Refused at start instead.
+fn check_name_lengths(prefix: &str) -> Result<(), TransportError> {
+    const LIMIT: usize = 63;
+    // The longest names eda makes from a prefix: an index, a table, and the channel.
+    let table_part = prefix.rsplit('.').next().unwrap_or(prefix);
+    let longest = [table_part.len() + "dead_letters".len(), prefix.len() + "log_by_partition".len(), prefix.len() + 3];
+    let over = longest.into_iter().max().unwrap_or(0);
+    if over > LIMIT {
+        let room = LIMIT - "log_by_partition".len();
+        return Err(unreachable(format!(
+            "table prefix `{prefix}` is too long for PostgreSQL, whose names hold {LIMIT} bytes (the longest eda would make has {over}): use a prefix of at most {room} characters"
+        )));
+    }
+    Ok(())
+}
+
 fn store(e: sqlx::Error) -> StoreError {
     StoreError { store: "sql", source: Box::new(e) }
 }
@@ -285,6 +302,9 @@ impl SqlTransport {
                 redact(&options.url)
             )));
         };
+        if dialect == Dialect::Postgres {
+            check_name_lengths(&options.prefix)?;
+        }
         if dialect == Dialect::Sqlite && (options.url.contains(":memory:") || options.url.contains("mode=memory")) {
             return Err(unreachable(
                 "an in-memory SQLite database is private to each connection and cannot hold a shared log; use a file (`sqlite://eda.db`) or `memory://`",
