@@ -190,17 +190,32 @@ pub(crate) struct Scrape {
     pub outbox: Option<crate::sql::SqlTransport>,
     /// The relay's running count, and how much of it the counter has seen.
     pub relayed: Option<(Arc<std::sync::atomic::AtomicU64>, std::sync::atomic::AtomicU64)>,
+    /// One render at a time: concurrent scrapes would clear each other's series.
+    pub rendering: tokio::sync::Mutex<()>,
 }
+
+/// How long one scrape waits for a lag read: a slow database must not pile scrapes up.
+const LAG_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Scrape {
     /// The exposition, with the lag read now.
     pub async fn render(&self) -> String {
+        let _one_at_a_time = self.rendering.lock().await;
         let metrics = &self.shared.metrics;
         let mut lags = Vec::new();
+        let mut all_read = true;
         for (group, topic) in &self.subscriptions {
-            match self.shared.transport.lag(group, topic).await {
-                Ok(parts) => lags.extend(parts.into_iter().map(|p| ((*group).to_owned(), (*topic).to_owned(), p))),
-                Err(e) => tracing::warn!(group, topic, error = %e, "cannot read the lag for metrics"),
+            let read = tokio::time::timeout(LAG_TIMEOUT, self.shared.transport.lag(group, topic)).await;
+            match read {
+                Ok(Ok(parts)) => lags.extend(parts.into_iter().map(|p| ((*group).to_owned(), (*topic).to_owned(), p))),
+                Ok(Err(e)) => {
+                    all_read = false;
+                    tracing::warn!(group, topic, error = %e, "cannot read the lag for metrics; its series keep their last value");
+                }
+                Err(_) => {
+                    all_read = false;
+                    tracing::warn!(group, topic, timeout = ?LAG_TIMEOUT, "the lag read timed out; its series keep their last value");
+                }
             }
         }
         #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -238,7 +253,12 @@ impl Scrape {
             let taken = metrics.taken_over.get_or_create(&labels);
             taken.inc_by(o.taken_over.saturating_sub(taken.get()));
         }
-        metrics.lag.clear();
+        // Cleared (so that series of partitions gone go too) only when every read succeeded:
+        // lag series must not vanish, and their alerts resolve, while the database is in
+        // trouble.
+        if all_read {
+            metrics.lag.clear();
+        }
         for (group, topic, p) in lags {
             let labels = LagLabels { group, topic, partition: p.partition.to_string() };
             metrics.lag.get_or_create(&labels).set(i64::try_from(p.lag).unwrap_or(i64::MAX));

@@ -341,6 +341,7 @@ impl RuntimeBuilder {
                     #[cfg(any(feature = "sqlite", feature = "postgres"))]
                     outbox: outbox.clone(),
                     relayed,
+                    rendering: tokio::sync::Mutex::new(()),
                 });
                 tasks.spawn(crate::metrics::serve(listener, scrape, shared.stop.clone()));
                 tracing::info!(%bound, "serving metrics on /metrics");

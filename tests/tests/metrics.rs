@@ -263,3 +263,38 @@ async fn the_outbox_reports_its_backlog_age_and_what_the_relay_published() {
     assert_eq!(sum(&drained, "eda_events_handled_total", &["group=\"meters\""]), 4.0, "{drained}");
     rt.shutdown().await;
 }
+
+/// The PostgreSQL review's defect 4: a failed lag query cleared every lag series, so they
+/// vanished while the database was in trouble, and their alerts resolved. They keep their
+/// last value until a read succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_series_keep_their_value_while_the_lag_cannot_be_read() {
+    let db = eda_tests::TestDb::new(true).await;
+    let registry = Registry::builder().handler::<meter>().publishes::<Metered>().build();
+    let valve = Valve::default();
+    valve.closed.store(true, Ordering::SeqCst);
+    let rt = Runtime::builder(registry)
+        .state(valve)
+        .transport(db.open().await)
+        .metrics_addr(([127, 0, 0, 1], 0).into())
+        .start()
+        .await
+        .expect("start");
+    let addr = rt.metrics_addr().expect("serving metrics");
+    for key in 0..5 {
+        rt.publisher().publish(&Metered { key }).await.expect("publish");
+    }
+    let lag = |text: &str| sum(text, "eda_consumer_lag", &["group=\"meters\""]);
+    assert_eq!(lag(&scrape(addr).await), 5.0);
+    // The lag cannot be read: its table is away.
+    let rename = |from: &str, to: &str| format!("ALTER TABLE {p}{from} RENAME TO {p}{to}", p = db.prefix);
+    let pool = db.open().await;
+    eda::sql::sqlx::query(&rename("offsets", "offsets_away")).execute(pool.pool()).await.expect("rename");
+    let during = scrape(addr).await;
+    eda::sql::sqlx::query(&rename("offsets_away", "offsets")).execute(pool.pool()).await.expect("rename back");
+    assert_eq!(lag(&during), 5.0, "the series kept their last value: {during}");
+    rt.state::<Valve>().expect("state").closed.store(false, Ordering::SeqCst);
+    rt.settled(Duration::from_secs(30)).await.expect("settled");
+    assert_eq!(lag(&scrape(addr).await), 0.0);
+    rt.shutdown().await;
+}

@@ -907,23 +907,30 @@ impl Transport for SqlTransport {
     }
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
-        let rows = sqlx::query(&self.inner.sql.lag)
+        let sql = &self.inner.sql;
+        let pool = &self.inner.pool;
+        let partitions: Option<i64> =
+            sqlx::query_scalar(&sql.topic_select).bind(topic).fetch_optional(pool).await.map_err(other)?;
+        let Some(partitions) = partitions else { return Ok(vec![PartitionLag { partition: 0, lag: 0 }]) };
+        let positions: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(&sql.lag_positions)
             .bind(group)
             .bind(topic)
-            .fetch_all(&self.inner.pool)
+            .fetch_all(pool)
             .await
-            .map_err(other)?;
-        let mut lags = rows
-            .iter()
-            .map(|r| {
-                Ok(PartitionLag {
-                    partition: r.try_get::<i64, _>(0).map_err(other)? as u32,
-                    lag: r.try_get::<i64, _>(1).map_err(other)? as u64,
-                })
-            })
-            .collect::<Result<Vec<_>, TransportError>>()?;
-        if lags.is_empty() {
-            lags.push(PartitionLag { partition: 0, lag: 0 });
+            .map_err(other)?
+            .into_iter()
+            .collect();
+        let mut lags = Vec::with_capacity(partitions as usize);
+        for partition in 0..partitions {
+            let position = positions.get(&partition).copied().unwrap_or(0);
+            let waiting: i64 = sqlx::query_scalar(&sql.lag)
+                .bind(topic)
+                .bind(partition)
+                .bind(position)
+                .fetch_one(pool)
+                .await
+                .map_err(other)?;
+            lags.push(PartitionLag { partition: partition as u32, lag: waiting.max(0) as u64 });
         }
         Ok(lags)
     }

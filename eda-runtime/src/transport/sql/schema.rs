@@ -94,6 +94,7 @@ pub struct Sql {
     pub leases_release_owner: String,
     pub members_release_owner: String,
     pub lag: String,
+    pub lag_positions: String,
     pub inbox_seen: String,
     pub inbox_claim: String,
     pub step_select: String,
@@ -200,12 +201,10 @@ impl Sql {
             lease_release: format!("DELETE FROM {p}leases WHERE grp = $1 AND topic = $2 AND partition = $3 AND owner = $4"),
             leases_release_owner: format!("DELETE FROM {p}leases WHERE grp = $1 AND topic = $2 AND owner = $3"),
             members_release_owner: format!("DELETE FROM {p}members WHERE grp = $1 AND topic = $2 AND owner = $3"),
-            lag: format!(
-                "SELECT l.partition, COUNT(*) FROM {p}log l
-                 LEFT JOIN {p}offsets o ON o.grp = $1 AND o.topic = l.topic AND o.partition = l.partition
-                 WHERE l.topic = $2 AND l.seq > COALESCE(o.position, 0)
-                 GROUP BY l.partition"
-            ),
+            // One partition at a time, from its position: a range of the (topic, partition, seq)
+            // index, never a scan of the log (a join with COALESCE cannot use the index).
+            lag: format!("SELECT COUNT(*) FROM {p}log WHERE topic = $1 AND partition = $2 AND seq > $3"),
+            lag_positions: format!("SELECT partition, position FROM {p}offsets WHERE grp = $1 AND topic = $2"),
             inbox_seen: format!("SELECT COUNT(*) FROM {p}inbox WHERE grp = $1 AND handler = $2 AND key = $3"),
             inbox_claim: format!(
                 "INSERT INTO {p}inbox (grp, handler, key, handled_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
