@@ -183,7 +183,61 @@ async fn a_prefix_too_long_for_postgres_names_is_refused_at_start() {
         .expect("publish with the longest prefix that fits");
 }
 
+#[event(topic = "parcels", key = parcel)]
+#[derive(Serialize, Deserialize)]
+struct ParcelAccepted {
+    parcel: u32,
+}
+
+#[event(topic = "parcels", key = parcel)]
+#[derive(Serialize, Deserialize)]
+struct ParcelLabelled {
+    parcel: u32,
+}
+
+#[event(topic = "parcel_checks", key = parcel)]
+#[derive(Serialize, Deserialize)]
+struct ParcelRefused {
+    parcel: u32,
+}
+
+#[handler(group = "labeller")]
+async fn label(ev: ParcelAccepted) -> ParcelLabelled {
+    ParcelLabelled { parcel: ev.parcel }
+}
+
+#[handler(group = "labeller")]
+#[eda::compensates(label)]
+async fn unlabel(_ev: ParcelRefused) {}
+
+/// The PostgreSQL review's defect 2: retention deleted saga step records with the log, so a
+/// compensation arriving after the retention period (a lagging group, a replay) found no step
+/// and was skipped, leaving the step's effects in place. Step records outlive the log's
+/// retention (four times it, and at least 30 days).
+async fn saga_step_records_outlive_the_log_retention(postgres: bool) {
+    let log = eda_tests::TestDb::new(postgres).await;
+    let registry = || Registry::builder().handler::<label>().handler::<unlabel>().publishes::<ParcelAccepted>().build();
+    // Everything is old at once.
+    let aged = log.options().retention(Some(Duration::ZERO)).connect().await.expect("opens");
+    let rt = Runtime::builder(registry()).transport(aged.clone()).start().await.expect("start");
+    let saga = eda::CorrelationId::from("parcel-1");
+    rt.publisher().publish_correlated(&ParcelAccepted { parcel: 1 }, saga.clone()).await.expect("publish");
+    rt.settled(SETTLE).await.expect("settled");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let done = aged.clean_up().await.expect("clean up");
+    assert!(done.log >= 1 && done.inbox >= 1, "the log and guards went: {done:?}");
+    assert_eq!(done.steps, 0, "the step record stays: {done:?}");
+    // The refusal comes late: the step is compensated, not skipped.
+    rt.publisher().publish_correlated(&ParcelRefused { parcel: 1 }, saga.clone()).await.expect("publish");
+    rt.settled(SETTLE).await.expect("settled");
+    let trace: Vec<_> = rt.trace(&saga).into_iter().map(|e| format!("{:?}", e.kind)).collect();
+    assert!(trace.iter().any(|k| k.contains("Handled") && k.contains("labeller/unlabel")), "{trace:?}");
+    assert_eq!(rt.stats().skipped, 0, "{trace:?}");
+    rt.shutdown().await;
+}
+
 eda_tests::on_sql_databases! {
+    saga_step_records_outlive_the_log_retention,
     a_corrupt_stored_event_is_dead_lettered_and_does_not_block_its_partition,
     retention_removes_what_every_group_has_passed,
     a_handler_slower_than_the_lease_keeps_its_partition,

@@ -236,7 +236,7 @@ impl ConsumerShared {
                 if let Err(e) = shared.rebalance().await {
                     tracing::warn!(group = %shared.group, topic = %shared.topic, error = %e, "cannot renew partition leases; trying again");
                 }
-                shared.transport.clean_up_now_and_then().await;
+                shared.transport.clean_up_now_and_then();
             }
         });
     }

@@ -227,6 +227,8 @@ struct Inner {
     topics: Mutex<HashMap<String, u32>>,
     owners: Mutex<Vec<(String, String, String)>>,
     last_clean_up: Mutex<Option<Instant>>,
+    /// A clean-up runs now.
+    cleaning: std::sync::atomic::AtomicBool,
     notified: Mutex<Notified>,
 }
 
@@ -341,6 +343,7 @@ impl SqlTransport {
             topics: Mutex::default(),
             owners: Mutex::default(),
             last_clean_up: Mutex::default(),
+            cleaning: std::sync::atomic::AtomicBool::new(false),
             notified: Mutex::default(),
         };
         let transport = Self { inner: Arc::new(inner) };
@@ -478,23 +481,49 @@ impl SqlTransport {
     }
 
     /// Deletes what the retention period (see [`SqlOptions::retention`]) has made old: log
-    /// entries every consumer group has passed, guard records and saga records. Dead letters
-    /// stay until they are replayed or purged. Consumers run it now and then by themselves.
+    /// entries every consumer group has passed and guard records; saga step records only
+    /// after four times the retention, and at least 30 days, as a compensation can come long
+    /// after its step (a long saga, a lagging group, a replay). Dead letters stay until they
+    /// are replayed or purged. It deletes in batches of a few thousand rows. Consumers run it
+    /// now and then by themselves, beside (never inside) their lease renewals.
     pub async fn clean_up(&self) -> Result<CleanUp, TransportError> {
         let Some(retention) = self.inner.options.retention else { return Ok(CleanUp::default()) };
-        let cutoff = SystemTime::now().checked_sub(retention).unwrap_or(UNIX_EPOCH);
-        let cutoff_ms = cutoff.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        let cutoff_text = humantime::format_rfc3339_micros(cutoff).to_string();
+        let before = |age: Duration| SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH);
+        let millis = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let cutoff = before(retention);
+        let steps_cutoff = before((retention * 4).max(STEP_RETENTION));
         let sql = &self.inner.sql;
-        let pool = &self.inner.pool;
-        let log = sqlx::query(&sql.clean_log).bind(&cutoff_text).execute(pool).await.map_err(other)?;
-        let inbox = sqlx::query(&sql.clean_inbox).bind(cutoff_ms).execute(pool).await.map_err(other)?;
-        let steps = sqlx::query(&sql.clean_steps).bind(cutoff_ms).execute(pool).await.map_err(other)?;
-        Ok(CleanUp { log: log.rows_affected(), inbox: inbox.rows_affected(), steps: steps.rows_affected() })
+        let log = self
+            .delete_in_batches(&sql.clean_log, |q| q.bind(humantime::format_rfc3339_micros(cutoff).to_string()))
+            .await?;
+        let inbox = self.delete_in_batches(&sql.clean_inbox, |q| q.bind(millis(cutoff))).await?;
+        let steps = self.delete_in_batches(&sql.clean_steps, |q| q.bind(millis(steps_cutoff))).await?;
+        Ok(CleanUp { log, inbox, steps })
     }
 
-    /// Runs [`clean_up`](Self::clean_up) when it last ran long enough ago.
-    async fn clean_up_now_and_then(&self) {
+    /// Runs a batched delete until a batch comes back short; returns the rows deleted.
+    async fn delete_in_batches<'q>(
+        &self,
+        statement: &'q str,
+        bind: impl Fn(
+            sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> Result<u64, TransportError> {
+        let mut deleted = 0;
+        loop {
+            let done = bind(sqlx::query(statement)).execute(&self.inner.pool).await.map_err(other)?.rows_affected();
+            deleted += done;
+            if done < schema::CLEAN_BATCH {
+                return Ok(deleted);
+            }
+            // Let the writers in between batches.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts [`clean_up`](Self::clean_up) in the background when it last ran long enough ago
+    /// and is not running: the caller (the lease renewal) never waits for it.
+    fn clean_up_now_and_then(&self) {
         let due = {
             let mut last = lock(&self.inner.last_clean_up);
             let due = last.is_none_or(|t| t.elapsed() >= CLEAN_UP_EVERY);
@@ -503,18 +532,26 @@ impl SqlTransport {
             }
             due
         };
-        if due {
-            match self.clean_up().await {
+        if !due || self.inner.cleaning.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let transport = self.clone();
+        tokio::spawn(async move {
+            match transport.clean_up().await {
                 Ok(done) if done != CleanUp::default() => tracing::debug!(?done, "retention clean-up"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "retention clean-up failed; it will be tried again"),
             }
-        }
+            transport.inner.cleaning.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
     }
 }
 
 /// How often consumers run the retention clean-up.
 const CLEAN_UP_EVERY: Duration = Duration::from_secs(60);
+
+/// The least time saga step records are kept (see [`SqlTransport::clean_up`]).
+const STEP_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What [`SqlTransport::clean_up`] deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -70,6 +70,9 @@ impl Dialect {
     }
 }
 
+/// Rows one retention delete removes at most.
+pub const CLEAN_BATCH: u64 = 5000;
+
 /// eda's SQL for one dialect and table prefix.
 pub struct Sql {
     pub migrate: Vec<String>,
@@ -150,8 +153,15 @@ impl Sql {
         );
         let columns =
             "id, source, type, time, subject, datacontenttype, correlation_id, causation_id, traceparent, data";
+        // Retention deletes by age: without these, each clean-up scanned the log, the inbox and
+        // the saga records whole, in every process.
+        let v2 = format!(
+            "CREATE INDEX IF NOT EXISTS {ix}log_by_time ON {p}log (time);
+             CREATE INDEX IF NOT EXISTS {ix}inbox_by_time ON {p}inbox (handled_at);
+             CREATE INDEX IF NOT EXISTS {ix}steps_by_time ON {p}steps (updated_at);"
+        );
         Self {
-            migrate: vec![v1],
+            migrate: vec![v1, v2],
             schema_table: format!("CREATE TABLE IF NOT EXISTS {p}schema (version {int} NOT NULL)"),
             schema_version: format!("SELECT COALESCE(MAX(version), 0) FROM {p}schema"),
             schema_insert: format!("INSERT INTO {p}schema (version) VALUES ($1)"),
@@ -243,14 +253,23 @@ impl Sql {
                  WHERE l.topic = $2 AND l.seq > COALESCE(o.position, 0)"
             ),
             saga_handlings: format!("SELECT grp, handler, handled_at FROM {p}inbox WHERE key = $1 ORDER BY handled_at"),
-            // Old, and passed by every group that reads its partition.
+            // Old, and passed by every group that reads its partition; a bounded batch at a
+            // time, so that no delete holds locks (or SQLite's writer) for long.
             clean_log: format!(
-                "DELETE FROM {p}log WHERE time < $1 AND NOT EXISTS (
-                     SELECT 1 FROM {p}offsets o
-                     WHERE o.topic = {p}log.topic AND o.partition = {p}log.partition AND o.position < {p}log.seq)"
+                "DELETE FROM {p}log WHERE seq IN (
+                     SELECT l.seq FROM {p}log l WHERE l.time < $1 AND NOT EXISTS (
+                         SELECT 1 FROM {p}offsets o
+                         WHERE o.topic = l.topic AND o.partition = l.partition AND o.position < l.seq)
+                     LIMIT {CLEAN_BATCH})"
             ),
-            clean_inbox: format!("DELETE FROM {p}inbox WHERE handled_at < $1"),
-            clean_steps: format!("DELETE FROM {p}steps WHERE updated_at < $1"),
+            clean_inbox: format!(
+                "DELETE FROM {p}inbox WHERE (grp, handler, key) IN (
+                     SELECT grp, handler, key FROM {p}inbox WHERE handled_at < $1 LIMIT {CLEAN_BATCH})"
+            ),
+            clean_steps: format!(
+                "DELETE FROM {p}steps WHERE (grp, step, correlation_id) IN (
+                     SELECT grp, step, correlation_id FROM {p}steps WHERE updated_at < $1 LIMIT {CLEAN_BATCH})"
+            ),
         }
     }
 }
