@@ -52,12 +52,16 @@ fn resolve(manifest: &str, workspace: Option<&str>) -> Result<String, String> {
         // The crate itself (its `extern crate self as …`).
         return Ok((*lib).to_owned());
     }
-    for kind in ["dependencies", "dev-dependencies"] {
-        let tables = tables(&doc, kind);
+    // Plain normal dependencies first, then optional or target-specific ones (which a build
+    // may lack), then dev-dependencies.
+    let firm = |value: &Item| value.get("optional").and_then(Item::as_bool) != Some(true);
+    let passes: [(&str, bool); 3] = [("dependencies", true), ("dependencies", false), ("dev-dependencies", false)];
+    for (kind, firm_only) in passes {
+        let tables = tables(&doc, kind, firm_only);
         for (pkg, lib) in CANDIDATES {
             for table in &tables {
                 for (key, value) in table.iter() {
-                    if package_of(key, value, workspace.as_ref()) == pkg {
+                    if (!firm_only || firm(value)) && package_of(key, value, workspace.as_ref()) == pkg {
                         return Ok(if key == pkg { lib.to_owned() } else { key.replace('-', "_") });
                     }
                 }
@@ -67,9 +71,13 @@ fn resolve(manifest: &str, workspace: Option<&str>) -> Result<String, String> {
     Err("cannot find eda among this crate's dependencies: add `eda-runtime` (or, for a crate that only defines events, `eda-core`) to `[dependencies]` in Cargo.toml, or name a crate that re-exports it with `crate = \"…\"`".into())
 }
 
-/// `[dependencies]` (or `[dev-dependencies]`) and the same tables under every `[target.…]`.
-fn tables<'a>(doc: &'a DocumentMut, kind: &str) -> Vec<&'a dyn TableLike> {
+/// `[dependencies]` (or `[dev-dependencies]`), and unless `top_only` the same tables under
+/// every `[target.…]`.
+fn tables<'a>(doc: &'a DocumentMut, kind: &str, top_only: bool) -> Vec<&'a dyn TableLike> {
     let top = doc.get(kind).and_then(Item::as_table_like);
+    if top_only {
+        return top.into_iter().collect();
+    }
     let targets = doc.get("target").and_then(Item::as_table_like).into_iter().flat_map(|t| {
         t.iter().filter_map(|(_, cfg)| cfg.as_table_like()?.get(kind)?.as_table_like()).collect::<Vec<_>>()
     });
@@ -124,6 +132,8 @@ mod tests {
         assert_eq!(resolve(plain, Some("[workspace]\n")).as_deref(), Ok("eda"));
         let target = "[package]\nname = \"x\"\n[target.'cfg(unix)'.dependencies]\neda-core = \"0.1\"\n";
         assert_eq!(resolve(target, None).as_deref(), Ok("eda_core"));
+        let optional = "[package]\nname = \"x\"\n[dependencies]\neda-core = \"0.1\"\neda-runtime = { version = \"0.1\", optional = true }\n";
+        assert_eq!(resolve(optional, None).as_deref(), Ok("eda_core"), "the one every build has");
         assert_eq!(resolve("[package]\nname = \"eda-runtime\"\n", None).as_deref(), Ok("eda"), "itself");
     }
 

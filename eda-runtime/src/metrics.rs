@@ -200,11 +200,14 @@ const LAG_TIMEOUT: Duration = Duration::from_secs(5);
 impl Scrape {
     /// The exposition, with the lag read now.
     pub async fn render(&self) -> String {
-        let _one_at_a_time = self.rendering.lock().await;
+        // A scrape that finds another reading the lag (a slow database) does not queue behind
+        // it: it answers with what is known, so scrapes cannot pile up.
+        let one_at_a_time = tokio::time::timeout(Duration::from_secs(1), self.rendering.lock()).await.ok();
         let metrics = &self.shared.metrics;
         let mut lags = Vec::new();
-        let mut all_read = true;
-        for (group, topic) in &self.subscriptions {
+        let mut all_read = one_at_a_time.is_some();
+        let subscriptions = if one_at_a_time.is_some() { &self.subscriptions[..] } else { &[] };
+        for (group, topic) in subscriptions {
             let read = tokio::time::timeout(LAG_TIMEOUT, self.shared.transport.lag(group, topic)).await;
             match read {
                 Ok(Ok(parts)) => lags.extend(parts.into_iter().map(|p| ((*group).to_owned(), (*topic).to_owned(), p))),

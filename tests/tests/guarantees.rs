@@ -282,15 +282,31 @@ async fn per_key_order_holds_when_a_second_instance_joins_mid_stream(bus: Bus) {
             .start()
     };
     let first = start(0).await.expect("start");
-    let (pieces, moves) = (8u32, 500u32);
-    let all: Vec<_> = (0..moves).flat_map(|seq| (0..pieces).map(move |piece| Moved { piece, seq })).collect();
-    first.publisher().publish_all(&all).await.expect("publish");
+    let pieces = 8u32;
+    let wave = |from: u32, to: u32| -> Vec<Moved> {
+        (from..to).flat_map(|seq| (0..pieces).map(move |piece| Moved { piece, seq })).collect()
+    };
+    let mut moves = 200u32;
+    first.publisher().publish_all(&wave(0, moves)).await.expect("publish");
     let deadline = tokio::time::Instant::now() + SETTLE;
     while board.by_instance[0].load(Ordering::SeqCst) < 40 {
         assert!(tokio::time::Instant::now() < deadline, "the first instance never got going");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let second = start(1).await.expect("start the second");
+    // The stream goes on, in waves, until the second instance has taken part (however long
+    // its joining takes on this transport), and a little after.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut after_joining = 0;
+    while after_joining < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "the second instance never got work");
+        if board.by_instance[1].load(Ordering::SeqCst) > 0 {
+            after_joining += 1;
+        }
+        first.publisher().publish_all(&wave(moves, moves + 20)).await.expect("publish");
+        moves += 20;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while board.seen.lock().expect("lock").len() < (pieces * moves) as usize {
         assert!(tokio::time::Instant::now() < deadline, "not every move was handled");

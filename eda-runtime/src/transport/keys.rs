@@ -25,24 +25,27 @@ pub fn partition_of(key: &str, partitions: u32) -> u32 {
 /// every query parameter that names a secret (`password=`, `sslpassword=`, `token=`, …)
 /// replaced by `***`.
 pub(crate) fn redact(url: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (url, None),
+    let Some(scheme) = url.find("://") else { return url.to_owned() };
+    let rest = &url[scheme + 3..];
+    // The last `@` ends the user info: a password may hold `/`, `?` or `@` itself.
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at..]),
+        None => (None, rest),
     };
-    let mut out = match head.find("://") {
-        Some(scheme) => {
-            let rest = &head[scheme + 3..];
-            let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-            match authority.rfind('@').map(|at| (&authority[..at], at)) {
-                Some((userinfo, at)) if userinfo.contains(':') => {
-                    let user = userinfo.split(':').next().unwrap_or_default();
-                    format!("{}{user}:***{}", &head[..scheme + 3], &rest[at..])
-                }
-                _ => head.to_owned(),
-            }
+    let mut out = url[..scheme + 3].to_owned();
+    if let Some(info) = userinfo {
+        match info.split_once(':') {
+            Some((user, _)) => out.push_str(&format!("{user}:***")),
+            // Without `:` it is a user name to a database, but a token elsewhere.
+            None if url.starts_with("postgres") || url.starts_with("sqlite") => out.push_str(info),
+            None => out.push_str("***"),
         }
-        None => head.to_owned(),
+    }
+    let (host, query) = match after.split_once('?') {
+        Some((host, query)) => (host, Some(query)),
+        None => (after, None),
     };
+    out.push_str(host);
     if let Some(query) = query {
         let secret = |key: &str| {
             let key = key.to_ascii_lowercase();
@@ -85,7 +88,8 @@ mod tests {
             "postgres://app@db/x?sslmode=require&password=***&sslpassword=***"
         );
         assert_eq!(redact("postgress://app:hunter2@db/x"), "postgress://app:***@db/x");
-        assert_eq!(redact("postgres://db/x?note=a@b"), "postgres://db/x?note=a@b", "an @ past the host is no user");
+        assert_eq!(redact("postgres://app:ab/cd?e@db/x"), "postgres://app:***@db/x", "a password with / and ?");
+        assert_eq!(redact("nat://s3cr3t@host"), "nat://***@host", "a token");
         assert_eq!(redact("sqlite://./eda.db"), "sqlite://./eda.db");
     }
 }

@@ -765,8 +765,13 @@ fn create_code(e: &async_nats::error::Error<CreateStreamErrorKind>) -> Option<Er
 /// must not make the server delete events that others have not read. Limits grow; retention
 /// policy and storage stay as the stream has them.
 fn widened(existing: &stream::Config, configured: &stream::Config) -> stream::Config {
-    // "No limit" is 0 or -1 on the server, and the widest of all.
-    let wider = |a: i64, b: i64| if a <= 0 || b <= 0 { -1 } else { a.max(b) };
+    // A size or count this process does not set (-1) asks nothing: the stream keeps its
+    // own. Otherwise the wider wins, and the server's "no limit" (0 or -1) is the widest.
+    let wider = |existing: i64, configured: i64| match (existing, configured) {
+        (e, c) if c <= 0 => e,
+        (e, _) if e <= 0 => -1,
+        (e, c) => e.max(c),
+    };
     let age = |a: Duration, b: Duration| if a.is_zero() || b.is_zero() { Duration::ZERO } else { a.max(b) };
     stream::Config {
         retention: existing.retention,
@@ -996,6 +1001,10 @@ mod tests {
         let grown = widened(&existing, &larger);
         assert_eq!((grown.max_age, grown.max_bytes), (Duration::ZERO, 1 << 31));
         assert!(stream_change(&existing, &grown).is_some_and(|c| c.contains("max_age") && c.contains("max_bytes")));
+        let unset = stream::Config { max_bytes: -1, max_messages: -1, ..smaller.clone() };
+        let capped = stream::Config { max_messages: 5000, ..existing.clone() };
+        let kept = widened(&capped, &unset);
+        assert_eq!((kept.max_bytes, kept.max_messages), (1 << 30, 5000), "an unset limit lifts no cap");
         let interest = stream::Config { retention: RetentionPolicy::Interest, ..smaller };
         assert_eq!(widened(&existing, &interest).retention, RetentionPolicy::Limits, "the stream keeps its policy");
     }

@@ -491,7 +491,7 @@ impl SqlTransport {
         let before = |age: Duration| SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH);
         let millis = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let cutoff = before(retention);
-        let steps_cutoff = before((retention * 4).max(STEP_RETENTION));
+        let steps_cutoff = before(retention.saturating_mul(4).max(STEP_RETENTION));
         let sql = &self.inner.sql;
         let log = self
             .delete_in_batches(&sql.clean_log, |q| q.bind(humantime::format_rfc3339_micros(cutoff).to_string()))
