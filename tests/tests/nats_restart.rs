@@ -87,12 +87,14 @@ async fn a_server_restarted_mid_stream_loses_nothing_and_applies_nothing_twice()
         }
     });
 
-    // Each restart lands mid-stream: the producer is still publishing, handlers still running.
+    // Each restart lands mid-stream: the first while the producer still publishes, both while
+    // handlers still run.
     wait_for("a third of the events", || fx.count.load(Ordering::SeqCst) >= EVENTS / 3).await;
     assert!(!producer.is_finished() && fx.count.load(Ordering::SeqCst) < EVENTS, "the restart came too late");
     server.restart("-TERM");
     wait_for("two thirds of the events", || fx.count.load(Ordering::SeqCst) >= 2 * EVENTS / 3).await;
-    assert!(!producer.is_finished() && fx.count.load(Ordering::SeqCst) < EVENTS, "the crash came too late");
+    // (The producer may be done by now; the crash must still find handlers at work.)
+    assert!(fx.count.load(Ordering::SeqCst) < EVENTS, "the crash came too late");
     // A crash: acknowledgements the server had not written yet are lost, and their events come
     // again; the guards absorb them.
     server.restart("-KILL");
