@@ -201,8 +201,7 @@ impl MemoryTransport {
     }
 
     /// Waits for the next deliverable event of `group` on `topic`.
-    async fn next_delivery(&self, topic: &str, group: &str) -> Delivery {
-        let notify = self.topics().entry(topic.to_owned()).or_default().notify.clone();
+    async fn next_delivery(&self, topic: &str, group: &str, notify: &Notify) -> Delivery {
         loop {
             // Registered before looking, so a publish or a settlement that lands after the look
             // (a nack due later included) wakes the wait instead of being missed.
@@ -262,11 +261,17 @@ impl Transport for MemoryTransport {
 
     async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
         let (topic, group) = (subscription.topic.clone(), subscription.group.clone());
-        self.topics().entry(topic.clone()).or_default().groups.entry(group.clone()).or_default();
+        // The topic's wake-up, taken once for the subscription's life (a log is never removed).
+        let notify = {
+            let mut topics = self.topics();
+            let log = topics.entry(topic.clone()).or_default();
+            log.groups.entry(group.clone()).or_default();
+            log.notify.clone()
+        };
         let transport = self.clone();
         let stream = futures_util::stream::unfold((), move |()| {
-            let (transport, topic, group) = (transport.clone(), topic.clone(), group.clone());
-            async move { Some((Ok(transport.next_delivery(&topic, &group).await), ())) }
+            let (transport, topic, group, notify) = (transport.clone(), topic.clone(), group.clone(), notify.clone());
+            async move { Some((Ok(transport.next_delivery(&topic, &group, &notify).await), ())) }
         });
         Ok(Box::pin(stream))
     }
