@@ -98,6 +98,16 @@ impl Bus {
         js.publish_with_headers(subject, headers, payload).await.expect("publish").await.expect("stored");
     }
 
+    /// Delivers `envelope` once more to its groups: republished by `rt`, or on NATS, whose
+    /// server would drop that as a duplicate, under another `Nats-Msg-Id`.
+    pub async fn deliver_again(&self, rt: &eda::Runtime, envelope: &eda::Envelope) {
+        if self.deduplicates_publications() {
+            self.publish_past_deduplication(envelope).await;
+        } else {
+            rt.publisher().republish(envelope).await.expect("republish");
+        }
+    }
+
     /// How many publications the broker dropped as duplicates (0 where it does not deduplicate).
     pub fn deduplicated_publications(&self) -> u64 {
         self.nats.as_ref().map_or(0, NatsTransport::deduplicated)

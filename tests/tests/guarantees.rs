@@ -78,12 +78,8 @@ async fn a_handler_without_a_guard_sees_every_delivery(bus: Bus) {
         .await
         .expect("publish");
     rt.settled(SETTLE).await.expect("settled");
-    // A second delivery: republished (NATS would drop that by its id, so past its window).
-    if bus.deduplicates_publications() {
-        bus.publish_past_deduplication(&envelope).await;
-    } else {
-        rt.publisher().republish(&envelope).await.expect("republish");
-    }
+    // A second delivery of the same event.
+    bus.deliver_again(&rt, &envelope).await;
     rt.settled(SETTLE).await.expect("settled");
     assert_eq!(rt.state::<Count>().map(|c| c.0.load(Ordering::SeqCst)), Some(2));
     assert_eq!(rt.stats().duplicates, 0);
@@ -220,11 +216,7 @@ async fn a_replay_skips_handlers_that_already_handled_the_event_unless_forced(bu
         letters.push(letter.id);
         // Fixed, and the same event arrives again (a producer's retry): `store` handles it now.
         import.store_broken.store(false, Ordering::SeqCst);
-        if bus.deduplicates_publications() {
-            bus.publish_past_deduplication(&envelope).await;
-        } else {
-            rt.publisher().republish(&envelope).await.expect("republish");
-        }
+        bus.deliver_again(&rt, &envelope).await;
         rt.settled(SETTLE).await.expect("settled");
     }
     assert_eq!(counts(), (2, 2));
