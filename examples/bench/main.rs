@@ -4,26 +4,24 @@
 //!
 //! ```text
 //! cargo run --release -p eda-examples --bin bench -- \
-//!     [--transport memory,sqlite,postgres,postgres-outbox,nats] [--events N] [--payload BYTES] \
-//!     [--in-flight N] [--groups 1..4] [--rounds N] [--json]
+//!     [--transport memory,sqlite,postgres,sqlite-batched,postgres-batched,postgres-outbox,nats-peak] \
+//!     [--events N] [--payload BYTES] [--in-flight N] [--groups 1..4] [--rounds N] [--json]
 //! ```
 //!
-//! Scenarios, each "publish N events, then handle every one in every group":
+//! Scenarios, each "publish N events, then handle every one in every group", timed until the
+//! last handling is complete on both sides (committed on SQL), counting fresh handlings only;
+//! then, on the same consumers, events published at a fixed rate below both sides' capacity
+//! give the latency from publish to complete handling:
 //! - `memory`: eda's in-memory log with the idempotency guard, beside a hand-written tokio
 //!   pipeline (serialize, bounded queue, deserialize, dedupe, call, serialize what it emits).
 //! - `sqlite`, `postgres`: eda's SQL log, where each handling writes an effect row and emits an
 //!   event in one transaction with its guard record and offset, beside plain SQL doing the same
-//!   inserts and selects (a log table, an inbox, an effects table, an outbox, an offset).
+//!   inserts and selects (a log table, an inbox keyed on the event's UUID, an effects table, an
+//!   outbox, an offset), one transaction per event as eda.
+//! - `sqlite-batched`, `postgres-batched`: the same, with the plain SQL consumer committing
+//!   once per batch of up to 100 events, as a hand-written consumer would.
 //! - `postgres-outbox`: N events already in a PostgreSQL outbox; eda's relay carries them to an
 //!   in-memory target, beside a plain relay moving a position row past batches of 100.
-//! - `nats`: eda on NATS JetStream (16 partitions, per-key order across instances, the
-//!   idempotency guard, each handling emitting an event), beside raw async-nats in the design
-//!   eda had before its delivery engine: a stream with one subject per partition, a durable
-//!   pull consumer per partition with `max_ack_pending` 1 pulling one message at a time, a
-//!   dedupe set, and a confirmed publish of what it emits and a confirmed ack per message. Kept
-//!   for history until it is replaced; `nats-peak` is the comparison with the broker at its
-//!   best. `nats-drain` does the same with the N events published first (pipelined), and
-//!   times only their handling.
 //! - `nats-peak`: eda on NATS beside async-nats at its best (one wide pull consumer, no
 //!   ordering, no dedupe), publish bare and with eda's headers, and latency at 1,000 events/s;
 //!   see `nats_peak.rs`.
@@ -35,19 +33,19 @@
 //! and tables under a fresh prefix; NATS runs `EDA_BENCH_NATS_URL` (default
 //! `nats://127.0.0.1:4222`) and streams under a fresh namespace, deleted afterwards.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use eda::sql::{sqlx, Relay, SqlOptions, SqlTransport};
-use eda::transport::nats::{NatsOptions, NatsTransport};
-use eda::transport::{partition_of, MemoryTransport};
-use eda::{event, handler, Ctx, Handler as _, Registry, Runtime, Transport};
-use futures_util::StreamExt;
+use eda::sql::sqlx;
+use eda::transport::MemoryTransport;
+use eda::{event, handler, Ctx, EntryKind, Handler as _, Registry, Runtime, Transport};
 use serde::{Deserialize, Serialize};
 
 mod nats_peak;
+mod sql;
 
 #[event(topic = "bench", key = key)]
 #[derive(Serialize, Deserialize)]
@@ -65,10 +63,8 @@ struct Tocked {
     key: u32,
 }
 
-/// What the handlers record.
+/// The handlers' state: the effect's SQL, when the effect is a row.
 struct Sink {
-    handled: AtomicU64,
-    latencies_us: Mutex<Vec<u64>>,
     insert_effect: Option<String>,
 }
 
@@ -81,8 +77,6 @@ async fn record(tick: &Tick, cx: &Ctx<'_, Sink>) -> Result<Tocked, eda::HandlerE
         let mut tx = eda::sql::transaction(cx).await?;
         sqlx::query(sql).bind(tick.seq as i64).execute(&mut **tx).await?;
     }
-    cx.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(now_us().saturating_sub(tick.sent_us));
-    cx.handled.fetch_add(1, Ordering::Relaxed);
     Ok(Tocked { seq: tick.seq, key: tick.key })
 }
 
@@ -115,6 +109,18 @@ struct Args {
     json: bool,
 }
 
+const SCENARIOS: [&str; 9] = [
+    "memory",
+    "sqlite",
+    "postgres",
+    "sqlite-batched",
+    "postgres-batched",
+    "postgres-outbox",
+    "nats-peak",
+    "sqlite-backlog",
+    "postgres-backlog",
+];
+
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         transports: vec!["memory".into(), "sqlite".into()],
@@ -144,22 +150,13 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     for t in &args.transports {
-        if ![
-            "memory",
-            "sqlite",
-            "postgres",
-            "postgres-outbox",
-            "nats",
-            "nats-drain",
-            "nats-peak",
-            "sqlite-backlog",
-            "postgres-backlog",
-        ]
-        .contains(&t.as_str())
-        {
+        if t == "nats" || t == "nats-drain" {
             return Err(format!(
-                "unknown transport `{t}`: use memory, sqlite, postgres, postgres-outbox, nats, nats-drain, nats-peak, sqlite-backlog or postgres-backlog"
+                "`{t}` is retired: its raw side copied eda's former design (one event in flight per partition); use nats-peak"
             ));
+        }
+        if !SCENARIOS.contains(&t.as_str()) {
+            return Err(format!("unknown transport `{t}`: use one of {}", SCENARIOS.join(", ")));
         }
     }
     Ok(args)
@@ -229,42 +226,6 @@ fn tick(seq: u64, body: &str) -> Tick {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn postgres_url() -> String {
-    std::env::var("EDA_BENCH_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn fresh_prefix() -> String {
-    format!("bench_{}_", &uuid::Uuid::new_v4().simple().to_string()[..10])
-}
-
-/// A database for one round: a SQLite file or a PostgreSQL prefix.
-struct Db {
-    url: String,
-    prefix: String,
-    _dir: Option<PathGuard>,
-}
-
-/// Removes a benchmark's SQLite files when the round ends.
-struct PathGuard(std::path::PathBuf);
-
-impl Drop for PathGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Db {
-    fn new(postgres: bool) -> Result<Self, BoxError> {
-        if postgres {
-            return Ok(Self { url: postgres_url(), prefix: fresh_prefix(), _dir: None });
-        }
-        let dir = std::env::temp_dir().join(format!("eda-bench-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir)?;
-        let url = format!("sqlite://{}", dir.join("bench.db").display());
-        Ok(Self { url, prefix: "eda_".into(), _dir: Some(PathGuard(dir)) })
-    }
-}
-
 async fn wait_for(count: impl Fn() -> u64, target: u64, what: &str) -> Result<(), BoxError> {
     let deadline = Instant::now() + Duration::from_secs(600);
     while count() < target {
@@ -297,22 +258,57 @@ async fn fill(transport: &impl Transport, n: u64, payload: usize, batch: u64) ->
     Ok(start.elapsed())
 }
 
-/// eda: publish `n` events, handle them in `groups` groups.
-async fn eda_run(
+/// The fixed-rate phase that gives the latency: `events` published at `rate` per second.
+#[derive(Clone, Copy, Debug)]
+pub struct Latency {
+    rate: u64,
+    events: u64,
+}
+
+/// The in-memory latency phase: 1,000 events/s, far below both sides' capacity.
+const MEMORY_LATENCY: Latency = Latency { rate: 1_000, events: 2_000 };
+
+/// A ticker at `rate` per second that does not catch up in bursts when late.
+fn pace(rate: u64) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
+
+fn start_eda(
+    transport: &Arc<dyn Transport>,
+    sink: &Arc<Sink>,
+    a: &Args,
+    journal: usize,
+) -> impl Future<Output = eda::Result<Runtime>> {
+    Runtime::builder(groups(a.groups))
+        .shared_state(sink.clone())
+        .shared_transport(transport.clone())
+        .max_in_flight(a.in_flight)
+        .journal_capacity(journal)
+        .start()
+}
+
+/// eda: publish `n` events, handle them in `groups` groups; counted by the runtime once each
+/// handling is complete (committed, on SQL), fresh ones only. `check` runs after, before the
+/// latency phase. Then a second runtime on the same transport, with the journal on (not in the
+/// timed phase), handles `latency.events` published at a fixed rate: the journal's record of
+/// each handling, written after its commit, gives the latency from publish.
+async fn eda_run<C, F>(
     transport: Arc<dyn Transport>,
     insert_effect: Option<String>,
     a: &Args,
     n: u64,
-) -> Result<Sample, BoxError> {
-    let registry = groups(a.groups);
-    let sink = Arc::new(Sink { handled: AtomicU64::new(0), latencies_us: Mutex::default(), insert_effect });
-    let runtime = Runtime::builder(registry)
-        .shared_state(sink.clone())
-        .shared_transport(transport)
-        .max_in_flight(a.in_flight)
-        .journal_capacity(0)
-        .start()
-        .await?;
+    latency: Latency,
+    check: C,
+) -> Result<Sample, BoxError>
+where
+    C: FnOnce() -> F,
+    F: Future<Output = Result<(), BoxError>>,
+{
+    let sink = Arc::new(Sink { insert_effect });
+    let groups = a.groups as u64;
+    let runtime = start_eda(&transport, &sink, a, 0).await?;
     let body = "x".repeat(a.payload);
     let publisher = runtime.publisher();
     let start = Instant::now();
@@ -320,10 +316,35 @@ async fn eda_run(
         publisher.publish(&tick(seq, &body)).await?;
     }
     let published = start.elapsed();
-    wait_for(|| sink.handled.load(Ordering::Relaxed), n * a.groups as u64, "eda").await?;
+    wait_for(|| runtime.stats().handled, n * groups, "eda").await?;
     let total = start.elapsed();
     runtime.shutdown().await;
-    let latencies_us = std::mem::take(&mut *sink.latencies_us.lock().unwrap_or_else(|p| p.into_inner()));
+    check().await?;
+
+    let runtime = start_eda(&transport, &sink, a, (latency.events as usize + 1) * (a.groups + 1) + 16).await?;
+    let publisher = runtime.publisher();
+    // Subscribed in every group before the clock: one event handled by each.
+    publisher.publish(&tick(n, &body)).await?;
+    wait_for(|| runtime.stats().handled, groups, "eda").await?;
+    let mut sent = HashMap::with_capacity(latency.events as usize);
+    let mut ticks = pace(latency.rate);
+    for i in 0..latency.events {
+        ticks.tick().await;
+        let t = tick(n + 1 + i, &body);
+        let sent_us = t.sent_us;
+        sent.insert(publisher.publish(&t).await?.id, sent_us);
+    }
+    wait_for(|| runtime.stats().handled, (latency.events + 1) * groups, "eda").await?;
+    let latencies_us = runtime
+        .journal()
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::Handled { .. }))
+        .filter_map(|e| {
+            let at = e.at.duration_since(UNIX_EPOCH).ok()?.as_micros() as u64;
+            Some(at.saturating_sub(*sent.get(&e.event_id)?))
+        })
+        .collect();
+    runtime.shutdown().await;
     Ok(Sample {
         publish_eps: n as f64 / published.as_secs_f64(),
         e2e_eps: n as f64 / total.as_secs_f64(),
@@ -332,20 +353,21 @@ async fn eda_run(
 }
 
 /// The hand-written in-process pipeline: serialize, bounded queue, deserialize, dedupe, call,
-/// serialize what it emits.
+/// serialize what it emits; counted after each handling, fresh ones only.
 async fn raw_memory(a: &Args, n: u64) -> Result<Sample, BoxError> {
     #[derive(Serialize, Deserialize)]
     struct Wire {
         id: String,
         tick: Tick,
     }
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(MEMORY_LATENCY.events as usize)));
+    let handled = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::new();
     let mut consumers = Vec::new();
     for _ in 0..a.groups {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(a.in_flight);
         senders.push(tx);
-        let latencies = latencies.clone();
+        let (latencies, handled) = (latencies.clone(), handled.clone());
         consumers.push(tokio::spawn(async move {
             let mut seen = HashSet::new();
             let mut emitted = Vec::new();
@@ -356,164 +378,48 @@ async fn raw_memory(a: &Args, n: u64) -> Result<Sample, BoxError> {
                 }
                 let out = Tocked { seq: wire.tick.seq, key: wire.tick.key };
                 emitted.push(serde_json::to_vec(&out).unwrap_or_default());
-                latencies.lock().unwrap_or_else(|p| p.into_inner()).push(now_us().saturating_sub(wire.tick.sent_us));
+                if wire.tick.seq >= n {
+                    latencies
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(now_us().saturating_sub(wire.tick.sent_us));
+                }
+                handled.fetch_add(1, Ordering::Release);
             }
             emitted.len()
         }));
     }
     let body = "x".repeat(a.payload);
-    let start = Instant::now();
-    for seq in 0..n {
-        let bytes = serde_json::to_vec(&Wire { id: uuid::Uuid::now_v7().to_string(), tick: tick(seq, &body) })?;
-        for tx in &senders {
-            tx.send(bytes.clone()).await?;
-        }
-    }
-    let published = start.elapsed();
-    drop(senders);
-    for c in consumers {
-        c.await?;
-    }
-    let total = start.elapsed();
-    let latencies_us = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(Sample {
-        publish_eps: n as f64 / published.as_secs_f64(),
-        e2e_eps: n as f64 / total.as_secs_f64(),
-        latencies_us,
-    })
-}
-
-async fn eda_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
-    let db = Db::new(postgres)?;
-    let transport = SqlOptions::new(&db.url).table_prefix(&db.prefix).connect().await?;
-    let effects = format!("{}effects", db.prefix);
-    sqlx::query(&format!("CREATE TABLE {effects} (seq BIGINT NOT NULL)")).execute(transport.pool()).await?;
-    let insert = format!("INSERT INTO {effects} (seq) VALUES ($1)");
-    let sample = eda_run(Arc::new(transport.clone()), Some(insert), a, n).await;
-    drop_tables(&transport, &db).await;
-    sample
-}
-
-async fn drop_tables(transport: &SqlTransport, db: &Db) {
-    if db._dir.is_some() {
-        return; // the SQLite file goes with its directory
-    }
-    let tables: Vec<String> = sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE tablename LIKE $1")
-        .bind(format!("{}%", db.prefix))
-        .fetch_all(transport.pool())
-        .await
-        .unwrap_or_default();
-    for t in tables {
-        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}")).execute(transport.pool()).await;
-    }
-}
-
-/// Plain SQL doing what eda's SQL log does per event: one insert per publish (with the event's
-/// UUID); per handling one transaction with an inbox insert keyed on that id, an effect row, an
-/// outbox row and the offset.
-async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
-    let db = Db::new(postgres)?;
-    let url = if postgres { db.url.clone() } else { format!("{}?mode=rwc", db.url) };
-    // The same pragmas as eda's SQLite log, on every connection (they are per connection):
-    // WAL, `synchronous = NORMAL` (no fsync per commit), a busy timeout.
-    let pool = sqlx::any::AnyPoolOptions::new()
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                if !postgres {
-                    for pragma in
-                        ["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 10000"]
-                    {
-                        sqlx::query(pragma).execute(&mut *conn).await?;
-                    }
-                }
-                Ok(())
-            })
-        })
-        .connect(&url)
-        .await?;
-    let p = &db.prefix;
-    let (serial, blob) =
-        if postgres { ("BIGSERIAL PRIMARY KEY", "BYTEA") } else { ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB") };
-    for ddl in [
-        format!("CREATE TABLE {p}raw_log (seq {serial}, id TEXT NOT NULL, payload {blob} NOT NULL)"),
-        format!("CREATE TABLE {p}raw_inbox (grp TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (grp, id))"),
-        format!("CREATE TABLE {p}raw_effects (seq BIGINT NOT NULL)"),
-        format!("CREATE TABLE {p}raw_outbox (seq {serial}, payload {blob} NOT NULL)"),
-        format!("CREATE TABLE {p}raw_offsets (grp TEXT PRIMARY KEY, position BIGINT NOT NULL)"),
-    ] {
-        sqlx::query(&ddl).execute(&pool).await?;
-    }
-    let begin = if postgres { "BEGIN" } else { "BEGIN IMMEDIATE" };
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
-    let handled = Arc::new(AtomicU64::new(0));
-    let mut consumers = Vec::new();
-    for g in 0..a.groups {
-        let (pool, latencies, handled, p) = (pool.clone(), latencies.clone(), handled.clone(), p.clone());
-        consumers.push(tokio::spawn(async move {
-            let grp = format!("g{g}");
-            let mut position = 0i64;
-            let mut done = 0u64;
-            while done < n {
-                let rows: Vec<(i64, String, Vec<u8>)> =
-                    sqlx::query_as(&format!("SELECT seq, id, payload FROM {p}raw_log WHERE seq > $1 ORDER BY seq LIMIT 100"))
-                        .bind(position)
-                        .fetch_all(&pool)
-                        .await?;
-                if rows.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
-                }
-                for (seq, id, payload) in rows {
-                    let tick: Tick = serde_json::from_slice(&payload)?;
-                    let mut tx = pool.begin_with(begin).await?;
-                    let fresh = sqlx::query(&format!("INSERT INTO {p}raw_inbox (grp, id) VALUES ($1, $2) ON CONFLICT DO NOTHING"))
-                        .bind(&grp)
-                        .bind(&id)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected()
-                        == 1;
-                    if fresh {
-                        sqlx::query(&format!("INSERT INTO {p}raw_effects (seq) VALUES ($1)")).bind(seq).execute(&mut *tx).await?;
-                        let out = serde_json::to_vec(&Tocked { seq: tick.seq, key: tick.key })?;
-                        sqlx::query(&format!("INSERT INTO {p}raw_outbox (payload) VALUES ($1)")).bind(out).execute(&mut *tx).await?;
-                    }
-                    sqlx::query(&format!(
-                        "INSERT INTO {p}raw_offsets (grp, position) VALUES ($1, $2) ON CONFLICT (grp) DO UPDATE SET position = excluded.position"
-                    ))
-                    .bind(&grp)
-                    .bind(seq)
-                    .execute(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    latencies.lock().unwrap_or_else(|p| p.into_inner()).push(now_us().saturating_sub(tick.sent_us));
-                    handled.fetch_add(1, Ordering::Relaxed);
-                    position = seq;
-                    done += 1;
-                }
+    let send = |seq: u64| {
+        let senders = &senders;
+        let body = &body;
+        async move {
+            let bytes = serde_json::to_vec(&Wire { id: uuid::Uuid::now_v7().to_string(), tick: tick(seq, body) })?;
+            for tx in senders {
+                tx.send(bytes.clone()).await?;
             }
             Ok::<(), BoxError>(())
-        }));
-    }
-    let body = "x".repeat(a.payload);
-    // Each event has its id (a UUIDv7, as eda's), and the inbox is keyed on it.
-    let insert = format!("INSERT INTO {p}raw_log (id, payload) VALUES ($1, $2)");
+        }
+    };
+    let groups = a.groups as u64;
     let start = Instant::now();
     for seq in 0..n {
-        sqlx::query(&insert)
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(serde_json::to_vec(&tick(seq, &body))?)
-            .execute(&pool)
-            .await?;
+        send(seq).await?;
     }
     let published = start.elapsed();
-    for c in consumers {
-        c.await??;
-    }
+    wait_for(|| handled.load(Ordering::Acquire), n * groups, "hand-written").await?;
     let total = start.elapsed();
-    if postgres {
-        for t in ["raw_log", "raw_inbox", "raw_effects", "raw_outbox", "raw_offsets"] {
-            sqlx::query(&format!("DROP TABLE {p}{t}")).execute(&pool).await?;
+    let mut ticks = pace(MEMORY_LATENCY.rate);
+    for i in 0..MEMORY_LATENCY.events {
+        ticks.tick().await;
+        send(n + i).await?;
+    }
+    wait_for(|| handled.load(Ordering::Acquire), (n + MEMORY_LATENCY.events) * groups, "hand-written").await?;
+    drop(senders);
+    for c in consumers {
+        let emitted = c.await?;
+        if emitted as u64 != n + MEMORY_LATENCY.events {
+            return Err(format!("hand-written: {emitted} emitted, not {}", n + MEMORY_LATENCY.events).into());
         }
     }
     let latencies_us = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
@@ -524,272 +430,35 @@ async fn raw_sql(postgres: bool, a: &Args, n: u64) -> Result<Sample, BoxError> {
     })
 }
 
-/// eda's relay: `n` events already in a PostgreSQL outbox, carried to an in-memory target.
-async fn eda_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
-    let db = Db::new(true)?;
-    let outbox = SqlOptions::new(&db.url).table_prefix(&db.prefix).connect().await?;
-    let published = fill(&outbox, n, a.payload, 500).await?;
-    let target = MemoryTransport::new();
-    let start = Instant::now();
-    let relay = Relay::new(outbox.clone(), Arc::new(target.clone())).in_flight(a.in_flight).spawn();
-    wait_for(|| target.len("bench") as u64, n, "eda relay").await?;
-    let total = start.elapsed();
-    relay.stop().await;
-    drop_tables(&outbox, &db).await;
-    Ok(Sample {
-        publish_eps: n as f64 / published.as_secs_f64(),
-        e2e_eps: n as f64 / total.as_secs_f64(),
-        latencies_us: vec![],
+/// eda on the in-memory transport; the effects are checked by the runtime's own count.
+async fn eda_memory(a: &Args, n: u64) -> Result<Sample, BoxError> {
+    let transport = MemoryTransport::new();
+    let out = transport.clone();
+    let expected = n * a.groups as u64;
+    eda_run(Arc::new(transport), None, a, n, MEMORY_LATENCY, || async move {
+        match out.len("bench-out") as u64 {
+            emitted if emitted == expected => Ok(()),
+            emitted => Err(format!("eda: {emitted} emitted events, not {expected}").into()),
+        }
     })
+    .await
 }
 
-/// A plain relay as a competent engineer writes it: a position row locked and moved in the
-/// transaction that reads the next 100 rows past it (`id > last`), the stored envelopes
-/// published as one batch.
-async fn raw_relay(a: &Args, n: u64) -> Result<Sample, BoxError> {
-    let db = Db::new(true)?;
-    let pool = sqlx::PgPool::connect(&db.url).await?;
-    let table = format!("{}raw_outbox", db.prefix);
-    sqlx::query(&format!(
-        "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
-         envelope BYTEA NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-    ))
-    .execute(&pool)
-    .await?;
-    // The relay's position, moved in the transaction that reads past it: no rescans of sent
-    // rows, one row written per batch.
-    sqlx::query(&format!("CREATE TABLE {table}_position (relay TEXT PRIMARY KEY, last_id BIGINT NOT NULL)"))
-        .execute(&pool)
-        .await?;
-    sqlx::query(&format!("INSERT INTO {table}_position VALUES ('raw', 0)")).execute(&pool).await?;
-    let body = "x".repeat(a.payload);
-    let start = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let mut tx = pool.begin().await?;
-        for seq in chunk {
-            let envelope = eda::Envelope::root("bench", eda::PendingEvent::new(&tick(*seq, &body))?, None);
-            sqlx::query(&format!("INSERT INTO {table} (event_id, event_type, envelope) VALUES ($1, 'Tick.v1', $2)"))
-                .bind(envelope.id.to_string())
-                .bind(serde_json::to_vec(&envelope)?)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+/// The rate of a scenario's latency phase, when it has one.
+fn latency_rate(transport: &str) -> Option<u64> {
+    match transport {
+        "memory" => Some(MEMORY_LATENCY.rate),
+        "postgres-outbox" => None,
+        _ => Some(sql::LATENCY.rate),
     }
-    let published = start.elapsed();
-    let target = MemoryTransport::new();
-    let start = Instant::now();
-    let mut relayed = 0u64;
-    while relayed < n {
-        let mut tx = pool.begin().await?;
-        let (last,): (i64,) =
-            sqlx::query_as(&format!("SELECT last_id FROM {table}_position WHERE relay = 'raw' FOR UPDATE"))
-                .fetch_one(&mut *tx)
-                .await?;
-        let rows: Vec<(i64, Vec<u8>)> =
-            sqlx::query_as(&format!("SELECT id, envelope FROM {table} WHERE id > $1 ORDER BY id LIMIT 100"))
-                .bind(last)
-                .fetch_all(&mut *tx)
-                .await?;
-        // The stored envelopes as they are (each keeps its event id), the batch in one call.
-        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
-        let envelopes =
-            rows.iter().map(|(_, e)| serde_json::from_slice(e)).collect::<Result<Vec<eda::Envelope>, _>>()?;
-        target.publish_all(&envelopes).await?;
-        if let Some(last) = ids.last() {
-            sqlx::query(&format!("UPDATE {table}_position SET last_id = $1 WHERE relay = 'raw'"))
-                .bind(last)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        relayed += ids.len() as u64;
-    }
-    let total = start.elapsed();
-    sqlx::query(&format!("DROP TABLE {table}, {table}_position")).execute(&pool).await?;
-    Ok(Sample {
-        publish_eps: n as f64 / published.as_secs_f64(),
-        e2e_eps: n as f64 / total.as_secs_f64(),
-        latencies_us: vec![],
-    })
 }
 
 fn nats_url() -> String {
     std::env::var("EDA_BENCH_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
-/// How many partitions both NATS runs use.
-const NATS_PARTITIONS: u32 = 16;
-
 fn nats_namespace() -> String {
     format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
-}
-
-async fn eda_nats(a: &Args, n: u64, drain: bool) -> Result<Sample, BoxError> {
-    let nats = NatsOptions::new(nats_url()).namespace(nats_namespace()).partitions(NATS_PARTITIONS).connect().await?;
-    let sample =
-        if drain { eda_drain(nats.clone(), a, n).await } else { eda_run(Arc::new(nats.clone()), None, a, n).await };
-    nats.delete_namespace().await?;
-    sample
-}
-
-/// eda: `n` events already waiting on the transport; handle them in `groups` groups.
-async fn eda_drain(transport: NatsTransport, a: &Args, n: u64) -> Result<Sample, BoxError> {
-    let published = fill(&transport, n, a.payload, 500).await?;
-    let registry = groups(a.groups);
-    let sink = Arc::new(Sink { handled: AtomicU64::new(0), latencies_us: Mutex::default(), insert_effect: None });
-    let start = Instant::now();
-    let runtime = Runtime::builder(registry)
-        .shared_state(sink.clone())
-        .transport(transport)
-        .max_in_flight(a.in_flight)
-        .journal_capacity(0)
-        .start()
-        .await?;
-    wait_for(|| sink.handled.load(Ordering::Relaxed), n * a.groups as u64, "eda").await?;
-    let total = start.elapsed();
-    runtime.shutdown().await;
-    Ok(Sample {
-        publish_eps: n as f64 / published.as_secs_f64(),
-        e2e_eps: n as f64 / total.as_secs_f64(),
-        latencies_us: vec![],
-    })
-}
-
-/// Raw async-nats doing what eda does on NATS, with the same guarantees: per-key order across
-/// instances (a subject and a `max_ack_pending` 1 consumer per partition), a dedupe set,
-/// confirmed publishes of the event and of what each handling emits, confirmed acks. With
-/// `drain`, the events are published first and only the handling is timed.
-async fn raw_nats(a: &Args, n: u64, drain: bool) -> Result<Sample, BoxError> {
-    use async_nats::jetstream::{self, consumer, stream};
-    let client = async_nats::connect(nats_url()).await?;
-    let js = jetstream::new(client);
-    let ns = nats_namespace();
-    let subjects = |topic: &str| (0..NATS_PARTITIONS).map(|p| format!("{ns}.{topic}.{p}")).collect::<Vec<_>>();
-    let (ticks, tocks) = (format!("{ns}_ticks"), format!("{ns}_tocks"));
-    js.create_stream(stream::Config { name: ticks.clone(), subjects: subjects("bench"), ..Default::default() }).await?;
-    js.create_stream(stream::Config { name: tocks.clone(), subjects: subjects("bench-out"), ..Default::default() })
-        .await?;
-    let body = "x".repeat(a.payload);
-    let publish = |seq: u64| {
-        let t = tick(seq, &body);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string());
-        // The same placement as eda's, so both runs spread the keys alike.
-        let subject = format!("{ns}.bench.{}", partition_of(&t.key.to_string(), NATS_PARTITIONS));
-        let js = js.clone();
-        async move {
-            let payload = serde_json::to_vec(&t)?;
-            Ok::<_, BoxError>(js.publish_with_headers(subject, headers, payload.into()).await?)
-        }
-    };
-    let start = Instant::now();
-    if drain {
-        for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-            let mut acks = Vec::with_capacity(chunk.len());
-            for seq in chunk {
-                acks.push(publish(*seq).await?);
-            }
-            for ack in acks {
-                ack.await?;
-            }
-        }
-    }
-    let prefilled = start.elapsed();
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
-    let handled = Arc::new(AtomicU64::new(0));
-    let mut consumers = Vec::new();
-    let start = Instant::now();
-    for g in 0..a.groups {
-        let seen = Arc::new(Mutex::new(HashSet::new()));
-        for p in 0..NATS_PARTITIONS {
-            let stream = js.get_stream(&ticks).await?;
-            let consumer = stream
-                .create_consumer(consumer::pull::Config {
-                    durable_name: Some(format!("g{g}_{p}")),
-                    filter_subject: format!("{ns}.bench.{p}"),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    max_ack_pending: 1,
-                    ..Default::default()
-                })
-                .await?;
-            let (js, ns, seen, latencies, handled) =
-                (js.clone(), ns.clone(), seen.clone(), latencies.clone(), handled.clone());
-            consumers.push(tokio::spawn(async move {
-                let mut messages = consumer.stream().max_messages_per_batch(1).messages().await?;
-                while let Some(message) = messages.next().await {
-                    let message = message?;
-                    let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
-                    let tick: Tick = serde_json::from_slice(&message.payload)?;
-                    if seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
-                        // Where eda's handler records it: before the emitted event and the ack.
-                        if !drain {
-                            let latency = now_us().saturating_sub(tick.sent_us);
-                            latencies.lock().unwrap_or_else(|p| p.into_inner()).push(latency);
-                        }
-                        let out = serde_json::to_vec(&Tocked { seq: tick.seq, key: tick.key })?;
-                        let partition = partition_of(&tick.key.to_string(), NATS_PARTITIONS);
-                        let subject = format!("{ns}.bench-out.{partition}");
-                        js.publish(subject, out.into()).await?.await?;
-                    }
-                    message.double_ack().await?;
-                    handled.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok::<(), BoxError>(())
-            }));
-        }
-    }
-    if !drain {
-        for seq in 0..n {
-            publish(seq).await?.await?;
-        }
-    }
-    let published = if drain { prefilled } else { start.elapsed() };
-    wait_for(|| handled.load(Ordering::Relaxed), n * a.groups as u64, "raw nats").await?;
-    let total = start.elapsed();
-    for c in &consumers {
-        c.abort();
-    }
-    js.delete_stream(&ticks).await?;
-    js.delete_stream(&tocks).await?;
-    let latencies_us = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(Sample {
-        publish_eps: n as f64 / published.as_secs_f64(),
-        e2e_eps: n as f64 / total.as_secs_f64(),
-        latencies_us,
-    })
-}
-
-/// A large backlog in the log, and a consumer working through it for a while: memory stays
-/// bounded by the in-flight limit, not by the backlog.
-async fn backlog(postgres: bool, a: &Args) -> Result<String, BoxError> {
-    let n = a.events.unwrap_or(1_000_000);
-    let db = Db::new(postgres)?;
-    let transport = SqlOptions::new(&db.url).table_prefix(&db.prefix).connect().await?;
-    let filled = fill(&transport, n, a.payload, 5_000).await?;
-    let rss_before = peak_rss_mb();
-    let sink = Arc::new(Sink { handled: AtomicU64::new(0), latencies_us: Mutex::default(), insert_effect: None });
-    let runtime = Runtime::builder(Registry::builder().descriptor(handle_1::descriptor()).publishes::<Tick>().build())
-        .shared_state(sink.clone())
-        .transport(transport.clone())
-        .max_in_flight(a.in_flight)
-        .journal_capacity(0)
-        .start()
-        .await?;
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
-    let handled = sink.handled.load(Ordering::Relaxed);
-    let lag: u64 = transport.lag("bench-1", "bench").await?.iter().map(|p| p.lag).sum();
-    runtime.shutdown().await;
-    drop_tables(&transport, &db).await;
-    let which = if postgres { "postgres" } else { "sqlite" };
-    Ok(format!(
-        "{which} backlog of {n} events (written at {:.0} ev/s): the consumer handled {handled} in {:.1} s ({:.0} ev/s), {lag} still waiting; peak RSS {rss_before:.1} MB before consuming, {:.1} MB after",
-        n as f64 / filled.as_secs_f64(),
-        start.elapsed().as_secs_f64(),
-        handled as f64 / start.elapsed().as_secs_f64(),
-        peak_rss_mb(),
-    ))
 }
 
 async fn measure(
@@ -799,7 +468,6 @@ async fn measure(
     let default_events = match transport {
         "memory" => 50_000,
         "postgres-outbox" => 5_000,
-        "nats-drain" => 10_000,
         _ => 2_000,
     };
     let n = a.events.unwrap_or(default_events);
@@ -809,18 +477,15 @@ async fn measure(
         // Alternate which goes first, so warm-up and drift fall on both alike.
         for first_eda in [round % 2 == 0, round % 2 != 0] {
             let sample = match (transport, first_eda) {
-                ("memory", true) => eda_run(Arc::new(MemoryTransport::new()), None, a, n).await?,
+                ("memory", true) => eda_memory(a, n).await?,
                 ("memory", false) => raw_memory(a, n).await?,
-                ("sqlite", true) => eda_sql(false, a, n).await?,
-                ("sqlite", false) => raw_sql(false, a, n).await?,
-                ("postgres", true) => eda_sql(true, a, n).await?,
-                ("postgres", false) => raw_sql(true, a, n).await?,
-                ("nats", true) => eda_nats(a, n, false).await?,
-                ("nats", false) => raw_nats(a, n, false).await?,
-                ("nats-drain", true) => eda_nats(a, n, true).await?,
-                ("nats-drain", false) => raw_nats(a, n, true).await?,
-                (_, true) => eda_relay(a, n).await?,
-                (_, false) => raw_relay(a, n).await?,
+                ("postgres-outbox", true) => sql::eda_relay(a, n).await?,
+                ("postgres-outbox", false) => sql::raw_relay(a, n).await?,
+                (db, true) => sql::eda_sql(db.starts_with("postgres"), a, n).await?,
+                (db, false) => {
+                    let commit = if db.ends_with("-batched") { sql::Commit::PerBatch } else { sql::Commit::PerEvent };
+                    sql::raw_sql(db.starts_with("postgres"), commit, a, n).await?
+                }
             };
             match (round, first_eda) {
                 (0, _) => {}
@@ -832,8 +497,7 @@ async fn measure(
     let scenario = match transport {
         "memory" => "in-process dispatch with guard",
         "postgres-outbox" => "relay outbox -> memory",
-        "nats" => "ordered pull, guard, emit, ack",
-        "nats-drain" => "the same, from a backlog",
+        "sqlite-batched" | "postgres-batched" => "the same, plain SQL commits per batch",
         _ => "log + inbox + effect + outbox",
     };
     let ratios: Vec<f64> = eda.iter().zip(&raw).map(|(e, r)| e.e2e_eps / r.e2e_eps.max(f64::MIN_POSITIVE)).collect();
@@ -857,14 +521,17 @@ async fn main() {
             if !e.is_empty() {
                 eprintln!("error: {e}");
             }
-            eprintln!("usage: bench [--transport memory,sqlite,postgres,postgres-outbox,nats,nats-drain] [--events N] [--payload BYTES] [--in-flight N] [--groups 1..4] [--rounds N] [--json]");
+            eprintln!(
+                "usage: bench [--transport {}] [--events N] [--payload BYTES] [--in-flight N] [--groups 1..4] [--rounds N] [--seconds N] [--json]",
+                SCENARIOS.join(",")
+            );
             std::process::exit(2);
         }
     };
     sqlx::any::install_default_drivers();
     if !args.json && args.transports.iter().any(|t| !t.ends_with("-backlog") && t != "nats-peak") {
         println!(
-            "{:<16} {:<32} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10} {:>17} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "{:<16} {:<36} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10} {:>17} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
             "transport",
             "scenario",
             "events",
@@ -874,6 +541,7 @@ async fn main() {
             "eda ev/s",
             "raw ev/s",
             "ratio",
+            "lat. at",
             "eda p50",
             "eda p99",
             "raw p50",
@@ -891,7 +559,7 @@ async fn main() {
             continue;
         }
         if let Some(db) = transport.strip_suffix("-backlog") {
-            match backlog(db == "postgres", &args).await {
+            match sql::backlog(db == "postgres", &args).await {
                 Ok(line) if args.json => println!("{}", serde_json::json!({ "transport": transport, "report": line })),
                 Ok(line) => println!("{line}"),
                 Err(e) => {
@@ -912,12 +580,12 @@ async fn main() {
                         "ratio_min": (ratio_min * 100.0).round() / 100.0, "ratio_max": (ratio_max * 100.0).round() / 100.0,
                         "eda_publish_eps": eda.publish_eps.round(), "raw_publish_eps": raw.publish_eps.round(),
                         "eda_p50_us": eda.p50_us, "eda_p99_us": eda.p99_us, "raw_p50_us": raw.p50_us, "raw_p99_us": raw.p99_us,
-                        "peak_rss_mb": (rss * 10.0).round() / 10.0,
+                        "peak_rss_mb": (rss * 10.0).round() / 10.0, "latency_rate_per_s": latency_rate(transport),
                     });
                     println!("{line}");
                 } else {
                     println!(
-                        "{:<16} {:<32} {:>7} {:>7} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>17} {:>7}us {:>7}us {:>7}us {:>7}us {:>8.1}",
+                        "{:<16} {:<36} {:>7} {:>7} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>17} {:>8} {:>7}us {:>7}us {:>7}us {:>7}us {:>8.1}",
                         transport,
                         scenario,
                         n,
@@ -927,6 +595,7 @@ async fn main() {
                         eda.e2e_eps,
                         raw.e2e_eps,
                         format!("{ratio:.2} ({ratio_min:.2}–{ratio_max:.2})"),
+                        latency_rate(transport).map_or("–".to_owned(), |r| format!("{r}/s")),
                         eda.p50_us,
                         eda.p99_us,
                         raw.p50_us,

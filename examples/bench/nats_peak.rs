@@ -12,8 +12,10 @@
 //!   one durable pull consumer, `max_ack_pending` 1024, batches of 512, an ack per message, no
 //!   ordering and no dedupe.
 //!
-//! The handling rate is timed from the first handled event to the last on both sides (set-up
-//! is outside both clocks). A warm-up pair is run and dropped; then rounds alternate which side
+//! The handling rate is timed on both sides from the first handled event until the server
+//! holds every event acknowledged (no pending and no unacknowledged message on the group's
+//! consumers, polled every millisecond once the effects are all done, the same way on both
+//! sides); set-up is outside both clocks. A warm-up pair is run and dropped; then rounds alternate which side
 //! goes first, and the reported ratios are the median of the per-round ratios, with min–max.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use eda::transport::nats::NatsOptions;
-use eda::{event, handler, Binding, Ctx, Envelope, PendingEvent, Registry, Runtime};
+use eda::{event, handler, Binding, Ctx, Envelope, PendingEvent, Registry, Runtime, Transport as _};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -51,7 +53,6 @@ fn peak(seq: u64, sent_us: u64) -> Peak {
 struct Effect {
     handled: AtomicU64,
     first: OnceLock<Instant>,
-    last: Mutex<Option<Instant>>,
     latencies_us: Mutex<Vec<u64>>,
 }
 
@@ -62,7 +63,6 @@ impl Effect {
         if event.sent_us > 0 {
             self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(now_us().saturating_sub(event.sent_us));
         }
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
         self.handled.fetch_add(1, Ordering::Release);
     }
 
@@ -77,11 +77,10 @@ impl Effect {
         Ok(())
     }
 
-    fn rate(&self, n: u64) -> f64 {
-        let first = self.first.get().copied();
-        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
-        match (first, last) {
-            (Some(f), Some(l)) if l > f => (n - 1) as f64 / (l - f).as_secs_f64(),
+    /// Events per second from the first handled event until `acked`.
+    fn rate(&self, n: u64, acked: Instant) -> f64 {
+        match self.first.get().copied() {
+            Some(f) if acked > f => (n - 1) as f64 / (acked - f).as_secs_f64(),
             _ => 0.0,
         }
     }
@@ -96,6 +95,25 @@ impl Effect {
 #[handler(group = "peak")]
 async fn peak_effect(event: Peak, effect: Ctx<'_, Effect>) {
     effect.record(&event);
+}
+
+/// When the server holds every event acknowledged: polls `unsettled` (messages pending or
+/// unacknowledged on the group's consumers) every millisecond until it reads 0.
+async fn acked<F, Fut>(unsettled: F) -> Result<Instant, BoxError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, BoxError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if unsettled().await? == 0 {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            return Err("the server still holds unacknowledged events after 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// One side's figures of one round.
@@ -150,7 +168,8 @@ async fn eda_round(n: u64) -> Result<Round, BoxError> {
         .start()
         .await?;
     effect.wait(n).await?;
-    let consume_eps = effect.rate(n);
+    let done = acked(|| async { Ok(nats.lag("peak", "peak").await?.iter().map(|p| p.lag).sum()) }).await?;
+    let consume_eps = effect.rate(n, done);
     effect.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clear();
     at_fixed_rate(|i| {
         let publisher = publisher.clone();
@@ -240,7 +259,12 @@ async fn raw_round(n: u64) -> Result<Round, BoxError> {
         })
     };
     effect.wait(n).await?;
-    let consume_eps = effect.rate(n);
+    let done = acked(|| async {
+        let info = consumer.get_info().await?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    })
+    .await?;
+    let consume_eps = effect.rate(n, done);
     effect.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clear();
     let subject = format!("{full}.events");
     at_fixed_rate(|i| {
