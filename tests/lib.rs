@@ -282,6 +282,12 @@ impl TestDb {
         let db = self.open().await;
         eda::sql::sqlx::query_scalar(&sql).fetch_one(db.pool()).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
+
+    /// Runs one statement on the database.
+    pub async fn execute(&self, sql: &str) {
+        let db = self.open().await;
+        eda::sql::sqlx::query(sql).execute(db.pool()).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
 }
 
 /// SQL log settings for tests: short leases so instances rebalance quickly.

@@ -5,6 +5,8 @@
 //! `eda-test-node publish <url> <prefix> <count> <first>` publishes `Work { n }` for n in
 //! first..first+count. `eda-test-node consume <url> <prefix> <expected>` handles work until
 //! `expected` tallies exist, then exits; SIGTERM (or ctrl-c) stops it gracefully before that.
+//! With `EDA_TEST_STATS_DIR` set, it keeps the number of duplicate deliveries its guards
+//! absorbed in a file named after its process id there, rewritten every 50 ms.
 //! `eda-test-node relay <url> <prefix> <target-url> <target-prefix>` relays the log at `url`,
 //! used as an outbox, into the log at `target-url` until everything is relayed; it pauses after
 //! each event the target accepted, before recording it, so that a kill often lands in between.
@@ -175,8 +177,15 @@ async fn main() -> eda::Result<()> {
             let pool = transport.pool().clone();
             let count = tables.count_tallies.clone();
             let runtime = on(Runtime::builder(registry()).state(tables), transport).max_in_flight(16).start().await?;
+            // Where the test reads how many deliveries came again after their effects had
+            // committed, even from a process it kills: a file per process, rewritten as it runs.
+            let stats = std::env::var_os("EDA_TEST_STATS_DIR")
+                .map(|d| std::path::Path::new(&d).join(std::process::id().to_string()));
             let done = async {
                 loop {
+                    if let Some(path) = &stats {
+                        let _ = std::fs::write(path, runtime.stats().duplicates.to_string());
+                    }
                     let tallies: i64 = sqlx::query_scalar(&count).fetch_one(&pool).await.unwrap_or(0);
                     if tallies >= expected {
                         return;

@@ -220,7 +220,7 @@ async fn apply_patiently(t: Transfer, runs: Ctx<'_, Runs>) {
 /// The suite's audit: "a slow handler is not handed to another instance" was never tested. A
 /// handler running 2.5 s past an `ack_wait` of 1 s, with a second instance of its group: the
 /// server delivers the event again, its partition's owner ignores the repeat, and the other
-/// instance never gets it. Called once.
+/// instance never gets it. Called once, and no repeat got as far as a guard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_slower_than_ack_wait_runs_once() {
     let server = NatsServer::start();
@@ -246,6 +246,10 @@ async fn a_handler_slower_than_ack_wait_runs_once() {
     second.settled(Duration::from_secs(20)).await.expect("settled");
     assert_eq!(runs.started.load(Ordering::SeqCst), 4, "each slow handling ran once");
     assert_eq!(runs.overlapped.load(Ordering::SeqCst), 0);
+    // The server's repeats past `ack_wait` stop at the owner's window: none reaches the
+    // runtime, where only the guard would stop it (and a guard in another process would not).
+    let repeats = first.stats().duplicates + second.stats().duplicates;
+    assert_eq!(repeats, 0, "the server's repeats reached the handlers' guards");
     first.shutdown().await;
     second.shutdown().await;
 }
