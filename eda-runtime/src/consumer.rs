@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use eda_core::{
     Claim, Commit, DeadLetterReason, Deliveries, Delivery, Envelope, GuardKey, HandlerDescriptor, HandlerError,
-    Handling, Idempotency, Inbox, States, StepState, Store, Subscription, Transport, UnitOfWork,
+    Handling, Idempotency, Inbox, States, StepState, Store, Subscription, Transport, TransportError, UnitOfWork,
 };
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -135,13 +135,18 @@ enum Disposition {
 
 type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, OwnedSemaphorePermit)>>>>;
 
-/// Runs the consumer of `group` on `topic` until the runtime stops.
+/// Runs the consumer of `group` on `topic` until the runtime stops. How its first subscription
+/// went is sent on `first`: a transport that refuses the subscription for its settings
+/// ([`TransportError::Config`]) ends the consumer, and the runtime's start fails with it; any
+/// other failure is retried here, in the background.
 pub(crate) async fn consume(
     shared: Arc<Shared>,
     group: &'static str,
     topic: &'static str,
     handlers: Arc<[&'static HandlerDescriptor]>,
+    first: tokio::sync::oneshot::Sender<Option<TransportError>>,
 ) {
+    let mut first = Some(first);
     let permits = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
     let lanes: Lanes = Arc::default();
     let mut tasks = JoinSet::new();
@@ -158,8 +163,20 @@ pub(crate) async fn consume(
                 Ok(s) => {
                     stream = Some(s);
                     failures = 0;
+                    if let Some(first) = first.take() {
+                        let _ = first.send(None);
+                    }
+                }
+                Err(e @ TransportError::Config { .. }) if first.is_some() => {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Some(e));
+                    }
+                    return;
                 }
                 Err(e) => {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(None);
+                    }
                     failures += 1;
                     let wait = shared.config.retry.backoff(failures.saturating_add(1)).max(Duration::from_millis(50));
                     tracing::warn!(group, topic, error = %e, ?wait, "cannot subscribe; trying again");

@@ -322,9 +322,12 @@ impl RuntimeBuilder {
             by_subscription.entry((h.group, h.topic())).or_default().push(*h);
         }
         let mut tasks = JoinSet::new();
+        let mut firsts = Vec::new();
         for ((group, topic), handlers) in by_subscription.iter().filter(|_| consume) {
             tracing::debug!(group, topic, handlers = handlers.len(), "starting consumer");
-            tasks.spawn(consumer::consume(shared.clone(), group, topic, handlers.clone().into()));
+            let (first, subscribed) = tokio::sync::oneshot::channel();
+            firsts.push(subscribed);
+            tasks.spawn(consumer::consume(shared.clone(), group, topic, handlers.clone().into(), first));
         }
         let subscriptions: Vec<_> = by_subscription.into_keys().collect();
         let metrics_addr = match metrics_addr {
@@ -349,7 +352,7 @@ impl RuntimeBuilder {
             }
             None => None,
         };
-        Ok(Runtime {
+        let runtime = Runtime {
             shared,
             registry,
             subscriptions,
@@ -360,7 +363,18 @@ impl RuntimeBuilder {
             relay: Mutex::new(relay),
             #[cfg(any(feature = "sqlite", feature = "postgres"))]
             outbox,
-        })
+        };
+        // Each consumer's first subscription, for a while: one its transport refuses for its
+        // settings fails the start (after the others are shut down again). A transport that
+        // does not answer yet is retried in the background, as before.
+        let deadline = tokio::time::Instant::now() + FIRST_SUBSCRIPTION;
+        for subscribed in firsts {
+            if let Ok(Ok(Some(refused))) = tokio::time::timeout_at(deadline, subscribed).await {
+                runtime.shutdown().await;
+                return Err(refused.into());
+            }
+        }
+        Ok(runtime)
     }
 
     /// Starts, runs until ctrl-c (or SIGTERM on Unix), then shuts down gracefully.
@@ -372,6 +386,9 @@ impl RuntimeBuilder {
         Ok(())
     }
 }
+
+/// How long [`RuntimeBuilder::start`] waits for the consumers' first subscriptions.
+const FIRST_SUBSCRIPTION: Duration = Duration::from_secs(15);
 
 fn default_source() -> String {
     std::env::current_exe()

@@ -342,6 +342,36 @@ async fn a_crash_does_not_reset_failed_attempts(postgres: bool) {
     assert!(shown.contains("attempts     3 (retries exhausted)"), "{shown}");
 }
 
+/// Two live processes given the same `instance_id` would be one owner to the leases: each
+/// renewing, taking and releasing the other's partitions, both handling them. The second is
+/// refused at start and says why; the first goes on undisturbed. (A restart after a crash under
+/// the same name, where the old process is gone, is what the SIGKILL tests do throughout.)
+async fn a_second_live_process_with_the_same_instance_id_is_refused(postgres: bool) {
+    const EVENTS: u32 = 3000;
+    let db = Target::new(postgres).await;
+    assert!(db.run(&["publish", &EVENTS.to_string(), "0"]).success());
+    let expected = EVENTS.to_string();
+    let mut first = db.node_named("twin", &["consume", &expected]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db.counts().await.effects < 50 {
+        assert!(Instant::now() < deadline, "the first consumer never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = Command::new(NODE)
+        .args(["consume", &db.url, &db.prefix, &expected])
+        .env("EDA_TEST_INSTANCE", "twin")
+        .output()
+        .expect("the test node runs");
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second live process under one instance id started");
+    assert!(said.contains("another live process consumes") && said.contains("`twin`"), "{said}");
+    assert!(wait_with_timeout(&mut first, Duration::from_secs(300)).success());
+    let c = db.counts().await;
+    let all = i64::from(EVENTS);
+    assert_eq!((c.effects, c.distinct_effects), (all, all), "each event's effect exactly once");
+    db.assert_effects_in_key_order().await;
+}
+
 /// Runs a `dlq` command of the test node and returns what it printed.
 fn dlq(db: &Target, args: &[&str], fixed: bool) -> String {
     let output = Command::new(NODE)
@@ -361,5 +391,6 @@ eda_tests::on_sql_databases! {
     sigterm_mid_stream_loses_nothing_and_applies_nothing_twice,
     sigkill_at_random_moments_still_applies_every_effect_exactly_once,
     a_crash_does_not_reset_failed_attempts,
+    a_second_live_process_with_the_same_instance_id_is_refused,
     a_poison_event_is_dead_lettered_while_the_rest_flow_and_is_replayed_from_the_command_line,
 }

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::unit::{LogDelivery, SqlUnit};
-use super::{envelope_of, fnv1a, lock, now_ms, other, SqlTransport};
+use super::{envelope_of, fnv1a, lock, other, SqlTransport};
 
 /// What one partition of a subscription is doing.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -241,6 +241,46 @@ impl ConsumerShared {
         });
     }
 
+    /// With a fixed `instance_id`, refuses to start while another live process consumes under
+    /// the same name: the two would renew, take and release each other's leases as one owner,
+    /// and both handle the same partitions. A live instance renews its member row every third
+    /// of a lease; a row that has not moved for half a lease belongs to a process that is gone.
+    /// So after a crash the restarted process waits at most half a lease here (after a clean
+    /// stop the row is gone and it goes at once), and beside a live twin it fails.
+    pub(super) async fn refuse_a_twin(&self) -> Result<(), TransportError> {
+        let inner = &self.transport.inner;
+        let quiet = inner.options.lease_ttl.as_millis() as i64 / 2;
+        let read = || async {
+            let mut conn = inner.pool.acquire().await.map_err(other)?;
+            let now: i64 = sqlx::query_scalar(inner.dialect.now_ms()).fetch_one(&mut *conn).await.map_err(other)?;
+            let seen: Option<i64> = sqlx::query_scalar(&inner.sql.member_seen)
+                .bind(&self.group)
+                .bind(&self.topic)
+                .bind(&self.owner)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(other)?;
+            Ok::<_, TransportError>((now, seen))
+        };
+        let (now, Some(seen)) = read().await? else { return Ok(()) };
+        if now - seen >= quiet {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis((quiet - (now - seen)).unsigned_abs())).await;
+        match read().await? {
+            (_, Some(again)) if again != seen => Err(TransportError::Config {
+                transport: "sql",
+                reason: format!(
+                    "another live process consumes `{}` on `{}` as instance `{}`: give each process its own `instance_id` (or none, for a random one)",
+                    self.group,
+                    self.topic,
+                    self.owner.rsplit_once('#').map_or(self.owner.as_str(), |(id, _)| id)
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Renews this consumer's leases, and takes or gives up partitions towards a fair share
     /// among the live members of the group.
     pub(super) async fn rebalance(&self) -> Result<(), TransportError> {
@@ -248,7 +288,6 @@ impl ConsumerShared {
         let inner = &shared.transport.inner;
         let sql = &inner.sql;
         let (g, t, me) = (&shared.group, &shared.topic, &shared.owner);
-        let now = now_ms();
         let ttl = inner.options.lease_ttl.as_millis() as i64;
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
         if let Some(lock) = inner.dialect.lock() {
@@ -256,6 +295,9 @@ impl ConsumerShared {
             let key = fnv1a(&[&inner.options.prefix, "leases", g, t]) as i64;
             sqlx::query(lock).bind(key).execute(&mut *tx).await.map_err(other)?;
         }
+        // Every instance judges leases by the database's clock, read once the lock is held:
+        // one whose own clock runs ahead would otherwise see live leases as expired.
+        let now: i64 = sqlx::query_scalar(inner.dialect.now_ms()).fetch_one(&mut *tx).await.map_err(other)?;
         sqlx::query(&sql.member_upsert).bind(g).bind(t).bind(me).bind(now).execute(&mut *tx).await.map_err(other)?;
         sqlx::query(&sql.members_expire).bind(g).bind(t).bind(now - ttl).execute(&mut *tx).await.map_err(other)?;
         let members: i64 =

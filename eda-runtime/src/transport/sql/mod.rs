@@ -199,7 +199,9 @@ impl SqlOptions {
     }
 
     /// A stable name for this instance: a restarted process with the same name takes its
-    /// partitions back at once instead of waiting for its old leases to expire.
+    /// partitions back at once instead of waiting for its old leases to expire (after a crash,
+    /// once its predecessor has been silent for half a lease). Each live process needs its own:
+    /// a consumer refuses to start while another live process consumes under the same name.
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance = Some(id.into());
         self
@@ -884,6 +886,13 @@ impl SqlTransport {
             slots: Mutex::default(),
             wake: Notify::new(),
         });
+        if self.inner.options.instance.is_some() {
+            if let Err(e) = shared.refuse_a_twin().await {
+                // Not this process's name to release at close: the twin holds it.
+                lock(&self.inner.owners).retain(|(_, _, o)| *o != shared.owner);
+                return Err(e);
+            }
+        }
         // Hold leases before the first fetch, then keep them in the background.
         shared.rebalance().await?;
         shared.keep_leases();

@@ -60,6 +60,17 @@ impl Dialect {
         }
     }
 
+    /// The database's clock in milliseconds since the Unix epoch. Leases are judged by it, so
+    /// that an instance whose own clock runs ahead cannot take live leases (PostgreSQL's
+    /// `clock_timestamp()`, which moves within a transaction; SQLite runs in the process, on
+    /// the host's clock, which every process on the database shares).
+    pub fn now_ms(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+            Dialect::Postgres => "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
     /// Takes a transaction-scoped lock on a 64-bit key (PostgreSQL only; SQLite's single writer
     /// already excludes everyone).
     pub fn lock(self) -> Option<&'static str> {
@@ -90,6 +101,7 @@ pub struct Sql {
     pub member_upsert: String,
     pub members_expire: String,
     pub members_count: String,
+    pub member_seen: String,
     pub leases_renew: String,
     pub leases_mine: String,
     pub lease_claim: String,
@@ -201,6 +213,7 @@ impl Sql {
             ),
             members_expire: format!("DELETE FROM {p}members WHERE grp = $1 AND topic = $2 AND seen_at < $3"),
             members_count: format!("SELECT COUNT(*) FROM {p}members WHERE grp = $1 AND topic = $2"),
+            member_seen: format!("SELECT seen_at FROM {p}members WHERE grp = $1 AND topic = $2 AND owner = $3"),
             leases_renew: format!("UPDATE {p}leases SET expires_at = $4 WHERE grp = $1 AND topic = $2 AND owner = $3"),
             leases_mine: format!("SELECT partition FROM {p}leases WHERE grp = $1 AND topic = $2 AND owner = $3"),
             lease_claim: format!(
