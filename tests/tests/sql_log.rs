@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use eda::sql::{sqlx, SqlTransport};
 use eda::{event, handler, Ctx, DeadLetterStore, Registry, Runtime, Transport};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 const SETTLE: Duration = Duration::from_secs(30);
@@ -236,7 +237,41 @@ async fn saga_step_records_outlive_the_log_retention(postgres: bool) {
     rt.shutdown().await;
 }
 
+/// The PostgreSQL review's defect 6: an instance whose lease was taken over still counted its
+/// failures into the attempts the new owner reads, and still dead-lettered the event the new
+/// owner was about to handle. Only the lease's holder does either now.
+async fn an_instance_that_lost_its_lease_neither_counts_attempts_nor_dead_letters(postgres: bool) {
+    let log = eda_tests::TestDb::new(postgres).await;
+    let db = log.open().await;
+    let noted = Noted { key: "k".into(), n: 1 };
+    db.publish(&eda::Envelope::root("test", eda::PendingEvent::new(&noted).expect("encoded"), None))
+        .await
+        .expect("publish");
+    let subscription = eda::Subscription { group: "reader".into(), topic: "notes".into(), prefetch: 1 };
+    let mut deliveries = db.subscribe(&subscription).await.expect("subscribes");
+    let first = deliveries.next().await.expect("a delivery").expect("delivered");
+    let attempts = format!("SELECT COALESCE(MAX(attempts), 0) FROM {}attempts WHERE grp = 'reader'", log.prefix);
+    first.attempt_failed().await.expect("counted");
+    assert_eq!(log.count(&attempts).await, 1, "the holder counts its failure");
+
+    // Another instance takes the partition over while this one still works on the event.
+    log.execute(&format!(
+        "UPDATE {}leases SET owner = 'new-owner', expires_at = expires_at + 3600000 WHERE grp = 'reader'",
+        log.prefix
+    ))
+    .await;
+    first.attempt_failed().await.expect("not an error");
+    assert_eq!(log.count(&attempts).await, 1, "a former holder adds nothing to the new owner's count");
+    let reason = eda::DeadLetterReason { handler: None, error: "gave up".into(), permanent: true };
+    first.dead_letter(reason).await.expect("not an error");
+    let letters = format!("SELECT COUNT(*) FROM {}dead_letters", log.prefix);
+    assert_eq!(log.count(&letters).await, 0, "a former holder sets nothing aside");
+    let position = format!("SELECT COALESCE(MAX(position), 0) FROM {}offsets WHERE grp = 'reader'", log.prefix);
+    assert_eq!(log.count(&position).await, 0, "the event stays for the new owner");
+}
+
 eda_tests::on_sql_databases! {
+    an_instance_that_lost_its_lease_neither_counts_attempts_nor_dead_letters,
     saga_step_records_outlive_the_log_retention,
     a_corrupt_stored_event_is_dead_lettered_and_does_not_block_its_partition,
     retention_removes_what_every_group_has_passed,

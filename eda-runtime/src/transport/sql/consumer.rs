@@ -489,6 +489,8 @@ impl Acker for SqlAcker {
             .bind(&s.group)
             .bind(&s.topic)
             .bind(self.seq)
+            .bind(i64::from(self.partition))
+            .bind(&s.owner)
             .execute(&s.transport.inner.pool)
             .await
             .map_err(other)?;
@@ -509,6 +511,24 @@ impl Acker for SqlAcker {
         let envelope = serde_json::to_string(&letter.envelope).map_err(other)?;
         let at = letter.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
+        // Only the partition's holder sets its events aside: after a takeover the new owner
+        // delivers this event again and counts its own attempts (held, the lease stays locked
+        // until commit, so no one takes the partition in between).
+        let held = sqlx::query(&inner.sql.lease_held)
+            .bind(&s.group)
+            .bind(&s.topic)
+            .bind(i64::from(self.partition))
+            .bind(&s.owner)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(other)?
+            .is_some();
+        if !held {
+            tracing::info!(group = %s.group, topic = %s.topic, seq = self.seq, "not dead-lettered: another instance holds the partition now");
+            drop(tx);
+            self.finish(Slot::Idle);
+            return Ok(());
+        }
         // The position first: when the partition's new owner already passed this event (after
         // a lease lapse), it was handled there, and a letter would be replayed as a second
         // handling. Rolled back, it is not an error: the event is settled.

@@ -106,6 +106,7 @@ pub struct Sql {
     pub leases_mine: String,
     pub lease_claim: String,
     pub lease_release: String,
+    pub lease_held: String,
     pub leases_release_owner: String,
     pub members_release_owner: String,
     pub lag: String,
@@ -203,9 +204,19 @@ impl Sql {
                 "DELETE FROM {p}attempts WHERE grp = $1 AND topic = $2 AND seq IN (
                      SELECT seq FROM {p}log WHERE topic = $2 AND partition = $3 AND seq <= $4)"
             ),
+            // Counted only while the partition's lease is the caller's: an instance that lost it
+            // must not add to the count its new owner keeps.
             nack: format!(
-                "INSERT INTO {p}attempts (grp, topic, seq, attempts) VALUES ($1, $2, $3, 1)
+                "INSERT INTO {p}attempts (grp, topic, seq, attempts)
+                 SELECT $1, $2, $3, 1 WHERE EXISTS (
+                     SELECT 1 FROM {p}leases WHERE grp = $1 AND topic = $2 AND partition = $4 AND owner = $5)
                  ON CONFLICT (grp, topic, seq) DO UPDATE SET attempts = {p}attempts.attempts + 1"
+            ),
+            // Whether the caller still holds a partition's lease; on PostgreSQL the row stays
+            // locked until commit, so no one takes the partition over in between.
+            lease_held: format!(
+                "SELECT 1 FROM {p}leases WHERE grp = $1 AND topic = $2 AND partition = $3 AND owner = $4{}",
+                if dialect == Dialect::Postgres { " FOR SHARE" } else { "" }
             ),
             member_upsert: format!(
                 "INSERT INTO {p}members (grp, topic, owner, seen_at) VALUES ($1, $2, $3, $4)
@@ -303,6 +314,8 @@ mod tests {
                 &sql.lease_claim,
                 &sql.dead_insert,
                 &sql.dead_insert_once,
+                &sql.nack,
+                &sql.lease_held,
             ] {
                 assert!(!s.contains(" eda_"), "{s}");
                 // First uses of $N appear in increasing order, as SQLite binds names by first use.
