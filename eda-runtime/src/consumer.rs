@@ -138,7 +138,8 @@ type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, OwnedSemaphorePermit)
 /// Runs the consumer of `group` on `topic` until the runtime stops. How its first subscription
 /// went is sent on `first`: a transport that refuses the subscription for its settings
 /// ([`TransportError::Config`]) ends the consumer, and the runtime's start fails with it; any
-/// other failure is retried here, in the background.
+/// other failure, and a refusal that comes after the start stopped waiting, is logged and
+/// retried here, in the background.
 pub(crate) async fn consume(
     shared: Arc<Shared>,
     group: &'static str,
@@ -167,19 +168,27 @@ pub(crate) async fn consume(
                         let _ = first.send(None);
                     }
                 }
-                Err(e @ TransportError::Config { .. }) if first.is_some() => {
+                Err(mut e) => {
+                    let config = matches!(e, TransportError::Config { .. });
                     if let Some(first) = first.take() {
-                        let _ = first.send(Some(e));
-                    }
-                    return;
-                }
-                Err(e) => {
-                    if let Some(first) = first.take() {
-                        let _ = first.send(None);
+                        if !config {
+                            let _ = first.send(None);
+                        } else {
+                            // The start fails with it, unless it stopped waiting: then this
+                            // consumer must not end unseen, and goes on trying.
+                            match first.send(Some(e)) {
+                                Ok(()) => return,
+                                Err(back) => e = back.unwrap_or(TransportError::Closed("runtime")),
+                            }
+                        }
                     }
                     failures += 1;
                     let wait = shared.config.retry.backoff(failures.saturating_add(1)).max(Duration::from_millis(50));
-                    tracing::warn!(group, topic, error = %e, ?wait, "cannot subscribe; trying again");
+                    if config {
+                        tracing::error!(group, topic, error = %e, ?wait, "cannot subscribe until the configuration is fixed; trying again");
+                    } else {
+                        tracing::warn!(group, topic, error = %e, ?wait, "cannot subscribe; trying again");
+                    }
                     let _ = tokio::time::timeout(wait, stop.wait_for(|s| *s)).await;
                 }
             }
