@@ -270,6 +270,100 @@ async fn an_instance_that_lost_its_lease_neither_counts_attempts_nor_dead_letter
     assert_eq!(log.count(&position).await, 0, "the event stays for the new owner");
 }
 
+/// The database's clock, in the milliseconds leases are kept in.
+const DB_NOW: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+
+/// The PostgreSQL review's defect 3: a transaction that published and did not commit holds its
+/// partition's lock; publishers to that partition wait on it, each holding a pooled connection,
+/// until the pool is empty, and lease renewal waited for a connection too, past the lease. It
+/// renews on connections of its own now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_kept_while_publishers_wait_on_a_partition_lock_longer_than_a_lease() {
+    let log = eda_tests::TestDb::new(true).await;
+    let db = log.options().max_connections(2).connect().await.expect("opens");
+    let rt = Runtime::builder(registry()).state(Seen::default()).transport(db.clone()).start().await.expect("start");
+    let (first, second) = (Noted { key: "k".into(), n: 1 }, Noted { key: "k".into(), n: 2 });
+    // One connection: a transaction that published and holds the partition.
+    let mut holder = db.pool().begin().await.expect("begin");
+    db.publish_in(&mut holder, "test", &first).await.expect("publish_in");
+    // The other: a publisher waiting for that partition.
+    let waiter = tokio::spawn({
+        let db = db.clone();
+        async move {
+            let mut tx = db.pool().begin().await.expect("begin");
+            db.publish_in(&mut tx, "test", &second).await.expect("publish_in after the holder commits");
+            tx.commit().await.expect("commit");
+        }
+    });
+    // Five leases' time (600 ms each) with the pool taken.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lapsed = log.count(&format!("SELECT COUNT(*) FROM {{p}}leases WHERE expires_at < {DB_NOW}")).await;
+    let held = log.count("SELECT COUNT(*) FROM {p}leases").await;
+    assert!(held > 0, "the consumer holds partitions");
+    assert_eq!(lapsed, 0, "{lapsed} of {held} leases lapsed while the pool was taken");
+    holder.commit().await.expect("commit");
+    waiter.await.expect("the waiter published");
+    rt.settled(SETTLE).await.expect("settled");
+    assert_eq!(rt.state::<Seen>().expect("state").0.lock().expect("lock").clone(), vec![1, 2]);
+    rt.shutdown().await;
+}
+
+/// Defect 3 again: a publisher waited for a partition lock for as long as its holder kept the
+/// transaction open. It waits at most the lock timeout, and then says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_waits_for_a_partition_lock_no_longer_than_the_lock_timeout() {
+    let log = eda_tests::TestDb::new(true).await;
+    let db = log.options().lock_timeout(Some(Duration::from_millis(300))).connect().await.expect("opens");
+    let noted = Noted { key: "k".into(), n: 1 };
+    let mut holder = db.pool().begin().await.expect("begin");
+    db.publish_in(&mut holder, "test", &noted).await.expect("publish_in");
+    let mut waiter = db.pool().begin().await.expect("begin");
+    let started = Instant::now();
+    let waited = tokio::time::timeout(Duration::from_secs(5), db.publish_in(&mut waiter, "test", &noted)).await;
+    let err = waited.expect("gave up within the lock timeout").err().map(|e| e.to_string()).expect("refused");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(err.contains("lock timeout") && err.contains("SqlOptions::lock_timeout"), "{err}");
+    holder.commit().await.expect("the holder commits");
+}
+
+/// Defect 3, the last part: transactions that publish to the same partitions in opposite
+/// orders deadlock, one `publish_in` per event; PostgreSQL ends one, which is told what to do.
+/// With `publish_all_in` they lock in one order and both commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_to_several_partitions_in_one_transaction_does_not_deadlock() {
+    let log = eda_tests::TestDb::new(true).await;
+    let db = log.options().partitions(64).connect().await.expect("opens");
+    let (a, b) = (Noted { key: "a".into(), n: 1 }, Noted { key: "b".into(), n: 2 });
+    let pending = |e: &Noted| eda::PendingEvent::new(e).expect("encoded");
+
+    // One event at a time, in opposite orders: a deadlock, which PostgreSQL breaks.
+    let mut one = db.pool().begin().await.expect("begin");
+    let mut two = db.pool().begin().await.expect("begin");
+    db.publish_in(&mut one, "test", &a).await.expect("a");
+    db.publish_in(&mut two, "test", &b).await.expect("b");
+    let (first, second) = tokio::join!(db.publish_in(&mut one, "test", &b), db.publish_in(&mut two, "test", &a));
+    let failed: Vec<String> = [first.err(), second.err()].into_iter().flatten().map(|e| e.to_string()).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains("deadlock") && failed[0].contains("publish_all_in"), "{}", failed[0]);
+    drop((one, two));
+
+    // All of a transaction's events at once: one order, no deadlock.
+    let mut one = db.pool().begin().await.expect("begin");
+    let mut two = db.pool().begin().await.expect("begin");
+    db.publish_all_in(&mut one, "test", [pending(&a), pending(&b)]).await.expect("a and b");
+    let second = tokio::spawn({
+        let db = db.clone();
+        async move {
+            db.publish_all_in(&mut two, "test", [pending(&b), pending(&a)]).await.expect("b and a");
+            two.commit().await.expect("commit")
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    one.commit().await.expect("commit");
+    second.await.expect("the second commits too");
+    assert_eq!(log.count("SELECT COUNT(*) FROM {p}log").await, 4);
+}
+
 eda_tests::on_sql_databases! {
     an_instance_that_lost_its_lease_neither_counts_attempts_nor_dead_letters,
     saga_step_records_outlive_the_log_retention,

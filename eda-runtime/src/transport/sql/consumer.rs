@@ -2,7 +2,7 @@
 //! that has nothing in flight.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::unit::{LogDelivery, SqlUnit};
-use super::{envelope_of, fnv1a, lock, other, SqlTransport};
+use super::{envelope_of, fnv1a, lock, other, unreachable, SqlTransport};
 
 /// What one partition of a subscription is doing.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -35,7 +35,12 @@ pub(super) struct ConsumerShared {
     pub(super) partitions: u32,
     pub(super) slots: Mutex<HashMap<u32, Slot>>,
     pub(super) wake: Notify,
+    /// The database time of this consumer's last renewal, [`NOT_RENEWED`] before the first.
+    pub(super) renewed_at: AtomicI64,
 }
+
+/// [`ConsumerShared::renewed_at`] before the first renewal.
+pub(super) const NOT_RENEWED: i64 = i64::MIN;
 
 impl ConsumerShared {
     /// Sets what a partition is doing. Settling an event in flight wakes the consumer, which
@@ -246,27 +251,25 @@ impl ConsumerShared {
     /// and both handle the same partitions. A live instance renews its member row every third
     /// of a lease; a row that has not moved for half a lease belongs to a process that is gone.
     /// So after a crash the restarted process waits at most half a lease here (after a clean
-    /// stop the row is gone and it goes at once), and beside a live twin it fails.
+    /// stop the row is gone and it goes at once), and beside a live twin it fails. A twin this
+    /// misses (both starting at the same moment, or one whose renewal was late by more than a
+    /// sixth of a lease) is found by the renewals that follow ([`Self::look_for_a_twin`]).
     pub(super) async fn refuse_a_twin(&self) -> Result<(), TransportError> {
         let inner = &self.transport.inner;
         let quiet = inner.options.lease_ttl.as_millis() as i64 / 2;
         let read = || async {
-            let mut conn = inner.pool.acquire().await.map_err(other)?;
+            let mut conn = inner.leases.acquire().await.map_err(other)?;
             let now: i64 = sqlx::query_scalar(inner.dialect.now_ms()).fetch_one(&mut *conn).await.map_err(other)?;
-            let seen: Option<i64> = sqlx::query_scalar(&inner.sql.member_seen)
-                .bind(&self.group)
-                .bind(&self.topic)
-                .bind(&self.owner)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(other)?;
-            Ok::<_, TransportError>((now, seen))
+            Ok::<_, TransportError>((now, self.member_seen(&mut conn).await?))
         };
         let (now, Some(seen)) = read().await? else { return Ok(()) };
-        if now - seen >= quiet {
+        // A row from the future (written by a clock that has since stepped back) counts as
+        // fresh: the wait stays within one lease.
+        let age = (now - seen).clamp(0, quiet);
+        if age >= quiet {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis((quiet - (now - seen)).unsigned_abs())).await;
+        tokio::time::sleep(Duration::from_millis((quiet - age).unsigned_abs())).await;
         match read().await? {
             (_, Some(again)) if again != seen => Err(TransportError::Config {
                 transport: "sql",
@@ -281,15 +284,54 @@ impl ConsumerShared {
         }
     }
 
+    /// When this consumer's member row was last renewed, by the database's clock.
+    async fn member_seen(&self, conn: &mut AnyConnection) -> Result<Option<i64>, TransportError> {
+        sqlx::query_scalar(&self.transport.inner.sql.member_seen)
+            .bind(&self.group)
+            .bind(&self.topic)
+            .bind(&self.owner)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(other)
+    }
+
+    /// With a fixed `instance_id`: whether someone else renewed this consumer's member row since
+    /// its last renewal — a second live process under the same name, which started beside this
+    /// one. Said loudly at every renewal; the two share leases until one is stopped.
+    async fn look_for_a_twin(&self, conn: &mut AnyConnection) -> Result<(), TransportError> {
+        let last = self.renewed_at.load(Ordering::SeqCst);
+        if last == NOT_RENEWED {
+            return Ok(());
+        }
+        let seen = self.member_seen(conn).await?;
+        if seen.is_some_and(|seen| seen != last) {
+            tracing::error!(
+                group = %self.group,
+                topic = %self.topic,
+                instance = %self.owner,
+                "another live process consumes under this instance's name: both handle the same partitions; give each process its own `instance_id`"
+            );
+        }
+        Ok(())
+    }
+
     /// Renews this consumer's leases, and takes or gives up partitions towards a fair share
-    /// among the live members of the group.
+    /// among the live members of the group. Gives up after a lease's time: a database that
+    /// does not answer (a failover, lost packets) fails the round instead of hanging it.
     pub(super) async fn rebalance(&self) -> Result<(), TransportError> {
+        let ttl = self.transport.inner.options.lease_ttl;
+        tokio::time::timeout(ttl, self.rebalance_once()).await.unwrap_or_else(|_| {
+            Err(unreachable(format!("renewing partition leases took longer than a lease lasts ({ttl:?})")))
+        })
+    }
+
+    async fn rebalance_once(&self) -> Result<(), TransportError> {
         let shared = self;
         let inner = &shared.transport.inner;
         let sql = &inner.sql;
         let (g, t, me) = (&shared.group, &shared.topic, &shared.owner);
         let ttl = inner.options.lease_ttl.as_millis() as i64;
-        let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
+        let mut tx = inner.leases.begin_with(inner.dialect.begin()).await.map_err(other)?;
         if let Some(lock) = inner.dialect.lock() {
             // One rebalance per group and topic at a time: claims never interleave.
             let key = fnv1a(&[&inner.options.prefix, "leases", g, t]) as i64;
@@ -298,6 +340,9 @@ impl ConsumerShared {
         // Every instance judges leases by the database's clock, read once the lock is held:
         // one whose own clock runs ahead would otherwise see live leases as expired.
         let now: i64 = sqlx::query_scalar(inner.dialect.now_ms()).fetch_one(&mut *tx).await.map_err(other)?;
+        if inner.options.instance.is_some() {
+            self.look_for_a_twin(&mut tx).await?;
+        }
         sqlx::query(&sql.member_upsert).bind(g).bind(t).bind(me).bind(now).execute(&mut *tx).await.map_err(other)?;
         sqlx::query(&sql.members_expire).bind(g).bind(t).bind(now - ttl).execute(&mut *tx).await.map_err(other)?;
         let members: i64 =
@@ -359,6 +404,7 @@ impl ConsumerShared {
             p += 1;
         }
         tx.commit().await.map_err(other)?;
+        self.renewed_at.store(now, Ordering::SeqCst);
         let gained = {
             let mut slots = lock(&shared.slots);
             // A partition lost with an event in flight stays, revoked, until that event settles;

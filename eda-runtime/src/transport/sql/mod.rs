@@ -14,6 +14,9 @@
 //! [`Dialect`] says so.
 
 mod consumer;
+#[cfg(feature = "postgres")]
+mod listen;
+mod options;
 mod relay;
 mod schema;
 mod unit;
@@ -28,6 +31,7 @@ use eda_core::{
     CorrelationId, Ctx, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Envelope, EventId, HandlerError,
     PartitionLag, StoreError, StoredDeadLetter, Subscription, Transport, TransportError,
 };
+pub use options::SqlOptions;
 pub use relay::{Relay, RelayHandle};
 pub use schema::Dialect;
 pub use sqlx;
@@ -116,103 +120,6 @@ impl LazyTransaction {
     }
 }
 
-/// Settings of a [`SqlTransport`].
-#[derive(Clone, Debug)]
-pub struct SqlOptions {
-    url: String,
-    prefix: String,
-    partitions: u32,
-    lease_ttl: Duration,
-    poll_interval: Option<Duration>,
-    instance: Option<String>,
-    max_connections: u32,
-    acquire_timeout: Duration,
-    retention: Option<Duration>,
-}
-
-impl SqlOptions {
-    /// Options for the database at `url`: `sqlite://path/to/file.db` (created if missing) or
-    /// `postgres://user@host/database`.
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            prefix: "eda_".into(),
-            partitions: 8,
-            lease_ttl: Duration::from_secs(6),
-            poll_interval: None,
-            instance: None,
-            max_connections: 8,
-            acquire_timeout: Duration::from_secs(10),
-            retention: Some(Duration::from_secs(7 * 24 * 3600)),
-        }
-    }
-
-    /// How many connections this handle keeps to the database at most (8 by default).
-    pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n.max(1);
-        self
-    }
-
-    /// How long getting a connection may take before it is an error (10 s by default): a
-    /// database that does not answer fails the start, and each later step, within this.
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
-        self
-    }
-
-    /// The prefix of eda's tables (`eda_` by default): letters, digits and `_`, and on PostgreSQL
-    /// a schema (`eda.` or `app.eda_`) that exists.
-    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// How many partitions a new topic gets (8 by default). A topic keeps the count it was
-    /// created with; it bounds how many events of one group run at once.
-    pub fn partitions(mut self, n: u32) -> Self {
-        self.partitions = n.max(1);
-        self
-    }
-
-    /// How long a consumer's claim on a partition lasts without renewal (6 s by default): after
-    /// a crash, another instance takes the partition over within this time.
-    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl.max(Duration::from_millis(300));
-        self
-    }
-
-    /// How often to look for events published by other processes when nothing woke the
-    /// consumers: 50 ms by default on SQLite, 500 ms on PostgreSQL, where LISTEN/NOTIFY wakes
-    /// them at once and polling only covers notifications lost while reconnecting. Events
-    /// published in this process wake them at once on either.
-    pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = Some(interval);
-        self
-    }
-
-    /// How long handled log entries, guard records and saga records are kept (7 days by
-    /// default; `None` keeps everything). A duplicate arriving later than this is no longer
-    /// recognised, so keep it longer than any redelivery or replay can take.
-    pub fn retention(mut self, retention: Option<Duration>) -> Self {
-        self.retention = retention;
-        self
-    }
-
-    /// A stable name for this instance: a restarted process with the same name takes its
-    /// partitions back at once instead of waiting for its old leases to expire (after a crash,
-    /// once its predecessor has been silent for half a lease). Each live process needs its own:
-    /// a consumer refuses to start while another live process consumes under the same name.
-    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
-        self.instance = Some(id.into());
-        self
-    }
-
-    /// Opens (or creates) the database and brings its schema up to date.
-    pub async fn connect(self) -> Result<SqlTransport, TransportError> {
-        SqlTransport::open(self).await
-    }
-}
-
 /// The SQL log transport. Clones share one connection pool.
 #[derive(Clone)]
 pub struct SqlTransport {
@@ -221,6 +128,8 @@ pub struct SqlTransport {
 
 struct Inner {
     pool: AnyPool,
+    /// For partition leases only (see [`LEASE_CONNECTIONS`]).
+    leases: AnyPool,
     dialect: Dialect,
     sql: Sql,
     options: SqlOptions,
@@ -240,6 +149,10 @@ struct Notified {
     sent: Option<Instant>,
     trailing: bool,
 }
+
+/// Connections each transport keeps for renewing its consumers' partition leases: renewals are
+/// short, and one per consumer every third of a lease.
+const LEASE_CONNECTIONS: u32 = 2;
 
 /// See [`SqlTransport::notify_now`].
 const NOTIFY_WINDOW: Duration = Duration::from_millis(20);
@@ -325,18 +238,32 @@ impl SqlTransport {
         };
         let connect = AnyConnectOptions::from_str(&url)
             .map_err(|e| unreachable(format!("`{}` is not a valid database URL: {e}", redact(&options.url))))?;
-        let mut pool =
-            AnyPoolOptions::new().max_connections(options.max_connections).acquire_timeout(options.acquire_timeout);
-        if dialect == Dialect::Sqlite {
-            pool = pool.after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)));
-        }
-        let pool = pool
-            .connect_with(connect)
+        let settings = Arc::new(session_settings(dialect, &options));
+        let pool_options = |max: u32, acquire: Duration| {
+            let settings = settings.clone();
+            AnyPoolOptions::new().max_connections(max).acquire_timeout(acquire).after_connect(move |conn, _| {
+                let settings = settings.clone();
+                Box::pin(async move {
+                    for setting in settings.iter() {
+                        sqlx::query(setting).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+        };
+        let pool = pool_options(options.max_connections, options.acquire_timeout)
+            .connect_with(connect.clone())
             .await
             .map_err(|e| unreachable(format!("cannot open `{}`: {e}", redact(&options.url))))?;
+        // Leases are renewed on connections of their own: handlings, publishers waiting on a
+        // partition lock or the application's queries can take every connection of the pool,
+        // and a renewal that waited for one would let the leases lapse.
+        let lease_wait = options.acquire_timeout.min(options.lease_ttl / 3);
+        let leases = pool_options(LEASE_CONNECTIONS, lease_wait).connect_lazy_with(connect);
         let instance = options.instance.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let inner = Inner {
             pool,
+            leases,
             dialect,
             sql: Sql::new(dialect, &options.prefix),
             options,
@@ -352,7 +279,7 @@ impl SqlTransport {
         transport.migrate().await?;
         #[cfg(feature = "postgres")]
         if dialect == Dialect::Postgres {
-            listen(Arc::downgrade(&transport.inner), transport.inner.options.url.clone(), transport.channel());
+            listen::listen(Arc::downgrade(&transport.inner), transport.inner.options.url.clone(), transport.channel());
         }
         Ok(transport)
     }
@@ -363,6 +290,10 @@ impl SqlTransport {
     async fn migrate(&self) -> Result<(), TransportError> {
         let (inner, sql) = (&self.inner, &self.inner.sql);
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
+        if inner.dialect == Dialect::Postgres {
+            // Building an index on a large log takes longer than any one statement may.
+            sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.map_err(other)?;
+        }
         if let Some(lock) = inner.dialect.lock() {
             let key = fnv1a(&[&inner.options.prefix, "schema"]) as i64;
             sqlx::query(lock).bind(key).execute(&mut *tx).await.map_err(other)?;
@@ -463,6 +394,34 @@ impl SqlTransport {
         // case they find nothing yet and the poll picks it up.
         self.inner.published.notify_waiters();
         Ok(envelope)
+    }
+
+    /// Publishes several events inside the application's own transaction, like
+    /// [`publish_in`](Self::publish_in) for each, but locking their partitions in one order:
+    /// two transactions that each publish to the same partitions cannot deadlock, whichever
+    /// order their events come in (with one `publish_in` per event, PostgreSQL would end one of
+    /// them to break the deadlock).
+    ///
+    /// ```no_run
+    /// # async fn place(outbox: &eda::sql::SqlTransport, placed: &impl eda::Event, reserved: &impl eda::Event) -> eda::Result<()> {
+    /// use eda::PendingEvent;
+    /// let mut tx = outbox.pool().begin().await.map_err(|e| eda::Error::Config(e.to_string()))?;
+    /// let events = [PendingEvent::new(placed)?, PendingEvent::new(reserved)?];
+    /// outbox.publish_all_in(&mut tx, "shop", events).await?;
+    /// tx.commit().await.map_err(|e| eda::Error::Config(e.to_string()))?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_all_in(
+        &self,
+        conn: &mut AnyConnection,
+        source: &str,
+        events: impl IntoIterator<Item = eda_core::PendingEvent>,
+    ) -> Result<Vec<Envelope>, TransportError> {
+        let envelopes: Vec<Envelope> =
+            events.into_iter().map(|pending| Envelope::root(source, pending, None)).collect();
+        self.insert(conn, &envelopes).await?;
+        self.inner.published.notify_waiters();
+        Ok(envelopes)
     }
 
     /// When the oldest event `group` has not settled on `topic` was published: how stale an
@@ -680,6 +639,18 @@ impl SqlTransport {
         Ok(u32::try_from(n).unwrap_or(1).max(1))
     }
 
+    /// The partition count of `topic`, which is created, committed, on a connection of its own
+    /// when it is new.
+    async fn partitions_committed(&self, topic: &str) -> Result<u32, TransportError> {
+        if let Some(n) = lock(&self.inner.topics).get(topic) {
+            return Ok(*n);
+        }
+        let mut conn = self.inner.pool.acquire().await.map_err(other)?;
+        let n = self.partitions(&mut conn, topic).await?;
+        self.remember_topics([(topic, n)]);
+        Ok(n)
+    }
+
     /// Caches the partition counts of topics whose creation has committed.
     fn remember_topics<'a>(&self, committed: impl IntoIterator<Item = (&'a str, u32)>) {
         let mut topics = lock(&self.inner.topics);
@@ -710,7 +681,13 @@ impl SqlTransport {
         let mut placed = Vec::with_capacity(envelopes.len());
         let mut topics: Vec<(String, u32)> = Vec::new();
         for e in envelopes {
-            let partitions = self.partitions(conn, &e.topic).await?;
+            let partitions = match self.inner.dialect {
+                // A topic made inside the caller's transaction would hold its row locked until
+                // that commits, and every other publisher to the topic would wait on it.
+                Dialect::Postgres => self.partitions_committed(&e.topic).await?,
+                // SQLite's single writer: the caller's transaction may already hold it.
+                Dialect::Sqlite => self.partitions(conn, &e.topic).await?,
+            };
             if !topics.iter().any(|(t, _)| *t == e.topic) {
                 topics.push((e.topic.clone(), partitions));
             }
@@ -718,12 +695,18 @@ impl SqlTransport {
             placed.push((e, partition_of(&key, partitions)));
         }
         if let Some(lock) = self.inner.dialect.lock() {
-            let mut keys: Vec<i64> =
-                placed.iter().map(|(e, p)| partition_lock(&self.inner.options.prefix, &e.topic, *p)).collect();
-            keys.sort_unstable();
-            keys.dedup();
-            for key in keys {
-                sqlx::query(lock).bind(key).execute(&mut *conn).await.map_err(other)?;
+            let mut keys: Vec<(i64, &str, u32)> = placed
+                .iter()
+                .map(|(e, p)| (partition_lock(&self.inner.options.prefix, &e.topic, *p), e.topic.as_str(), *p))
+                .collect();
+            keys.sort_unstable_by_key(|(key, _, _)| *key);
+            keys.dedup_by_key(|(key, _, _)| *key);
+            for (key, topic, partition) in keys {
+                sqlx::query(lock)
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| self.lock_failed(e, topic, partition))?;
             }
         }
         if let Some(notify) = self.inner.dialect.notify() {
@@ -756,51 +739,38 @@ impl SqlTransport {
         }
         Ok(topics)
     }
-}
 
-/// Wakes this process's consumers when another process commits events (PostgreSQL's
-/// LISTEN/NOTIFY). Notifications sent while the listener reconnects are lost; the consumers'
-/// polling covers those. Ends when the transport is dropped.
-#[cfg(feature = "postgres")]
-fn listen(inner: std::sync::Weak<Inner>, url: String, channel: String) {
-    tokio::spawn(async move {
-        loop {
-            match sqlx::postgres::PgListener::connect(&url).await {
-                Ok(mut listener) => match listener.listen(&channel).await {
-                    Ok(()) => loop {
-                        let received = tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
-                        let Some(inner) = inner.upgrade() else { return };
-                        match received {
-                            // A notification, or (None) a lost connection: either way, look.
-                            Ok(Ok(_)) => inner.published.notify_waiters(),
-                            Ok(Err(e)) => {
-                                tracing::warn!(error = %e, "LISTEN failed; consumers poll until it is back");
-                                break;
-                            }
-                            Err(_) => {} // quiet: check the transport still exists
-                        }
-                    },
-                    Err(e) => tracing::warn!(error = %e, "LISTEN failed; consumers poll until it is back"),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot open a LISTEN connection; consumers poll until it is back")
-                }
-            }
-            if inner.strong_count() == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
-}
-
-/// WAL lets readers run beside the one writer; the busy timeout makes other connections and
-/// processes wait for the write lock instead of failing.
-async fn sqlite_pragmas(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-    for pragma in ["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 10000"] {
-        sqlx::query(pragma).execute(&mut *conn).await?;
+    /// Why a partition lock could not be taken, and what to do about it: the timeout and the
+    /// deadlock are the application's to fix; anything else is the database's.
+    fn lock_failed(&self, e: sqlx::Error, topic: &str, partition: u32) -> TransportError {
+        let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
+        let reason = match code.as_deref() {
+            Some("55P03") => format!(
+                "waited longer than the lock timeout ({:?}) for partition {partition}, which another transaction has published to and not yet committed: keep transactions that publish short, or raise `SqlOptions::lock_timeout`",
+                self.inner.options.lock_timeout.unwrap_or_default()
+            ),
+            Some("40P01") => format!(
+                "PostgreSQL ended this transaction to break a deadlock on partition {partition}: another transaction published to the same partitions in the opposite order; publish a transaction's events with one `publish_all_in`, which locks their partitions in one order, and run the transaction again"
+            ),
+            _ => return other(e),
+        };
+        TransportError::PublishRejected { transport: self.inner.dialect.name(), topic: topic.to_owned(), reason }
     }
-    Ok(())
+}
+
+/// What every connection is set up with. SQLite: WAL lets readers run beside the one writer,
+/// and the busy timeout makes other connections and processes wait for the write lock instead
+/// of failing. PostgreSQL: the lock and statement timeouts of the options.
+fn session_settings(dialect: Dialect, options: &SqlOptions) -> Vec<String> {
+    match dialect {
+        Dialect::Sqlite => ["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 10000"]
+            .map(String::from)
+            .to_vec(),
+        Dialect::Postgres => [("lock_timeout", options.lock_timeout), ("statement_timeout", options.statement_timeout)]
+            .into_iter()
+            .filter_map(|(name, timeout)| timeout.map(|t| format!("SET {name} = {}", t.as_millis().max(1))))
+            .collect(),
+    }
 }
 
 /// Makes sqlx's `Any` driver know the databases this build supports. An application that
@@ -885,11 +855,12 @@ impl SqlTransport {
             partitions,
             slots: Mutex::default(),
             wake: Notify::new(),
+            renewed_at: std::sync::atomic::AtomicI64::new(consumer::NOT_RENEWED),
         });
         if self.inner.options.instance.is_some() {
             if let Err(e) = shared.refuse_a_twin().await {
                 // Not this process's name to release at close: the twin holds it.
-                lock(&self.inner.owners).retain(|(_, _, o)| *o != shared.owner);
+                lock(&self.inner.owners).retain(|(g, t, o)| (g, t, o) != (&shared.group, &shared.topic, &shared.owner));
                 return Err(e);
             }
         }
