@@ -374,3 +374,66 @@ macro_rules! on_sql_databases {
         }
     };
 }
+
+/// A TCP proxy on 127.0.0.1 in front of a local server, whose connections can be cut off the
+/// way a network partition or a failover cuts them: [`freeze`](Self::freeze) makes every
+/// connection open at that moment stop carrying bytes, either way, without closing — neither
+/// side is told. Connections made afterwards work. Lives as long as the test's runtime.
+pub struct FreezingProxy {
+    /// The port to connect to instead of the server's.
+    pub port: u16,
+    open: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl FreezingProxy {
+    /// A proxy to `target` (`host:port`).
+    pub async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+        let port = listener.local_addr().expect("bound").port();
+        let open: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> = Arc::default();
+        let (target, connections) = (target.to_owned(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else { continue };
+                let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                connections.lock().expect("lock").push(frozen.clone());
+                let (from_client, to_client) = client.into_split();
+                let (from_server, to_server) = server.into_split();
+                tokio::spawn(Self::carry(from_client, to_server, frozen.clone()));
+                tokio::spawn(Self::carry(from_server, to_client, frozen));
+            }
+        });
+        Self { port, open }
+    }
+
+    /// Cuts off every connection open now.
+    pub fn freeze(&self) {
+        for frozen in self.open.lock().expect("lock").drain(..) {
+            frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    async fn carry(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        frozen: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                // Both sockets stay open, and nothing more gets through.
+                let _keep = (from, to);
+                std::future::pending::<()>().await;
+                return;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}

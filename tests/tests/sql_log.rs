@@ -364,6 +364,53 @@ async fn publishing_to_several_partitions_in_one_transaction_does_not_deadlock()
     assert_eq!(log.count("SELECT COUNT(*) FROM {p}log").await, 4);
 }
 
+/// The PostgreSQL review's defect 9: with no time limit on eda's own steps, a connection cut
+/// off without a word (a failover, a partition) hung the consumer's fetch and lease renewal for
+/// as long as the operating system kept the socket, and a LISTEN connection stayed dead. Every
+/// step now gives up in time, closes the connection and goes on with a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_cut_off_from_the_database_without_a_word_recovers() {
+    let log = eda_tests::TestDb::new(true).await;
+    let proxy = eda_tests::FreezingProxy::start("127.0.0.1:5432").await;
+    let through_proxy = log.url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(through_proxy, log.url, "the test database is on 127.0.0.1:5432");
+    let consumer_side = eda_tests::sql_options(&through_proxy)
+        .table_prefix(&log.prefix)
+        .statement_timeout(Some(Duration::from_secs(2)))
+        .acquire_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("opens through the proxy");
+    let publisher = log.open().await;
+    let rt = Runtime::builder(registry()).state(Seen::default()).transport(consumer_side).start().await.expect("start");
+    let publish = |n| {
+        let noted = Noted { key: "k".into(), n };
+        let publisher = publisher.clone();
+        async move {
+            let envelope = eda::Envelope::root("test", eda::PendingEvent::new(&noted).expect("encoded"), None);
+            publisher.publish(&envelope).await.expect("publish");
+        }
+    };
+    let seen = || rt.state::<Seen>().map_or(0, |s| s.0.lock().expect("lock").len());
+    publish(1).await;
+    let start = Instant::now();
+    while seen() < 1 && start.elapsed() < SETTLE {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen(), 1, "handled before the cut");
+
+    proxy.freeze();
+    publish(2).await;
+    let cut = Instant::now();
+    while seen() < 2 && cut.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen(), 2, "handled within a minute of the cut");
+    println!("recovered {:?} after the cut", cut.elapsed());
+    assert_eq!(rt.state::<Seen>().expect("state").0.lock().expect("lock").clone(), vec![1, 2]);
+    tokio::time::timeout(Duration::from_secs(60), rt.shutdown()).await.expect("shuts down");
+}
+
 eda_tests::on_sql_databases! {
     an_instance_that_lost_its_lease_neither_counts_attempts_nor_dead_letters,
     saga_step_records_outlive_the_log_retention,

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::unit::{LogDelivery, SqlUnit};
-use super::{envelope_of, fnv1a, lock, other, unreachable, SqlTransport};
+use super::{answered, envelope_of, fnv1a, lock, other, SqlTransport};
 
 /// What one partition of a subscription is doing.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -190,14 +190,15 @@ impl Consumer {
     async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<(i64, i64, Envelope)>, TransportError> {
         let shared = &self.shared;
         let inner = &shared.transport.inner;
-        let rows = sqlx::query(&inner.sql.next_events)
+        let next = sqlx::query(&inner.sql.next_events)
             .bind(&shared.group)
             .bind(&shared.topic)
             .bind(i64::from(partition))
-            .bind(limit.max(1) as i64)
-            .fetch_all(&inner.pool)
-            .await
-            .map_err(other)?;
+            .bind(limit.max(1) as i64);
+        let within = shared.transport.answer_within();
+        let mut conn = inner.pool.acquire().await.map_err(other)?;
+        let done = tokio::time::timeout(within, async { next.fetch_all(&mut *conn).await.map_err(other) }).await;
+        let rows = answered(conn, done, within, "reading the next events")?;
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             let seq: i64 = row.try_get(0).map_err(other)?;
@@ -319,19 +320,20 @@ impl ConsumerShared {
     /// among the live members of the group. Gives up after a lease's time: a database that
     /// does not answer (a failover, lost packets) fails the round instead of hanging it.
     pub(super) async fn rebalance(&self) -> Result<(), TransportError> {
-        let ttl = self.transport.inner.options.lease_ttl;
-        tokio::time::timeout(ttl, self.rebalance_once()).await.unwrap_or_else(|_| {
-            Err(unreachable(format!("renewing partition leases took longer than a lease lasts ({ttl:?})")))
-        })
+        let inner = &self.transport.inner;
+        let within = inner.options.lease_ttl;
+        let mut conn = inner.leases.acquire().await.map_err(other)?;
+        let done = tokio::time::timeout(within, self.rebalance_on(&mut conn)).await;
+        answered(conn, done, within, "renewing partition leases")
     }
 
-    async fn rebalance_once(&self) -> Result<(), TransportError> {
+    async fn rebalance_on(&self, conn: &mut AnyConnection) -> Result<(), TransportError> {
         let shared = self;
         let inner = &shared.transport.inner;
         let sql = &inner.sql;
         let (g, t, me) = (&shared.group, &shared.topic, &shared.owner);
         let ttl = inner.options.lease_ttl.as_millis() as i64;
-        let mut tx = inner.leases.begin_with(inner.dialect.begin()).await.map_err(other)?;
+        let mut tx = sqlx::Connection::begin_with(conn, inner.dialect.begin()).await.map_err(other)?;
         if let Some(lock) = inner.dialect.lock() {
             // One rebalance per group and topic at a time: claims never interleave.
             let key = fnv1a(&[&inner.options.prefix, "leases", g, t]) as i64;
@@ -520,11 +522,12 @@ impl Acker for SqlAcker {
         if self.settled.load(Ordering::SeqCst) {
             return Ok(()); // acknowledged in the handling's own transaction
         }
-        let mut conn = self.shared.transport.inner.pool.acquire().await.map_err(other)?;
-        self.shared
-            .ack(&mut conn, self.partition, self.seq, self.retried.load(Ordering::SeqCst))
-            .await
-            .map_err(other)?;
+        let (shared, retried) = (&self.shared, self.retried.load(Ordering::SeqCst));
+        let within = shared.transport.answer_within();
+        let mut conn = shared.transport.inner.pool.acquire().await.map_err(other)?;
+        let acked = shared.ack(&mut conn, self.partition, self.seq, retried);
+        let done = tokio::time::timeout(within, async { acked.await.map_err(other) }).await;
+        answered(conn, done, within, "acknowledging")?;
         self.finish(Slot::Idle);
         Ok(())
     }

@@ -36,6 +36,7 @@ pub use relay::{Relay, RelayHandle};
 pub use schema::Dialect;
 pub use sqlx;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::pool::PoolConnection;
 use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -182,6 +183,26 @@ fn check_name_lengths(prefix: &str) -> Result<(), TransportError> {
     Ok(())
 }
 
+/// What one of eda's steps on a connection came to, given up after `within` (see
+/// [`SqlTransport::answer_within`]). A connection that did not answer in time (a failover, lost
+/// packets: nothing says it is gone) is closed rather than given back: the pool pings what it
+/// is given back with no time limit, and would hold one of its places for as long as the
+/// operating system keeps the socket.
+fn answered<T>(
+    conn: PoolConnection<sqlx::Any>,
+    done: Result<Result<T, TransportError>, tokio::time::error::Elapsed>,
+    within: Duration,
+    what: &str,
+) -> Result<T, TransportError> {
+    match done {
+        Ok(done) => done,
+        Err(_) => {
+            drop(conn.detach());
+            Err(unreachable(format!("the database did not answer within {within:?} while {what}")))
+        }
+    }
+}
+
 fn store(e: sqlx::Error) -> StoreError {
     StoreError { store: "sql", source: Box::new(e) }
 }
@@ -238,9 +259,8 @@ impl SqlTransport {
         };
         let connect = AnyConnectOptions::from_str(&url)
             .map_err(|e| unreachable(format!("`{}` is not a valid database URL: {e}", redact(&options.url))))?;
-        let settings = Arc::new(session_settings(dialect, &options));
-        let pool_options = |max: u32, acquire: Duration| {
-            let settings = settings.clone();
+        let pool_options = |max: u32, acquire: Duration, settings: Vec<String>| {
+            let settings = Arc::new(settings);
             AnyPoolOptions::new().max_connections(max).acquire_timeout(acquire).after_connect(move |conn, _| {
                 let settings = settings.clone();
                 Box::pin(async move {
@@ -251,7 +271,8 @@ impl SqlTransport {
                 })
             })
         };
-        let pool = pool_options(options.max_connections, options.acquire_timeout)
+        let settings = session_settings(dialect, options.lock_timeout, options.statement_timeout);
+        let pool = pool_options(options.max_connections, options.acquire_timeout, settings)
             .connect_with(connect.clone())
             .await
             .map_err(|e| unreachable(format!("cannot open `{}`: {e}", redact(&options.url))))?;
@@ -259,7 +280,9 @@ impl SqlTransport {
         // partition lock or the application's queries can take every connection of the pool,
         // and a renewal that waited for one would let the leases lapse.
         let lease_wait = options.acquire_timeout.min(options.lease_ttl / 3);
-        let leases = pool_options(LEASE_CONNECTIONS, lease_wait).connect_lazy_with(connect);
+        // Nothing a renewal does may outlast the lease it renews.
+        let settings = session_settings(dialect, Some(options.lease_ttl), Some(options.lease_ttl));
+        let leases = pool_options(LEASE_CONNECTIONS, lease_wait, settings).connect_lazy_with(connect);
         let instance = options.instance.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let inner = Inner {
             pool,
@@ -356,6 +379,12 @@ impl SqlTransport {
     /// How often consumers poll when nothing woke them.
     fn poll_interval(&self) -> Duration {
         self.inner.options.poll_interval.unwrap_or_else(|| self.inner.dialect.poll_interval())
+    }
+
+    /// How long eda waits for the database's answer to one of its own steps: the statement
+    /// timeout and a margin for the reply to arrive (5 minutes without a statement timeout).
+    fn answer_within(&self) -> Duration {
+        self.inner.options.statement_timeout.map_or(Duration::from_secs(300), |t| t + Duration::from_secs(5))
     }
 
     /// The NOTIFY channel of this log: lower case, as PostgreSQL folds unquoted names.
@@ -760,16 +789,23 @@ impl SqlTransport {
 
 /// What every connection is set up with. SQLite: WAL lets readers run beside the one writer,
 /// and the busy timeout makes other connections and processes wait for the write lock instead
-/// of failing. PostgreSQL: the lock and statement timeouts of the options.
-fn session_settings(dialect: Dialect, options: &SqlOptions) -> Vec<String> {
+/// of failing. PostgreSQL: the lock timeout, and `statement` as both the statement timeout and
+/// how long a session may sit idle inside a transaction: a client cut off mid-transaction (a
+/// network partition) would otherwise leave its session holding locks for as long as the
+/// server's TCP keepalive takes to notice, hours by default.
+fn session_settings(dialect: Dialect, lock: Option<Duration>, statement: Option<Duration>) -> Vec<String> {
     match dialect {
         Dialect::Sqlite => ["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 10000"]
             .map(String::from)
             .to_vec(),
-        Dialect::Postgres => [("lock_timeout", options.lock_timeout), ("statement_timeout", options.statement_timeout)]
-            .into_iter()
-            .filter_map(|(name, timeout)| timeout.map(|t| format!("SET {name} = {}", t.as_millis().max(1))))
-            .collect(),
+        Dialect::Postgres => [
+            ("lock_timeout", lock),
+            ("statement_timeout", statement),
+            ("idle_in_transaction_session_timeout", statement),
+        ]
+        .into_iter()
+        .filter_map(|(name, timeout)| timeout.map(|t| format!("SET {name} = {}", t.as_millis().max(1))))
+        .collect(),
     }
 }
 
@@ -925,31 +961,37 @@ impl Transport for SqlTransport {
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
         let sql = &self.inner.sql;
-        let pool = &self.inner.pool;
-        let partitions: Option<i64> =
-            sqlx::query_scalar(&sql.topic_select).bind(topic).fetch_optional(pool).await.map_err(other)?;
-        let Some(partitions) = partitions else { return Ok(vec![PartitionLag { partition: 0, lag: 0 }]) };
-        let positions: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(&sql.lag_positions)
-            .bind(group)
-            .bind(topic)
-            .fetch_all(pool)
-            .await
-            .map_err(other)?
-            .into_iter()
-            .collect();
-        let mut lags = Vec::with_capacity(partitions as usize);
-        for partition in 0..partitions {
-            let position = positions.get(&partition).copied().unwrap_or(0);
-            let waiting: i64 = sqlx::query_scalar(&sql.lag)
+        let within = self.answer_within();
+        let mut conn = self.inner.pool.acquire().await.map_err(other)?;
+        let done = tokio::time::timeout(within, async {
+            let conn = &mut *conn;
+            let partitions: Option<i64> =
+                sqlx::query_scalar(&sql.topic_select).bind(topic).fetch_optional(&mut *conn).await.map_err(other)?;
+            let Some(partitions) = partitions else { return Ok(vec![PartitionLag { partition: 0, lag: 0 }]) };
+            let positions: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(&sql.lag_positions)
+                .bind(group)
                 .bind(topic)
-                .bind(partition)
-                .bind(position)
-                .fetch_one(pool)
+                .fetch_all(&mut *conn)
                 .await
-                .map_err(other)?;
-            lags.push(PartitionLag { partition: partition as u32, lag: waiting.max(0) as u64 });
-        }
-        Ok(lags)
+                .map_err(other)?
+                .into_iter()
+                .collect();
+            let mut lags = Vec::with_capacity(partitions as usize);
+            for partition in 0..partitions {
+                let position = positions.get(&partition).copied().unwrap_or(0);
+                let waiting: i64 = sqlx::query_scalar(&sql.lag)
+                    .bind(topic)
+                    .bind(partition)
+                    .bind(position)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(other)?;
+                lags.push(PartitionLag { partition: partition as u32, lag: waiting.max(0) as u64 });
+            }
+            Ok(lags)
+        })
+        .await;
+        answered(conn, done, within, "reading the lag")
     }
 
     async fn close(&self) -> Result<(), TransportError> {

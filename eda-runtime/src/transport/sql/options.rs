@@ -85,12 +85,15 @@ impl SqlOptions {
         self
     }
 
-    /// How long one statement on PostgreSQL may run before the server cancels it (60 s by
-    /// default; `None` for no limit). Set on every connection of the pool (PostgreSQL's
-    /// `statement_timeout`), the application's own queries on it included; eda's schema
-    /// migration runs without it. eda also stops waiting for an answer from the database
-    /// this long after asking, so that a connection whose packets are lost (a failover, a
-    /// network partition) fails the step instead of hanging it.
+    /// How long one statement on PostgreSQL may run before the server cancels it, and how long
+    /// a session may sit idle inside a transaction before the server ends it (60 s by default;
+    /// `None` for no limit). Set on every connection of the pool (PostgreSQL's
+    /// `statement_timeout` and `idle_in_transaction_session_timeout`), the application's own
+    /// queries and transactions on it included — a handler's transaction that stays open
+    /// longer than this while the handler waits on something else is ended; eda's schema
+    /// migration runs without the statement timeout. eda also stops waiting for an answer from
+    /// the database 5 s after this, so that a connection whose packets are lost (a failover, a
+    /// network partition) fails the step instead of hanging it, and closes that connection.
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.statement_timeout = timeout;
         self
