@@ -23,6 +23,11 @@ pub(super) enum Slot {
     WaitUntil(Instant),
     /// In flight, but the lease was lost: the slot goes when the event is settled.
     Revoked,
+    /// In flight, and to be given up (beyond this instance's fair share) once settled: it is
+    /// fetched from no more.
+    Leaving,
+    /// Given up, or being given up: fetched from no more; the next renewal deletes its lease.
+    Released,
 }
 
 pub(super) struct ConsumerShared {
@@ -37,6 +42,8 @@ pub(super) struct ConsumerShared {
     pub(super) wake: Notify,
     /// The database time of this consumer's last renewal, [`NOT_RENEWED`] before the first.
     pub(super) renewed_at: AtomicI64,
+    /// A partition being given up has settled: renew now, which releases it.
+    pub(super) release_now: Notify,
 }
 
 /// [`ConsumerShared::renewed_at`] before the first renewal.
@@ -55,6 +62,14 @@ impl ConsumerShared {
                     slots.remove(&partition);
                     false
                 }
+                Some(Slot::Leaving) if slot != Slot::InFlight => {
+                    // Settled: hand it over at once rather than at the next renewal.
+                    slots.insert(partition, Slot::Released);
+                    self.release_now.notify_one();
+                    false
+                }
+                // Only a renewal takes a partition being given up back.
+                Some(Slot::Released) => false,
                 Some(current) => {
                     slots.insert(partition, slot);
                     current == Slot::InFlight && slot != Slot::InFlight
@@ -149,15 +164,7 @@ impl Consumer {
             let now = Instant::now();
             let (ready, earliest) = {
                 let slots = lock(&self.shared.slots);
-                let mut ready: Vec<u32> = slots
-                    .iter()
-                    .filter(|(_, s)| match s {
-                        Slot::Idle => true,
-                        Slot::WaitUntil(t) => *t <= now,
-                        Slot::InFlight | Slot::Revoked => false,
-                    })
-                    .map(|(p, _)| *p)
-                    .collect();
+                let mut ready: Vec<u32> = slots.iter().filter(|(_, s)| s.ready(now)).map(|(p, _)| *p).collect();
                 ready.sort_unstable();
                 let earliest =
                     slots.values().filter_map(|s| if let Slot::WaitUntil(t) = s { Some(*t) } else { None }).min();
@@ -186,8 +193,25 @@ impl Consumer {
 
     /// Reads the next events of `partition`, up to `limit` and up to the first corrupt one. A
     /// corrupt event at the head is dead-lettered with what is wrong, so it never blocks the
-    /// partition. Marks the partition in flight when it returns events.
+    /// partition. The partition is marked in flight before it is read — a renewal deciding to
+    /// give it up meanwhile then waits for what was read to settle — and left so when it
+    /// returns events.
     async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<(i64, i64, Envelope)>, TransportError> {
+        {
+            let mut slots = lock(&self.shared.slots);
+            match slots.get_mut(&partition) {
+                Some(slot) if slot.ready(Instant::now()) => *slot = Slot::InFlight,
+                _ => return Ok(Vec::new()),
+            }
+        }
+        let read = self.read(partition, limit).await;
+        if !matches!(&read, Ok(events) if !events.is_empty()) {
+            self.shared.set(partition, Slot::Idle);
+        }
+        read
+    }
+
+    async fn read(&self, partition: u32, limit: usize) -> Result<Vec<(i64, i64, Envelope)>, TransportError> {
         let shared = &self.shared;
         let inner = &shared.transport.inner;
         let next = sqlx::query(&inner.sql.next_events)
@@ -207,7 +231,6 @@ impl Consumer {
                 (envelope, None) => events.push((seq, attempts, envelope)),
                 (_, Some(_)) if !events.is_empty() => break, // next time it is at the head
                 (envelope, Some(error)) => {
-                    shared.set(partition, Slot::InFlight);
                     let acker = SqlAcker {
                         shared: shared.clone(),
                         partition,
@@ -223,8 +246,18 @@ impl Consumer {
                 }
             }
         }
-        shared.set(partition, if events.is_empty() { Slot::Idle } else { Slot::InFlight });
         Ok(events)
+    }
+}
+
+impl Slot {
+    /// Whether the partition may be read now.
+    fn ready(self, now: Instant) -> bool {
+        match self {
+            Slot::Idle => true,
+            Slot::WaitUntil(t) => t <= now,
+            Slot::InFlight | Slot::Revoked | Slot::Leaving | Slot::Released => false,
+        }
     }
 }
 
@@ -237,7 +270,11 @@ impl ConsumerShared {
         let every = self.transport.inner.options.lease_ttl / 3;
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                {
+                    // Held while it waits: the consumer's end is noticed a round late at most.
+                    let Some(strong) = shared.upgrade() else { return };
+                    let _ = tokio::time::timeout(every, strong.release_now.notified()).await;
+                }
                 let Some(shared) = shared.upgrade() else { return };
                 if let Err(e) = shared.rebalance().await {
                     tracing::warn!(group = %shared.group, topic = %shared.topic, error = %e, "cannot renew partition leases; trying again");
@@ -368,23 +405,43 @@ impl ConsumerShared {
             .into_iter()
             .map(|p| p as u32)
             .collect();
-        if mine.len() > fair {
-            // Give up idle partitions beyond the fair share; busy ones go at a later round.
-            let idle: Vec<u32> = {
-                let slots = lock(&shared.slots);
-                mine.iter().rev().copied().filter(|p| !matches!(slots.get(p), Some(Slot::InFlight))).collect()
-            };
-            for p in idle.into_iter().take(mine.len() - fair) {
-                sqlx::query(&sql.lease_release)
-                    .bind(g)
-                    .bind(t)
-                    .bind(i64::from(p))
-                    .bind(me)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(other)?;
-                mine.retain(|m| *m != p);
+        // Beyond the fair share, partitions are given up: idle ones now, busy ones once their
+        // event settles (marked so under the lock the consumer fetches under, so none is read
+        // from after it was chosen). Within it, partitions being given up are taken back.
+        let release: Vec<u32> = {
+            let mut slots = lock(&shared.slots);
+            let busy = |s: Option<&Slot>| matches!(s, Some(Slot::InFlight | Slot::Leaving));
+            let mut order = mine.clone();
+            order.sort_by_key(|p| (busy(slots.get(p)), std::cmp::Reverse(*p)));
+            let excess = mine.len().saturating_sub(fair);
+            let mut release = Vec::new();
+            for (i, p) in order.into_iter().enumerate() {
+                // A lease without a slot yet (taken by a predecessor of this name) is idle.
+                let Some(slot) = slots.get(&p).copied().or((i < excess).then_some(Slot::Idle)) else { continue };
+                let next = match (slot, i < excess) {
+                    (Slot::InFlight | Slot::Leaving, true) => Slot::Leaving,
+                    (_, true) => {
+                        release.push(p);
+                        Slot::Released
+                    }
+                    (Slot::Leaving, false) => Slot::InFlight,
+                    (Slot::Released, false) => Slot::Idle,
+                    (kept, false) => kept,
+                };
+                slots.insert(p, next);
             }
+            release
+        };
+        for p in release {
+            sqlx::query(&sql.lease_release)
+                .bind(g)
+                .bind(t)
+                .bind(i64::from(p))
+                .bind(me)
+                .execute(&mut *tx)
+                .await
+                .map_err(other)?;
+            mine.retain(|m| *m != p);
         }
         let mut p = 0;
         while mine.len() < fair && p < self.partitions {
@@ -416,7 +473,7 @@ impl ConsumerShared {
                     return true;
                 }
                 match s {
-                    Slot::InFlight | Slot::Revoked => {
+                    Slot::InFlight | Slot::Revoked | Slot::Leaving => {
                         *s = Slot::Revoked;
                         true
                     }

@@ -892,6 +892,7 @@ impl SqlTransport {
             slots: Mutex::default(),
             wake: Notify::new(),
             renewed_at: std::sync::atomic::AtomicI64::new(consumer::NOT_RENEWED),
+            release_now: Notify::new(),
         });
         if self.inner.options.instance.is_some() {
             if let Err(e) = shared.refuse_a_twin().await {
