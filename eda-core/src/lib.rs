@@ -42,7 +42,7 @@ pub use handler::{
 pub use registry::{Registry, RegistryBuilder, Report};
 pub use store::{Claim, GuardKey, Inbox, StepState};
 pub use transport::{
-    Acker, Commit, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Delivery, Ownership, PartitionLag,
+    Acker, Commit, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Delivery, Ownership, Page, PartitionLag,
     SagaEvent, SagaHandling, SagaView, Store, StoredDeadLetter, Subscription, Transport, UnitOfWork,
 };
 

@@ -56,6 +56,19 @@ pub trait Transport: Send + Sync + 'static {
     /// How far `group` is behind on `topic`, per partition.
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError>;
 
+    /// Forgets a consumer group that no handler consumes any more: its positions, leases and
+    /// attempt counts, and its guard and saga records (its dead letters stay, for `dlq`). Until
+    /// then a retired group's position keeps the log it has not read from retention. Refused
+    /// while an instance of the group is live. Returns how many records went.
+    async fn retire_group(&self, group: &str) -> Result<u64, TransportError> {
+        Err(TransportError::Config {
+            transport: self.kind(),
+            reason: format!(
+                "retiring group `{group}` is not something this transport does; its broker's own tools remove a group"
+            ),
+        })
+    }
+
     /// Flushes and closes the connection. Deliveries not yet acknowledged are redelivered later.
     async fn close(&self) -> Result<(), TransportError> {
         Ok(())
@@ -317,12 +330,44 @@ pub struct StoredDeadLetter {
     pub letter: DeadLetter,
 }
 
+/// One page of a dead-letter listing: the letters with ids above `after`, oldest first, at most
+/// `limit` of them. The next page starts after the last id of this one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// Letters with ids above this one (0 for the first page).
+    pub after: u64,
+    /// At most this many.
+    pub limit: usize,
+}
+
+impl Default for Page {
+    /// The first 100.
+    fn default() -> Self {
+        Self { after: 0, limit: 100 }
+    }
+}
+
 /// Where a transport keeps dead letters, for the tools that list, inspect, replay and purge
 /// them.
 #[async_trait::async_trait]
 pub trait DeadLetterStore: Send + Sync {
-    /// The dead letters of `group` (or of every group), oldest first.
-    async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError>;
+    /// One page of the dead letters of `group` (or of every group), oldest first. A letter
+    /// whose stored event cannot be read is listed all the same, with what could be read.
+    async fn dead_letter_page(&self, group: Option<&str>, page: Page) -> Result<Vec<StoredDeadLetter>, TransportError>;
+    /// Every dead letter of `group` (or of every group), oldest first, read a page at a time.
+    async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
+        let mut all = Vec::new();
+        let mut page = Page { after: 0, limit: 1000 };
+        loop {
+            let letters = self.dead_letter_page(group, page).await?;
+            let full = letters.len() >= page.limit;
+            page.after = letters.last().map_or(page.after, |l| l.id);
+            all.extend(letters);
+            if !full {
+                return Ok(all);
+            }
+        }
+    }
     /// One dead letter.
     async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>, TransportError>;
     /// Removes a dead letter; false when there was none with that id.

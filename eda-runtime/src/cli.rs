@@ -2,10 +2,12 @@
 //! transport as the service:
 //!
 //! ```text
-//! <app> dlq list [GROUP]       dead letters, oldest first
+//! <app> dlq list [GROUP] [--after ID] [--limit N]
+//!                              dead letters, oldest first, 100 at a time
 //! <app> dlq show ID            one dead letter, with its envelope
 //! <app> dlq replay ID [--force]  hand it to its group again (guards apply unless --force)
 //! <app> dlq purge ID           drop it
+//! <app> group retire GROUP     forget a group whose handlers are gone (SQL log)
 //! <app> lag                    how far each consumer group is behind, per topic
 //! <app> trace CORRELATION-ID   one saga: its events by cause, and who handled each
 //! ```
@@ -25,17 +27,19 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use eda_core::{EventId, SagaEvent, StoredDeadLetter};
+use eda_core::{EventId, Page, SagaEvent, StoredDeadLetter};
 
 use crate::{Error, Replay, Result, RuntimeBuilder};
 
 /// One operator command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// `dlq list [GROUP]`
+    /// `dlq list [GROUP] [--after ID] [--limit N]`
     DlqList {
         /// Only this group's.
         group: Option<String>,
+        /// Which page (the first 100 by default).
+        page: Page,
     },
     /// `dlq show ID`
     DlqShow {
@@ -54,6 +58,11 @@ pub enum Command {
         /// The dead letter.
         id: u64,
     },
+    /// `group retire GROUP`
+    GroupRetire {
+        /// The group no handler consumes any more.
+        group: String,
+    },
     /// `lag`
     Lag,
     /// `trace CORRELATION-ID`
@@ -63,8 +72,7 @@ pub enum Command {
     },
 }
 
-const USAGE: &str =
-    "usage: dlq list [GROUP] | dlq show ID | dlq replay ID [--force] | dlq purge ID | lag | trace CORRELATION-ID";
+const USAGE: &str = "usage: dlq list [GROUP] [--after ID] [--limit N] | dlq show ID | dlq replay ID [--force] | dlq purge ID | group retire GROUP | lag | trace CORRELATION-ID";
 
 impl Command {
     /// The command in a program's arguments (the program's name first): `None` when they are
@@ -75,7 +83,10 @@ impl Command {
         match (first.as_str(), rest) {
             ("lag", []) => return Some(Ok(Command::Lag)),
             ("trace", [correlation]) => return Some(Ok(Command::Trace { correlation: correlation.clone() })),
-            ("lag" | "trace", _) => return Some(Err(USAGE.to_owned())),
+            ("group", [retire, group]) if retire == "retire" => {
+                return Some(Ok(Command::GroupRetire { group: group.clone() }))
+            }
+            ("lag" | "trace" | "group", _) => return Some(Err(USAGE.to_owned())),
             ("dlq", _) => {}
             _ => return None,
         }
@@ -83,10 +94,11 @@ impl Command {
             let s = s.ok_or_else(|| format!("a dead letter id is missing; {USAGE}"))?;
             s.parse().map_err(|_| format!("`{s}` is not a dead letter id (a number from `dlq list`); {USAGE}"))
         };
+        if rest.first().is_some_and(|c| c == "list") {
+            return Some(list(&rest[1..]));
+        }
         let rest: Vec<&String> = rest.iter().collect();
         Some(match rest.as_slice() {
-            [cmd] if *cmd == "list" => Ok(Command::DlqList { group: None }),
-            [cmd, group] if *cmd == "list" => Ok(Command::DlqList { group: Some((*group).clone()) }),
             [cmd, n] if *cmd == "show" => id(Some(n)).map(|id| Command::DlqShow { id }),
             [cmd, n] if *cmd == "replay" => id(Some(n)).map(|id| Command::DlqReplay { id, force: false }),
             [cmd, n, f] if *cmd == "replay" && *f == "--force" => {
@@ -98,12 +110,44 @@ impl Command {
     }
 }
 
+/// `dlq list`'s arguments: a group, `--after ID`, `--limit N`, in any order.
+fn list(args: &[String]) -> std::result::Result<Command, String> {
+    let (mut group, mut page) = (None, Page::default());
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut number = |flag: &str| -> std::result::Result<u64, String> {
+            let value = args.next().ok_or_else(|| format!("`{flag}` needs a number; {USAGE}"))?;
+            value.parse().map_err(|_| format!("`{flag} {value}`: `{value}` is not a number; {USAGE}"))
+        };
+        match arg.as_str() {
+            "--after" => page.after = number("--after")?,
+            "--limit" => page.limit = usize::try_from(number("--limit")?.max(1)).unwrap_or(usize::MAX),
+            flag if flag.starts_with("--") => return Err(format!("`dlq list` takes no `{flag}`; {USAGE}")),
+            g if group.is_none() => group = Some(g.to_owned()),
+            _ => return Err(USAGE.to_owned()),
+        }
+    }
+    Ok(Command::DlqList { group, page })
+}
+
 /// Runs `command` on the runtime `builder` describes, with no consumers running, and returns
 /// what to print.
 pub async fn run(builder: RuntimeBuilder, command: Command) -> Result<String> {
     let runtime = builder.without_consumers().start().await?;
     let out = match command {
-        Command::DlqList { group } => table(&runtime.dead_letters(group.as_deref()).await?),
+        Command::DlqList { group, page } => {
+            let letters = runtime.dead_letter_page(group.as_deref(), page).await?;
+            let mut out = table(&letters);
+            if let (true, Some(last)) = (letters.len() >= page.limit, letters.last()) {
+                let group = group.as_deref().map(|g| format!(" {g}")).unwrap_or_default();
+                let _ = writeln!(out, "more: dlq list{group} --after {} --limit {}", last.id, page.limit);
+            }
+            out
+        }
+        Command::GroupRetire { group } => {
+            let removed = runtime.retire_group(&group).await?;
+            format!("group `{group}` retired: {removed} records removed; its dead letters stay (`dlq list {group}`)\n")
+        }
         Command::DlqShow { id } => match runtime.dead_letter(id).await? {
             Some(d) => show(&d)?,
             None => return Err(Error::Config(format!("there is no dead letter {id}; `dlq list` shows them"))),
@@ -239,8 +283,19 @@ mod tests {
         assert_eq!(parse("trace c-1"), Some(Ok(Command::Trace { correlation: "c-1".into() })));
         assert!(parse("trace").is_some_and(|r| r.is_err()));
         assert_eq!(parse(""), None);
-        assert_eq!(parse("dlq list"), Some(Ok(Command::DlqList { group: None })));
-        assert_eq!(parse("dlq list billing"), Some(Ok(Command::DlqList { group: Some("billing".into()) })));
+        let first = Page::default();
+        assert_eq!(parse("dlq list"), Some(Ok(Command::DlqList { group: None, page: first })));
+        assert_eq!(
+            parse("dlq list billing"),
+            Some(Ok(Command::DlqList { group: Some("billing".into()), page: first }))
+        );
+        assert_eq!(
+            parse("dlq list --after 40 billing --limit 20"),
+            Some(Ok(Command::DlqList { group: Some("billing".into()), page: Page { after: 40, limit: 20 } }))
+        );
+        assert!(parse("dlq list --limit x").is_some_and(|r| r.is_err_and(|e| e.contains("not a number"))));
+        assert_eq!(parse("group retire old-billing"), Some(Ok(Command::GroupRetire { group: "old-billing".into() })));
+        assert!(parse("group drop x").is_some_and(|r| r.is_err()));
         assert_eq!(parse("dlq replay 7 --force"), Some(Ok(Command::DlqReplay { id: 7, force: true })));
         assert_eq!(parse("dlq purge 3"), Some(Ok(Command::DlqPurge { id: 3 })));
         let err = parse("dlq show seven").and_then(Result::err).unwrap_or_default();

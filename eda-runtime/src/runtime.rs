@@ -505,6 +505,24 @@ impl Runtime {
         Ok(self.dead_letter_store()?.dead_letters(group).await?)
     }
 
+    /// One page of the dead letters of `group` (or of every group), oldest first.
+    pub async fn dead_letter_page(&self, group: Option<&str>, page: eda_core::Page) -> Result<Vec<StoredDeadLetter>> {
+        Ok(self.dead_letter_store()?.dead_letter_page(group, page).await?)
+    }
+
+    /// Forgets consumer group `group`, which no handler of this binary belongs to any more, and
+    /// whose instances have all stopped: its positions then no longer keep the log it did not
+    /// read from retention (see [`Transport::retire_group`](eda_core::Transport::retire_group)).
+    /// Returns how many records went.
+    pub async fn retire_group(&self, group: &str) -> Result<u64> {
+        if self.registry.handlers().iter().any(|h| h.group == group) {
+            return Err(Error::Config(format!(
+                "group `{group}` still has handlers in this build: a retired group that runs again starts over from the oldest retained event; remove its handlers (or rename the group) first"
+            )));
+        }
+        Ok(self.shared.transport.retire_group(group).await?)
+    }
+
     /// One dead letter.
     pub async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>> {
         Ok(self.dead_letter_store()?.dead_letter(id).await?)

@@ -329,7 +329,9 @@ async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_commands(
     rt.settled(SETTLE).await.expect("settled");
     let dead = rt.dead_letters(Some("billing")).await.expect("dead letters");
     assert_eq!(dead.len(), 2);
-    let listed = eda::cli::run(services(), eda::cli::Command::DlqList { group: None }).await.expect("dlq list");
+    let listed = eda::cli::run(services(), eda::cli::Command::DlqList { group: None, page: eda::Page::default() })
+        .await
+        .expect("dlq list");
     assert!(listed.contains("billing") && listed.contains("zero is not a price"), "{listed}");
     let first = dead.iter().find(|d| d.letter.envelope.id == free.id).expect("the first is there");
     let shown = eda::cli::run(services(), eda::cli::Command::DlqShow { id: first.id }).await.expect("dlq show");

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eda_core::{
-    Acker, DeadLetter, DeadLetterStore, Deliveries, Delivery, Envelope, PartitionLag, StoredDeadLetter, Subscription,
-    Transport, TransportError,
+    Acker, DeadLetter, DeadLetterStore, Deliveries, Delivery, Envelope, Page, PartitionLag, StoredDeadLetter,
+    Subscription, Transport, TransportError,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -296,9 +296,10 @@ impl Transport for MemoryTransport {
 
 #[async_trait]
 impl DeadLetterStore for MemoryTransport {
-    async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
+    async fn dead_letter_page(&self, group: Option<&str>, page: Page) -> Result<Vec<StoredDeadLetter>, TransportError> {
         let dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(dead.letters.iter().filter(|d| group.is_none_or(|g| d.group == g)).cloned().collect())
+        let mine = |d: &&StoredDeadLetter| d.id > page.after && group.is_none_or(|g| d.group == g);
+        Ok(dead.letters.iter().filter(mine).take(page.limit).cloned().collect())
     }
 
     async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>, TransportError> {

@@ -12,7 +12,7 @@ use async_nats::{HeaderMap, Subject};
 use async_trait::async_trait;
 use bytes::Bytes;
 use eda_core::{
-    Binding, CorrelationId, DeadLetter, DeadLetterReason, DeadLetterStore, Envelope, EventId, StoredDeadLetter,
+    Binding, CorrelationId, DeadLetter, DeadLetterReason, DeadLetterStore, Envelope, EventId, Page, StoredDeadLetter,
     TransportError,
 };
 
@@ -178,7 +178,7 @@ fn no_message(e: &async_nats::error::Error<RawMessageErrorKind>) -> bool {
 
 #[async_trait]
 impl DeadLetterStore for NatsTransport {
-    async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
+    async fn dead_letter_page(&self, group: Option<&str>, page: Page) -> Result<Vec<StoredDeadLetter>, TransportError> {
         let stream = match self.inner.js.get_stream(self.dead_letter_stream()).await {
             Ok(s) => s,
             Err(e) if stream_missing(&e) => return Ok(Vec::new()),
@@ -187,8 +187,9 @@ impl DeadLetterStore for NatsTransport {
         // get_stream fetched the info already.
         let state = stream.cached_info().state.clone();
         let mut letters = Vec::new();
-        let (mut sequence, mut seen) = (state.first_sequence.max(1), 0);
-        while sequence <= state.last_sequence && seen < state.messages {
+        // Ids are the stream's sequence numbers.
+        let (mut sequence, mut seen) = (state.first_sequence.max(page.after.saturating_add(1)).max(1), 0);
+        while sequence <= state.last_sequence && seen < state.messages && letters.len() < page.limit {
             match stream.get_raw_message(sequence).await {
                 Ok(m) => {
                     seen += 1;

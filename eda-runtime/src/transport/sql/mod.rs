@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use eda_core::{
     CorrelationId, Ctx, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Envelope, EventId, HandlerError,
-    PartitionLag, StoreError, StoredDeadLetter, Subscription, Transport, TransportError,
+    Page, PartitionLag, StoreError, StoredDeadLetter, Subscription, Transport, TransportError,
 };
 pub use options::SqlOptions;
 pub use relay::{Relay, RelayHandle};
@@ -473,22 +473,57 @@ impl SqlTransport {
     /// Deletes what the retention period (see [`SqlOptions::retention`]) has made old: log
     /// entries every consumer group has passed and guard records; saga step records only
     /// after four times the retention, and at least 30 days, as a compensation can come long
-    /// after its step (a long saga, a lagging group, a replay). Dead letters stay until they
-    /// are replayed or purged. It deletes in batches of a few thousand rows. Consumers run it
-    /// now and then by themselves, beside (never inside) their lease renewals.
+    /// after its step (a long saga, a lagging group, a replay). Attempt counts of events their
+    /// group has passed, or that are gone, go whatever the retention. Dead letters stay until
+    /// they are replayed or purged, and a group's position until the group is retired
+    /// ([`Transport::retire_group`], `group retire` in [`cli`](crate::cli)): a group that
+    /// stopped for good keeps what it has not read. It deletes in batches of a few thousand
+    /// rows. Consumers run it now and then by themselves, beside (never inside) their lease
+    /// renewals.
     pub async fn clean_up(&self) -> Result<CleanUp, TransportError> {
-        let Some(retention) = self.inner.options.retention else { return Ok(CleanUp::default()) };
+        let sql = &self.inner.sql;
+        let attempts = self.delete_in_batches(&sql.clean_attempts, |q| q).await?;
+        let Some(retention) = self.inner.options.retention else {
+            return Ok(CleanUp { attempts, ..CleanUp::default() });
+        };
         let before = |age: Duration| SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH);
         let millis = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let cutoff = before(retention);
         let steps_cutoff = before(retention.saturating_mul(4).max(STEP_RETENTION));
-        let sql = &self.inner.sql;
         let log = self
             .delete_in_batches(&sql.clean_log, |q| q.bind(humantime::format_rfc3339_micros(cutoff).to_string()))
             .await?;
         let inbox = self.delete_in_batches(&sql.clean_inbox, |q| q.bind(millis(cutoff))).await?;
         let steps = self.delete_in_batches(&sql.clean_steps, |q| q.bind(millis(steps_cutoff))).await?;
-        Ok(CleanUp { log, inbox, steps })
+        Ok(CleanUp { log, inbox, steps, attempts })
+    }
+
+    /// See [`Transport::retire_group`].
+    async fn retire(&self, group: &str) -> Result<u64, TransportError> {
+        let (inner, sql) = (&self.inner, &self.inner.sql);
+        let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
+        let now: i64 = sqlx::query_scalar(inner.dialect.now_ms()).fetch_one(&mut *tx).await.map_err(other)?;
+        let since = now - inner.options.lease_ttl.as_millis() as i64;
+        let live: i64 =
+            sqlx::query_scalar(&sql.members_live).bind(group).bind(since).fetch_one(&mut *tx).await.map_err(other)?;
+        if live > 0 {
+            return Err(TransportError::Config {
+                transport: "sql",
+                reason: format!(
+                    "{live} consumer(s) of group `{group}` renewed their leases within the last {:?}: stop every instance that runs the group's handlers, then retire it",
+                    inner.options.lease_ttl
+                ),
+            });
+        }
+        let mut removed = 0;
+        for statement in &sql.retire {
+            removed += sqlx::query(statement).bind(group).execute(&mut *tx).await.map_err(other)?.rows_affected();
+        }
+        tx.commit().await.map_err(other)?;
+        // Guard and saga records may be many: a batch at a time, like retention.
+        removed += self.delete_in_batches(&sql.retire_inbox, |q| q.bind(group)).await?;
+        removed += self.delete_in_batches(&sql.retire_steps, |q| q.bind(group)).await?;
+        Ok(removed)
     }
 
     /// Runs a batched delete until a batch comes back short; returns the rows deleted.
@@ -552,6 +587,9 @@ pub struct CleanUp {
     pub inbox: u64,
     /// Saga step records.
     pub steps: u64,
+    /// Attempt counts: of events their group has passed (a commit whose reply was lost
+    /// leaves one behind), or that are gone.
+    pub attempts: u64,
 }
 
 #[async_trait]
@@ -600,10 +638,12 @@ impl eda_core::SagaView for SqlTransport {
 
 #[async_trait]
 impl DeadLetterStore for SqlTransport {
-    async fn dead_letters(&self, group: Option<&str>) -> Result<Vec<StoredDeadLetter>, TransportError> {
+    async fn dead_letter_page(&self, group: Option<&str>, page: Page) -> Result<Vec<StoredDeadLetter>, TransportError> {
         let rows = sqlx::query(&self.inner.sql.dead_select)
             .bind(group.is_none())
             .bind(group.unwrap_or_default())
+            .bind(i64::try_from(page.after).unwrap_or(i64::MAX))
+            .bind(i64::try_from(page.limit).unwrap_or(i64::MAX))
             .fetch_all(&self.inner.pool)
             .await
             .map_err(other)?;
@@ -628,23 +668,52 @@ impl DeadLetterStore for SqlTransport {
 
 /// A dead letter from a row of `id, grp, envelope, attempts, handler, error, permanent, at`.
 fn stored_dead_letter(row: &AnyRow) -> Result<StoredDeadLetter, TransportError> {
-    let envelope: String = row.try_get(2).map_err(other)?;
-    let envelope = serde_json::from_str(&envelope).map_err(other)?;
+    let id = row.try_get::<i64, _>(0).map_err(other)? as u64;
+    let stored: String = row.try_get(2).map_err(other)?;
+    let mut error: String = row.try_get(5).map_err(other)?;
+    let envelope = match serde_json::from_str(&stored) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            // Listed all the same (one damaged row must not hide the others), as what it is.
+            error = format!("the stored letter cannot be read ({e}); it was set aside for: {error}");
+            let topic: String = row.try_get(8).map_err(other)?;
+            unreadable_letter(id, topic, stored.into_bytes())
+        }
+    };
     let at: i64 = row.try_get(7).map_err(other)?;
     Ok(StoredDeadLetter {
-        id: row.try_get::<i64, _>(0).map_err(other)? as u64,
+        id,
         group: row.try_get(1).map_err(other)?,
         letter: DeadLetter {
             envelope,
             attempts: row.try_get::<i64, _>(3).map_err(other)? as u32,
             reason: DeadLetterReason {
                 handler: row.try_get(4).map_err(other)?,
-                error: row.try_get(5).map_err(other)?,
+                error,
                 permanent: row.try_get::<i64, _>(6).map_err(other)? != 0,
             },
             at: UNIX_EPOCH + Duration::from_millis(at.max(0) as u64),
         },
     })
+}
+
+/// What a dead letter whose stored event cannot be read is shown as: its raw text as the data,
+/// under an id of its own that stays the same each time it is read.
+fn unreadable_letter(id: u64, topic: String, data: Vec<u8>) -> Envelope {
+    let event = EventId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("eda-dead-letter:{id}").as_bytes()));
+    Envelope {
+        id: event,
+        source: "unknown".into(),
+        ty: "unreadable".into(),
+        time: UNIX_EPOCH,
+        subject: None,
+        topic,
+        datacontenttype: "text/plain".into(),
+        correlation_id: CorrelationId(event.to_string()),
+        causation_id: None,
+        traceparent: None,
+        data,
+    }
 }
 
 impl SqlTransport {
@@ -958,6 +1027,10 @@ impl Transport for SqlTransport {
             Some((item, c))
         });
         Ok(Box::pin(stream))
+    }
+
+    async fn retire_group(&self, group: &str) -> Result<u64, TransportError> {
+        self.retire(group).await
     }
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {

@@ -130,6 +130,11 @@ pub struct Sql {
     pub clean_log: String,
     pub clean_inbox: String,
     pub clean_steps: String,
+    pub clean_attempts: String,
+    pub members_live: String,
+    pub retire: Vec<String>,
+    pub retire_inbox: String,
+    pub retire_steps: String,
 }
 
 impl Sql {
@@ -259,11 +264,11 @@ impl Sql {
                  WHERE NOT EXISTS (SELECT 1 FROM {p}dead_letters WHERE grp = $1 AND topic = $2 AND seq = $3)"
             ),
             dead_select: format!(
-                "SELECT id, grp, envelope, attempts, handler, error, permanent, at FROM {p}dead_letters
-                 WHERE $1 OR grp = $2 ORDER BY id"
+                "SELECT id, grp, envelope, attempts, handler, error, permanent, at, topic, seq FROM {p}dead_letters
+                 WHERE ($1 OR grp = $2) AND id > $3 ORDER BY id LIMIT $4"
             ),
             dead_one: format!(
-                "SELECT id, grp, envelope, attempts, handler, error, permanent, at FROM {p}dead_letters WHERE id = $1"
+                "SELECT id, grp, envelope, attempts, handler, error, permanent, at, topic, seq FROM {p}dead_letters WHERE id = $1"
             ),
             dead_delete: format!("DELETE FROM {p}dead_letters WHERE id = $1"),
             topics_all: format!("SELECT topic FROM {p}topics ORDER BY topic"),
@@ -294,6 +299,29 @@ impl Sql {
                 "DELETE FROM {p}steps WHERE (grp, step, correlation_id) IN (
                      SELECT grp, step, correlation_id FROM {p}steps WHERE updated_at < $1 LIMIT {CLEAN_BATCH})"
             ),
+            // Counts of events the group has passed (a commit whose reply was lost leaves
+            // one behind), or that retention removed.
+            clean_attempts: format!(
+                "DELETE FROM {p}attempts WHERE (grp, topic, seq) IN (
+                     SELECT a.grp, a.topic, a.seq FROM {p}attempts a
+                     WHERE NOT EXISTS (SELECT 1 FROM {p}log l WHERE l.seq = a.seq)
+                        OR EXISTS (SELECT 1 FROM {p}log l JOIN {p}offsets o
+                                       ON o.grp = a.grp AND o.topic = l.topic AND o.partition = l.partition
+                                   WHERE l.seq = a.seq AND o.position >= l.seq)
+                     LIMIT {CLEAN_BATCH})"
+            ),
+            members_live: format!("SELECT COUNT(*) FROM {p}members WHERE grp = $1 AND seen_at >= $2"),
+            retire: ["offsets", "leases", "members", "attempts"]
+                .map(|table| format!("DELETE FROM {p}{table} WHERE grp = $1"))
+                .to_vec(),
+            retire_inbox: format!(
+                "DELETE FROM {p}inbox WHERE (grp, handler, key) IN (
+                     SELECT grp, handler, key FROM {p}inbox WHERE grp = $1 LIMIT {CLEAN_BATCH})"
+            ),
+            retire_steps: format!(
+                "DELETE FROM {p}steps WHERE (grp, step, correlation_id) IN (
+                     SELECT grp, step, correlation_id FROM {p}steps WHERE grp = $1 LIMIT {CLEAN_BATCH})"
+            ),
         }
     }
 }
@@ -316,6 +344,7 @@ mod tests {
                 &sql.dead_insert_once,
                 &sql.nack,
                 &sql.lease_held,
+                &sql.dead_select,
             ] {
                 assert!(!s.contains(" eda_"), "{s}");
                 // First uses of $N appear in increasing order, as SQLite binds names by first use.
