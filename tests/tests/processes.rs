@@ -278,6 +278,49 @@ async fn a_consumer_paused_past_its_lease_is_fenced_when_it_wakes() {
     assert!(duplicates_absorbed(stats.path()) > 0, "the pause caught no handling in flight");
 }
 
+/// The PostgreSQL review's defect 10: leases were judged by each instance's own clock, so an
+/// instance whose clock ran ahead saw live leases as expired and took them every round, and
+/// wrote leases that looked live to the others for as long as it ran ahead. Both nodes here
+/// run side by side, one with its wall clock 30 s ahead (a preloaded `clock_gettime`): every
+/// lease must still end within a lease of the database's own time, and every effect apply once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_clock_runs_ahead_neither_takes_live_leases_nor_writes_long_ones() {
+    const EVENTS: u32 = 3000;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let shim = dir.path().join("clock_ahead.so");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/clock_ahead.c");
+    let built = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&shim).arg(source).arg("-ldl").status();
+    assert!(built.expect("cc runs (it links Rust programs too)").success(), "the clock shim compiles");
+    let shim = shim.to_str().expect("a UTF-8 temporary path");
+
+    let db = Target::new(true).await;
+    assert!(db.run(&["publish", &EVENTS.to_string(), "0"]).success());
+    let expected = EVENTS.to_string();
+    let mut on_time = db.node_named("on-time", &["consume", &expected]);
+    let mut ahead = db.node_with(
+        &[("EDA_TEST_INSTANCE", "ahead"), ("LD_PRELOAD", shim), ("EDA_TEST_CLOCK_AHEAD_MS", "30000")],
+        &["consume", &expected],
+    );
+    let p = &db.prefix;
+    let db_now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+    // The nodes' leases last 2 s: none may end later than that (and a little) past now.
+    let furthest = format!("SELECT COALESCE(MAX(expires_at), 0) - {db_now} FROM {p}leases");
+    let mut worst = i64::MIN;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db.counts().await.effects < i64::from(EVENTS) && Instant::now() < deadline {
+        worst = worst.max(db.count(&furthest).await);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(wait_with_timeout(&mut on_time, Duration::from_secs(120)).success());
+    assert!(wait_with_timeout(&mut ahead, Duration::from_secs(120)).success());
+    println!("the furthest lease ended {worst} ms past the database's now");
+    assert!(worst <= 3_000, "a lease ran {worst} ms past the database's time: written by the clock that runs ahead");
+    let c = db.counts().await;
+    let all = i64::from(EVENTS);
+    assert_eq!((c.effects, c.distinct_effects), (all, all), "each event's effect exactly once");
+    db.assert_effects_in_key_order().await;
+}
+
 async fn a_poison_event_is_dead_lettered_while_the_rest_flow_and_is_replayed_from_the_command_line(postgres: bool) {
     const EVENTS: i64 = 10_000;
     let db = Target::new(postgres).await;
