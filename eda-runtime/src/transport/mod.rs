@@ -47,7 +47,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
         ))
     };
     match scheme {
-        "memory" => Ok(Arc::new(MemoryTransport::new())),
+        "memory" => Ok(Arc::new(memory_of(url)?)),
         #[cfg(feature = "sqlite")]
         "sqlite" => Ok(Arc::new(sql::SqlTransport::connect(url).await?)),
         #[cfg(not(feature = "sqlite"))]
@@ -71,4 +71,26 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
             keys::redact(url)
         ))),
     }
+}
+
+/// `memory://`, or `memory://?capacity=N` for a bound of N events per topic.
+fn memory_of(url: &str) -> Result<MemoryTransport> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let mut capacity = MemoryTransport::DEFAULT_CAPACITY;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("capacity", n)) => {
+                capacity = n.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Error::Config(format!("`memory://?capacity={n}`: the capacity is a number of events above 0"))
+                })?
+            }
+            _ => {
+                return Err(Error::Config(format!(
+                    "`memory://` takes one setting, `capacity` (events per topic, {} by default), not `{pair}`",
+                    MemoryTransport::DEFAULT_CAPACITY
+                )))
+            }
+        }
+    }
+    Ok(MemoryTransport::with_capacity(capacity))
 }

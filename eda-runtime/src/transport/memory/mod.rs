@@ -1,12 +1,19 @@
 //! The in-process transport: a log per topic with consumer groups, in memory.
 //!
 //! It behaves as the durable transports do, minus durability: every group gets every event of
-//! a topic from the beginning of the log; the subscriptions of one group share the events; an
-//! event is handed to a group only when no earlier event of its key is still unsettled there,
-//! so per-key order holds across competing consumers and redeliveries; a delivery that is
-//! nacked, or dropped unsettled, is delivered again.
+//! a topic the log still holds; the subscriptions of one group share the events; an event is
+//! handed to a group only when no earlier event of its key is still unsettled there, so
+//! per-key order holds across competing consumers and redeliveries; a delivery that is nacked,
+//! or dropped unsettled, is delivered again.
+//!
+//! Each topic holds at most [`capacity`](MemoryTransport::with_capacity) events, like a real
+//! broker's bounded log: once full, events every group has settled go; when none can go,
+//! publishing waits until the slowest group settles one (back-pressure). Events emitted by a
+//! handler (those with a cause) do not wait — a handler waiting for its own group to move on
+//! would wait for ever — and so may take a topic past its capacity by what handlers have in
+//! flight. A topic no group reads lets its oldest events go instead.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,9 +25,9 @@ use eda_core::{
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// How many events a group may pass over because their key is held by an unsettled earlier
-/// event, before it stops reading further ahead (bounds the memory one poison key can pin).
-const MAX_HELD_BACK: usize = 10_000;
+use cursor::{GroupCursor, Retained};
+
+mod cursor;
 
 /// The in-process transport. Clones share the same log.
 ///
@@ -29,7 +36,7 @@ const MAX_HELD_BACK: usize = 10_000;
 /// use eda::transport::MemoryTransport;
 /// use eda::Transport;
 ///
-/// let bus = MemoryTransport::new();
+/// let bus = MemoryTransport::with_capacity(10_000);
 /// assert!(bus.lag("billing", "orders").await?.iter().all(|p| p.lag == 0));
 /// # Ok(()) }
 /// ```
@@ -38,9 +45,9 @@ pub struct MemoryTransport {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     topics: Mutex<HashMap<String, TopicLog>>,
+    capacity: usize,
     dead: Mutex<DeadLetters>,
     /// Guards and saga step records of every runtime on this log.
     inbox: Arc<crate::inbox::MemoryInbox>,
@@ -54,115 +61,54 @@ struct DeadLetters {
     last_id: u64,
 }
 
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            topics: Mutex::default(),
+            capacity: MemoryTransport::DEFAULT_CAPACITY,
+            dead: Mutex::default(),
+            inbox: Arc::default(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct TopicLog {
-    events: Vec<Arc<Envelope>>,
+    events: Retained,
     groups: HashMap<String, GroupCursor>,
     notify: Arc<Notify>,
+    /// Woken when a full log has room again.
+    space: Arc<Notify>,
 }
 
-/// Where one consumer group stands on one topic.
-#[derive(Default)]
-struct GroupCursor {
-    /// Every offset below this one is settled.
-    committed: u64,
-    /// Offsets at or above `committed` that are settled.
-    settled_ahead: BTreeSet<u64>,
-    /// The next offset never looked at.
-    next: u64,
-    /// Offsets passed over because their key was held, queued per key in log order.
-    held_back: HashMap<String, VecDeque<u64>>,
-    /// How many offsets `held_back` holds.
-    held_count: usize,
-    /// Offsets whose key was released: deliverable, oldest first.
-    released: BTreeSet<u64>,
-    /// Nacked offsets: when they may go again, and their next attempt number.
-    retry: BTreeMap<u64, (Instant, u32)>,
-    /// Offsets handed out and not yet settled, with their attempt number.
-    in_flight: HashMap<u64, u32>,
-    /// The offset that holds each key (in flight or waiting for redelivery).
-    key_holder: HashMap<String, u64>,
-    /// Failed handler attempts of unsettled offsets.
-    failures: HashMap<u64, u32>,
-}
-
-impl GroupCursor {
-    /// The next deliverable offset and its attempt number, or when to look again. Every step
-    /// is logarithmic in the backlog: no scan over what waits.
-    fn take_next(&mut self, events: &[Arc<Envelope>], now: Instant) -> Result<(u64, u32), Option<Instant>> {
-        let ready = self.retry.iter().find(|(_, (at, _))| *at <= now).map(|(o, (_, attempt))| (*o, *attempt));
-        if let Some((offset, attempt)) = ready {
-            self.retry.remove(&offset);
-            return Ok(self.hand_out(offset, attempt, events));
+impl TopicLog {
+    /// Lets go of what every group has settled (everything but the newest `capacity`, when no
+    /// group reads the topic), once the log is full.
+    fn make_room(&mut self, capacity: usize) {
+        if self.events.len() < capacity {
+            return;
         }
-        if let Some(offset) = self.released.pop_first() {
-            return Ok(self.hand_out(offset, 1, events));
-        }
-        while (self.next as usize) < events.len() && self.held_count < MAX_HELD_BACK {
-            let offset = self.next;
-            self.next += 1;
-            match key_of(events, offset) {
-                Some(k) if self.key_holder.contains_key(k) => {
-                    self.held_back.entry(k.clone()).or_default().push_back(offset);
-                    self.held_count += 1;
-                }
-                _ => return Ok(self.hand_out(offset, 1, events)),
-            }
-        }
-        Err(self.retry.values().map(|(at, _)| *at).min())
+        let upto = match self.groups.values().map(|g| g.committed).min() {
+            Some(slowest) => slowest,
+            None => self.events.end().saturating_sub(capacity as u64 - 1),
+        };
+        self.events.trim_to(upto);
     }
-
-    fn hand_out(&mut self, offset: u64, attempt: u32, events: &[Arc<Envelope>]) -> (u64, u32) {
-        if let Some(k) = key_of(events, offset) {
-            self.key_holder.insert(k.clone(), offset);
-        }
-        self.in_flight.insert(offset, attempt);
-        (offset, attempt)
-    }
-
-    fn settle(&mut self, offset: u64, events: &[Arc<Envelope>]) {
-        self.in_flight.remove(&offset);
-        self.failures.remove(&offset);
-        if let Some(k) = key_of(events, offset) {
-            if self.key_holder.get(k) == Some(&offset) {
-                // The key passes to the oldest event waiting for it, if any.
-                let next = self.held_back.get_mut(k).and_then(VecDeque::pop_front);
-                match next {
-                    Some(waiting) => {
-                        self.held_count -= 1;
-                        self.key_holder.insert(k.clone(), waiting);
-                        self.released.insert(waiting);
-                    }
-                    None => {
-                        self.key_holder.remove(k);
-                    }
-                }
-                if self.held_back.get(k).is_some_and(VecDeque::is_empty) {
-                    self.held_back.remove(k);
-                }
-            }
-        }
-        self.settled_ahead.insert(offset);
-        while self.settled_ahead.remove(&self.committed) {
-            self.committed += 1;
-        }
-    }
-
-    fn requeue(&mut self, offset: u64, at: Instant) {
-        if let Some(attempt) = self.in_flight.remove(&offset) {
-            self.retry.insert(offset, (at, attempt.saturating_add(1)));
-        }
-    }
-}
-
-fn key_of(events: &[Arc<Envelope>], offset: u64) -> Option<&String> {
-    events.get(offset as usize).and_then(|e| e.subject.as_ref())
 }
 
 impl MemoryTransport {
-    /// An empty log.
+    /// Events a topic holds at most unless told otherwise.
+    pub const DEFAULT_CAPACITY: usize = 65_536;
+
+    /// An empty log, holding at most [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) events per topic.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty log holding at most `capacity` events per topic (see the
+    /// [module](self) for what happens when a topic is full).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { inner: Arc::new(Inner { capacity: capacity.max(1), ..Inner::default() }) }
     }
 
     fn topics(&self) -> MutexGuard<'_, HashMap<String, TopicLog>> {
@@ -170,9 +116,14 @@ impl MemoryTransport {
         self.inner.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How many events `topic` holds.
+    /// How many events `topic` holds now.
     pub fn len(&self, topic: &str) -> usize {
         self.topics().get(topic).map_or(0, |t| t.events.len())
+    }
+
+    /// How many events each topic holds at most (emitted events aside, see the [module](self)).
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
     }
 
     /// True when no event was ever published on `topic`.
@@ -183,10 +134,16 @@ impl MemoryTransport {
     fn settle(&self, topic: &str, group: &str, offset: u64, how: Settle) {
         let mut topics = self.topics();
         let Some(log) = topics.get_mut(topic) else { return };
-        let TopicLog { events, groups, notify } = log;
+        let TopicLog { events, groups, notify, space } = log;
         let Some(cursor) = groups.get_mut(group) else { return };
         match how {
-            Settle::Done => cursor.settle(offset, events),
+            Settle::Done => {
+                let before = cursor.committed;
+                cursor.settle(offset, events);
+                if cursor.committed > before && events.len() >= self.inner.capacity {
+                    space.notify_waiters();
+                }
+            }
             Settle::Again(delay) => cursor.requeue(offset, Instant::now() + delay),
         }
         notify.notify_waiters();
@@ -211,10 +168,16 @@ impl MemoryTransport {
             let wake_at = {
                 let mut topics = self.topics();
                 let log = topics.entry(topic.to_owned()).or_default();
-                let cursor = log.groups.entry(group.to_owned()).or_default();
+                let base = log.events.base();
+                let cursor = log.groups.entry(group.to_owned()).or_insert_with(|| GroupCursor::starting_at(base));
                 match cursor.take_next(&log.events, Instant::now()) {
                     Ok((offset, attempt)) => {
-                        let envelope = log.events[offset as usize].clone();
+                        // Never let go of: every group's committed offset is held, and what
+                        // it hands out is at or above it. Were it gone, it is passed.
+                        let Some(envelope) = log.events.get(offset).cloned() else {
+                            cursor.settle(offset, &log.events);
+                            continue;
+                        };
                         let acker = MemoryAcker {
                             transport: self.clone(),
                             topic: topic.to_owned(),
@@ -252,11 +215,38 @@ impl Transport for MemoryTransport {
     }
 
     async fn publish(&self, envelope: &Envelope) -> Result<(), TransportError> {
-        let mut topics = self.topics();
-        let log = topics.entry(envelope.topic.clone()).or_default();
-        log.events.push(Arc::new(envelope.clone()));
-        log.notify.notify_waiters();
-        Ok(())
+        let capacity = self.inner.capacity;
+        // Emitted by a handler: never waits (see the module).
+        let waits = envelope.causation_id.is_none();
+        let topic = envelope.topic.as_str();
+        let mut envelope = Some(Arc::new(envelope.clone()));
+        loop {
+            let space = {
+                let mut topics = self.topics();
+                let log = topics.entry(topic.to_owned()).or_default();
+                log.make_room(capacity);
+                if !waits || log.events.len() < capacity {
+                    log.events.extend(envelope.take());
+                    log.notify.notify_waiters();
+                    return Ok(());
+                }
+                log.space.clone()
+            };
+            // Registered, then looked again: a settlement in between is not missed.
+            let room = space.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let full = {
+                let mut topics = self.topics();
+                topics.get_mut(topic).is_some_and(|log| {
+                    log.make_room(capacity);
+                    log.events.len() >= capacity
+                })
+            };
+            if full {
+                room.await;
+            }
+        }
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
@@ -265,7 +255,8 @@ impl Transport for MemoryTransport {
         let notify = {
             let mut topics = self.topics();
             let log = topics.entry(topic.clone()).or_default();
-            log.groups.entry(group.clone()).or_default();
+            let base = log.events.base();
+            log.groups.entry(group.clone()).or_insert_with(|| GroupCursor::starting_at(base));
             log.notify.clone()
         };
         let transport = self.clone();
@@ -287,8 +278,8 @@ impl Transport for MemoryTransport {
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
         let topics = self.topics();
         let lag = topics.get(topic).map_or(0, |log| {
-            let committed = log.groups.get(group).map_or(0, |c| c.committed);
-            log.events.len() as u64 - committed
+            let committed = log.groups.get(group).map_or(log.events.base(), |c| c.committed);
+            log.events.end().saturating_sub(committed)
         });
         Ok(vec![PartitionLag { partition: 0, lag }])
     }
@@ -446,5 +437,50 @@ mod tests {
         second.ack().await.expect("ack");
         assert_eq!(bus.lag("g", "t").await.expect("lag")[0].lag, 0);
         assert_eq!(bus.lag("other", "t").await.expect("lag")[0].lag, 3);
+    }
+
+    #[tokio::test]
+    async fn a_full_log_makes_publishers_wait_for_the_slowest_group_and_lets_emitted_events_in() {
+        let bus = MemoryTransport::with_capacity(2);
+        let mut s = bus.subscribe(&sub("g")).await.expect("subscribe");
+        for n in 0..2 {
+            bus.publish(&envelope(&format!("k{n}"), n)).await.expect("room");
+        }
+        let third = envelope("k2", 2);
+        let waiting = tokio::time::timeout(Duration::from_millis(100), bus.publish(&third)).await;
+        assert!(waiting.is_err(), "the log is full and nothing is settled: the publisher waits");
+        // A handler's emitted event has a cause: it goes in all the same.
+        let mut emitted = envelope("k9", 9);
+        emitted.causation_id = Some(third.id);
+        bus.publish(&emitted).await.expect("emitted events do not wait");
+        assert_eq!(bus.len("t"), 3);
+        let publisher = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.publish(&third).await }
+        });
+        let first = s.next().await.expect("item").expect("delivery");
+        first.ack().await.expect("ack");
+        let second = s.next().await.expect("item").expect("delivery");
+        second.ack().await.expect("ack");
+        tokio::time::timeout(Duration::from_secs(2), publisher)
+            .await
+            .expect("room once the group moved on")
+            .expect("joined")
+            .expect("published");
+        assert!(bus.len("t") <= 3, "settled events went: {}", bus.len("t"));
+        assert_eq!(bus.lag("g", "t").await.expect("lag")[0].lag, 2);
+    }
+
+    #[tokio::test]
+    async fn a_topic_no_group_reads_keeps_its_newest_events() {
+        let bus = MemoryTransport::with_capacity(3);
+        for n in 0..10 {
+            bus.publish(&envelope("k", n)).await.expect("never waits without a group");
+        }
+        assert_eq!(bus.len("t"), 3);
+        // A group joining now starts at the oldest event held.
+        let mut s = bus.subscribe(&sub("late")).await.expect("subscribe");
+        let first = s.next().await.expect("item").expect("delivery");
+        assert_eq!(first.envelope.data, b"7");
     }
 }
