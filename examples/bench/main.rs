@@ -321,7 +321,8 @@ where
     runtime.shutdown().await;
     check().await?;
 
-    let runtime = start_eda(&transport, &sink, a, (latency.events as usize + 1) * (a.groups + 1) + 16).await?;
+    // Each event journals its publish, and per group its handling and the event it emits.
+    let runtime = start_eda(&transport, &sink, a, (latency.events as usize + 1) * (2 * a.groups + 1) + 16).await?;
     let publisher = runtime.publisher();
     // Subscribed in every group before the clock: one event handled by each.
     publisher.publish(&tick(n, &body)).await?;
@@ -343,8 +344,11 @@ where
             let at = e.at.duration_since(UNIX_EPOCH).ok()?.as_micros() as u64;
             Some(at.saturating_sub(*sent.get(&e.event_id)?))
         })
-        .collect();
+        .collect::<Vec<u64>>();
     runtime.shutdown().await;
+    if latencies_us.len() as u64 != latency.events * groups {
+        return Err(format!("{} latency samples where {} were taken", latencies_us.len(), latency.events * groups).into());
+    }
     Ok(Sample {
         publish_eps: n as f64 / published.as_secs_f64(),
         e2e_eps: n as f64 / total.as_secs_f64(),
