@@ -347,7 +347,9 @@ where
         .collect::<Vec<u64>>();
     runtime.shutdown().await;
     if latencies_us.len() as u64 != latency.events * groups {
-        return Err(format!("{} latency samples where {} were taken", latencies_us.len(), latency.events * groups).into());
+        return Err(
+            format!("{} latency samples where {} were taken", latencies_us.len(), latency.events * groups).into()
+        );
     }
     Ok(Sample {
         publish_eps: n as f64 / published.as_secs_f64(),

@@ -44,6 +44,12 @@ pub(super) struct ConsumerShared {
     pub(super) renewed_at: AtomicI64,
     /// A partition being given up has settled: renew now, which releases it.
     pub(super) release_now: Notify,
+    /// When the last renewal that committed began, by this process's monotonic clock: the
+    /// leases it renewed last at least a lease from then, so this instance reads no more once
+    /// most of that has passed without another (it may have lost them).
+    pub(super) renewed: Mutex<Option<Instant>>,
+    /// The database time the last renewal wrote, committed or not (see `look_for_a_twin`).
+    pub(super) attempted_at: AtomicI64,
 }
 
 /// [`ConsumerShared::renewed_at`] before the first renewal.
@@ -197,6 +203,9 @@ impl Consumer {
     /// give it up meanwhile then waits for what was read to settle — and left so when it
     /// returns events.
     async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<(i64, i64, Envelope)>, TransportError> {
+        if !self.shared.leases_fresh() {
+            return Ok(Vec::new());
+        }
         {
             let mut slots = lock(&self.shared.slots);
             match slots.get_mut(&partition) {
@@ -204,7 +213,11 @@ impl Consumer {
                 _ => return Ok(Vec::new()),
             }
         }
-        let read = self.read(partition, limit).await;
+        let mut read = self.read(partition, limit).await;
+        // Lost while it read: another instance holds it now, and what was read is its own.
+        if matches!(lock(&self.shared.slots).get(&partition), Some(Slot::Revoked)) {
+            read = Ok(Vec::new());
+        }
         if !matches!(&read, Ok(events) if !events.is_empty()) {
             self.shared.set(partition, Slot::Idle);
         }
@@ -262,6 +275,13 @@ impl Slot {
 }
 
 impl ConsumerShared {
+    /// Whether this consumer's leases surely still hold: a renewal committed within the last
+    /// four fifths of a lease.
+    fn leases_fresh(&self) -> bool {
+        let ttl = self.transport.inner.options.lease_ttl;
+        lock(&self.renewed).is_some_and(|at| at.elapsed() < ttl.mul_f64(0.8))
+    }
+
     /// Keeps this consumer's leases alive for as long as it or a delivery of it exists (so a
     /// slow handler or a draining shutdown does not lose them), and runs the retention clean-up
     /// now and then.
@@ -276,8 +296,15 @@ impl ConsumerShared {
                     let _ = tokio::time::timeout(every, strong.release_now.notified()).await;
                 }
                 let Some(shared) = shared.upgrade() else { return };
-                if let Err(e) = shared.rebalance().await {
+                let mut failed = shared.rebalance().await.err();
+                // One failed round must not let the leases lapse: try again soon, while they last.
+                while let Some(e) = failed.take() {
                     tracing::warn!(group = %shared.group, topic = %shared.topic, error = %e, "cannot renew partition leases; trying again");
+                    tokio::time::sleep(every / 4).await;
+                    if Arc::strong_count(&shared) == 1 {
+                        return;
+                    }
+                    failed = shared.rebalance().await.err();
                 }
                 shared.transport.clean_up_now_and_then();
             }
@@ -342,7 +369,9 @@ impl ConsumerShared {
             return Ok(());
         }
         let seen = self.member_seen(conn).await?;
-        if seen.is_some_and(|seen| seen != last) {
+        let attempted = self.attempted_at.load(Ordering::SeqCst);
+        // A renewal whose commit reply was lost wrote `attempted`: no twin.
+        if seen.is_some_and(|seen| seen != last && seen != attempted) {
             tracing::error!(
                 group = %self.group,
                 topic = %self.topic,
@@ -359,9 +388,12 @@ impl ConsumerShared {
     pub(super) async fn rebalance(&self) -> Result<(), TransportError> {
         let inner = &self.transport.inner;
         let within = inner.options.lease_ttl;
+        let began = Instant::now();
         let mut conn = inner.leases.acquire().await.map_err(other)?;
         let done = tokio::time::timeout(within, self.rebalance_on(&mut conn)).await;
-        answered(conn, done, within, "renewing partition leases")
+        answered(conn, done, within, "renewing partition leases")?;
+        *lock(&self.renewed) = Some(began);
+        Ok(())
     }
 
     async fn rebalance_on(&self, conn: &mut AnyConnection) -> Result<(), TransportError> {
@@ -382,6 +414,7 @@ impl ConsumerShared {
         if inner.options.instance.is_some() {
             self.look_for_a_twin(&mut tx).await?;
         }
+        self.attempted_at.store(now, Ordering::SeqCst);
         sqlx::query(&sql.member_upsert).bind(g).bind(t).bind(me).bind(now).execute(&mut *tx).await.map_err(other)?;
         sqlx::query(&sql.members_expire).bind(g).bind(t).bind(now - ttl).execute(&mut *tx).await.map_err(other)?;
         let members: i64 =
@@ -410,7 +443,7 @@ impl ConsumerShared {
         // from after it was chosen). Within it, partitions being given up are taken back.
         let release: Vec<u32> = {
             let mut slots = lock(&shared.slots);
-            let busy = |s: Option<&Slot>| matches!(s, Some(Slot::InFlight | Slot::Leaving));
+            let busy = |s: Option<&Slot>| matches!(s, Some(Slot::InFlight | Slot::Leaving | Slot::Revoked));
             let mut order = mine.clone();
             order.sort_by_key(|p| (busy(slots.get(p)), std::cmp::Reverse(*p)));
             let excess = mine.len().saturating_sub(fair);
@@ -419,7 +452,9 @@ impl ConsumerShared {
                 // A lease without a slot yet (taken by a predecessor of this name) is idle.
                 let Some(slot) = slots.get(&p).copied().or((i < excess).then_some(Slot::Idle)) else { continue };
                 let next = match (slot, i < excess) {
-                    (Slot::InFlight | Slot::Leaving, true) => Slot::Leaving,
+                    // Revoked, yet held again (a renewal whose reply was lost took it back):
+                    // still in flight here.
+                    (Slot::InFlight | Slot::Leaving | Slot::Revoked, true) => Slot::Leaving,
                     (_, true) => {
                         release.push(p);
                         Slot::Released

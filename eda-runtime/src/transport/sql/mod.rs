@@ -315,7 +315,9 @@ impl SqlTransport {
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
         if inner.dialect == Dialect::Postgres {
             // Building an index on a large log takes longer than any one statement may.
-            sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.map_err(other)?;
+            for setting in ["SET LOCAL statement_timeout = 0", "SET LOCAL lock_timeout = 0"] {
+                sqlx::query(setting).execute(&mut *tx).await.map_err(other)?;
+            }
         }
         if let Some(lock) = inner.dialect.lock() {
             let key = fnv1a(&[&inner.options.prefix, "schema"]) as i64;
@@ -504,8 +506,13 @@ impl SqlTransport {
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
         let now: i64 = sqlx::query_scalar(inner.dialect.now_ms()).fetch_one(&mut *tx).await.map_err(other)?;
         let since = now - inner.options.lease_ttl.as_millis() as i64;
-        let live: i64 =
-            sqlx::query_scalar(&sql.members_live).bind(group).bind(since).fetch_one(&mut *tx).await.map_err(other)?;
+        let live: i64 = sqlx::query_scalar(&sql.members_live)
+            .bind(group)
+            .bind(since)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(other)?;
         if live > 0 {
             return Err(TransportError::Config {
                 transport: "sql",
@@ -743,7 +750,8 @@ impl SqlTransport {
         if let Some(n) = lock(&self.inner.topics).get(topic) {
             return Ok(*n);
         }
-        let mut conn = self.inner.pool.acquire().await.map_err(other)?;
+        // Not from the pool: the caller may hold the pool's last connection.
+        let mut conn = self.inner.leases.acquire().await.map_err(other)?;
         let n = self.partitions(&mut conn, topic).await?;
         self.remember_topics([(topic, n)]);
         Ok(n)
@@ -962,6 +970,8 @@ impl SqlTransport {
             wake: Notify::new(),
             renewed_at: std::sync::atomic::AtomicI64::new(consumer::NOT_RENEWED),
             release_now: Notify::new(),
+            renewed: Mutex::default(),
+            attempted_at: std::sync::atomic::AtomicI64::new(consumer::NOT_RENEWED),
         });
         if self.inner.options.instance.is_some() {
             if let Err(e) = shared.refuse_a_twin().await {
@@ -971,7 +981,10 @@ impl SqlTransport {
             }
         }
         // Hold leases before the first fetch, then keep them in the background.
-        shared.rebalance().await?;
+        if let Err(e) = shared.rebalance().await {
+            lock(&self.inner.owners).retain(|(g, t, o)| (g, t, o) != (&shared.group, &shared.topic, &shared.owner));
+            return Err(e);
+        }
         shared.keep_leases();
         Ok(Consumer { shared, cursor: 0 })
     }

@@ -310,7 +310,11 @@ impl Sql {
                                    WHERE l.seq = a.seq AND o.position >= l.seq)
                      LIMIT {CLEAN_BATCH})"
             ),
-            members_live: format!("SELECT COUNT(*) FROM {p}members WHERE grp = $1 AND seen_at >= $2"),
+            // Members seen within a lease, and leases not yet ended.
+            members_live: format!(
+                "SELECT (SELECT COUNT(*) FROM {p}members WHERE grp = $1 AND seen_at >= $2)
+                      + (SELECT COUNT(*) FROM {p}leases WHERE grp = $1 AND expires_at >= $3)"
+            ),
             retire: ["offsets", "leases", "members", "attempts"]
                 .map(|table| format!("DELETE FROM {p}{table} WHERE grp = $1"))
                 .to_vec(),
