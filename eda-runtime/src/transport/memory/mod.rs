@@ -31,6 +31,13 @@ mod cursor;
 
 /// The in-process transport. Clones share the same log.
 ///
+/// Each topic holds at most [`capacity`](MemoryTransport::with_capacity) events, like a real
+/// broker's bounded log: once full, events every group has settled go; when none can go,
+/// publishing waits until the slowest group settles one (back-pressure). Events emitted by a
+/// handler (those with a cause) do not wait — a handler waiting for its own group to move on
+/// would wait for ever — and so may take a topic past its capacity by what handlers have in
+/// flight. A topic no group reads lets its oldest events go instead.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use eda::transport::MemoryTransport;
@@ -106,7 +113,7 @@ impl MemoryTransport {
     }
 
     /// An empty log holding at most `capacity` events per topic (see the
-    /// [module](self) for what happens when a topic is full).
+    /// [type's docs](MemoryTransport) for what happens when a topic is full).
     pub fn with_capacity(capacity: usize) -> Self {
         Self { inner: Arc::new(Inner { capacity: capacity.max(1), ..Inner::default() }) }
     }
@@ -121,7 +128,7 @@ impl MemoryTransport {
         self.topics().get(topic).map_or(0, |t| t.events.len())
     }
 
-    /// How many events each topic holds at most (emitted events aside, see the [module](self)).
+    /// How many events each topic holds at most (emitted events aside, see the [type's docs](MemoryTransport)).
     pub fn capacity(&self) -> usize {
         self.inner.capacity
     }
