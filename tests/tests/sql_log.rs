@@ -402,12 +402,16 @@ async fn a_consumer_cut_off_from_the_database_without_a_word_recovers() {
     proxy.freeze();
     publish(2).await;
     let cut = Instant::now();
-    while seen() < 2 && cut.elapsed() < Duration::from_secs(60) {
+    let handled = || rt.state::<Seen>().map_or_else(Vec::new, |s| s.0.lock().expect("lock").clone());
+    while !handled().contains(&2) && cut.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(seen(), 2, "handled within a minute of the cut");
-    println!("recovered {:?} after the cut", cut.elapsed());
-    assert_eq!(rt.state::<Seen>().expect("state").0.lock().expect("lock").clone(), vec![1, 2]);
+    println!("recovered {:?} after the cut; handled {:?}", cut.elapsed(), handled());
+    // A handling whose commit the cut swallowed runs again (its effect here is outside the
+    // transaction): at least once, in order.
+    let mut once = handled();
+    once.dedup();
+    assert_eq!(once, vec![1, 2], "handled within a minute of the cut, in order");
     tokio::time::timeout(Duration::from_secs(60), rt.shutdown()).await.expect("shuts down");
 }
 
