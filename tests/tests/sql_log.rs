@@ -470,7 +470,50 @@ async fn a_new_instance_takes_its_share_of_a_backlog_and_nothing_runs_twice(post
     b.shutdown().await;
 }
 
+/// The consumer reads a partition's next events in one query and hands them out one at a time.
+/// What it read ahead is stale once the partition was another instance's meanwhile: that
+/// instance may have handled them, and handing them out again would run them twice.
+async fn events_read_ahead_are_not_handed_out_after_another_instance_had_the_partition(postgres: bool) {
+    let log = eda_tests::TestDb::new(postgres).await;
+    let db = log.open().await;
+    let notes: Vec<eda::Envelope> = (0..40)
+        .map(|n| {
+            let noted = Noted { key: "k".into(), n };
+            eda::Envelope::root("test", eda::PendingEvent::new(&noted).expect("encoded"), None)
+        })
+        .collect();
+    db.publish_all(&notes).await.expect("publish");
+    let subscription = eda::Subscription { group: "reader".into(), topic: "notes".into(), prefetch: 1 };
+    let mut deliveries = db.subscribe(&subscription).await.expect("subscribes");
+    let n_of = |d: &eda::Delivery| serde_json::from_slice::<Noted>(&d.envelope.data).expect("a note").n;
+    let first = deliveries.next().await.expect("a delivery").expect("delivered");
+    assert_eq!(n_of(&first), 0);
+    first.ack().await.expect("acked");
+
+    // Another instance takes the partition, handles notes 1 to 9, and goes away.
+    let p = &log.prefix;
+    log.execute(&format!(
+        "UPDATE {p}leases SET owner = 'other', expires_at = expires_at + 3600000 WHERE grp = 'reader'"
+    ))
+    .await;
+    log.execute(&format!(
+        "UPDATE {p}offsets SET position = (SELECT seq FROM {p}log WHERE topic = 'notes' ORDER BY seq LIMIT 1 OFFSET 9)
+         WHERE grp = 'reader' AND position > 0"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // renewals see the lease gone
+    log.execute(&format!("DELETE FROM {p}leases WHERE owner = 'other'")).await;
+
+    let next = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("the partition is taken back")
+        .expect("a delivery")
+        .expect("delivered");
+    assert_eq!(n_of(&next), 10, "the next note after the other instance's position");
+}
+
 eda_tests::on_sql_databases! {
+    events_read_ahead_are_not_handed_out_after_another_instance_had_the_partition,
     a_new_instance_takes_its_share_of_a_backlog_and_nothing_runs_twice,
     an_instance_that_lost_its_lease_neither_counts_attempts_nor_dead_letters,
     saga_step_records_outlive_the_log_retention,

@@ -1,7 +1,7 @@
 //! One subscription on the SQL log: partition leases, and the next event of each partition
-//! that has nothing in flight.
+//! that has nothing in flight, read a batch ahead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,6 +39,12 @@ pub(super) struct ConsumerShared {
     /// The topic's partition count.
     pub(super) partitions: u32,
     pub(super) slots: Mutex<HashMap<u32, Slot>>,
+    /// Events read ahead per partition, after the one in flight: the next deliveries of the
+    /// partition, read in one query. Kept only while the partition's events settle by
+    /// advancing its position here; anything else (a hand-back, a lost or given-up lease, a
+    /// delivery dropped unsettled, a position found already moved) empties it, and the next
+    /// fetch reads from the database again.
+    pub(super) ahead: Mutex<HashMap<u32, VecDeque<Read>>>,
     pub(super) wake: Notify,
     /// The database time of this consumer's last renewal, [`NOT_RENEWED`] before the first.
     pub(super) renewed_at: AtomicI64,
@@ -55,13 +61,32 @@ pub(super) struct ConsumerShared {
 /// [`ConsumerShared::renewed_at`] before the first renewal.
 pub(super) const NOT_RENEWED: i64 = i64::MIN;
 
+/// How many events of a partition one query reads: the one handed out and those read ahead.
+pub(super) const READ_AHEAD: usize = 32;
+
+/// An event read from the log: `(seq, attempts so far, envelope)`.
+pub(super) type Read = (i64, i64, Envelope);
+
 impl ConsumerShared {
-    /// Sets what a partition is doing. Settling an event in flight wakes the consumer, which
-    /// may then fetch the partition's next one; nothing else does, or an idle consumer would
-    /// wake itself with every empty fetch.
+    /// Sets what a partition is doing, and forgets what was read ahead of it. Settling an
+    /// event in flight wakes the consumer, which may then fetch the partition's next one;
+    /// nothing else does, or an idle consumer would wake itself with every empty fetch.
     pub(super) fn set(&self, partition: u32, slot: Slot) {
+        self.settle(partition, slot, false);
+    }
+
+    /// The event in flight was settled by moving the partition's position past it, here:
+    /// what was read ahead of it still comes next.
+    pub(super) fn advanced(&self, partition: u32) {
+        self.settle(partition, Slot::Idle, true);
+    }
+
+    fn settle(&self, partition: u32, slot: Slot, keep_ahead: bool) {
         let settled = {
             let mut slots = lock(&self.slots);
+            if !(keep_ahead && slot == Slot::Idle && slots.get(&partition) == Some(&Slot::InFlight)) {
+                lock(&self.ahead).remove(&partition);
+            }
             match slots.get(&partition).copied() {
                 Some(Slot::Revoked) if slot != Slot::InFlight => {
                     // Another instance holds this partition now: forget it.
@@ -132,8 +157,8 @@ pub(super) struct Consumer {
 impl Consumer {
     /// The next event of a partition with nothing in flight, as a delivery.
     pub(super) async fn next(&mut self) -> Result<Delivery, TransportError> {
-        let (partition, mut rows) = self.next_rows(1).await?;
-        let (seq, attempts, envelope) = rows.remove(0);
+        let (partition, mut rows) = self.next_rows(READ_AHEAD, true).await?;
+        let (seq, attempts, envelope) = rows.pop_front().ok_or(TransportError::Closed("sql: an empty read"))?;
         let acker = SqlAcker {
             shared: self.shared.clone(),
             partition,
@@ -148,7 +173,8 @@ impl Consumer {
     /// Up to `limit` next events of one partition with nothing in flight, settled together:
     /// how the relay moves an outbox in few round trips while keeping per-key order.
     pub(super) async fn next_batch(&mut self, limit: usize) -> Result<Batch, TransportError> {
-        let (partition, rows) = self.next_rows(limit).await?;
+        let (partition, rows) = self.next_rows(limit, false).await?;
+        let rows = Vec::from(rows);
         let retried = rows.iter().any(|(_, attempts, _)| *attempts > 0);
         let last = rows.last().map_or(0, |(seq, _, _)| *seq);
         let (seqs, envelopes) = rows.into_iter().map(|(seq, _, e)| (seq, e)).unzip();
@@ -156,8 +182,9 @@ impl Consumer {
     }
 
     /// Waits for a partition with nothing in flight that has events, marks it in flight and
-    /// returns up to `limit` of its next events: `(seq, attempts so far, envelope)`.
-    async fn next_rows(&mut self, limit: usize) -> Result<(u32, Vec<(i64, i64, Envelope)>), TransportError> {
+    /// returns its next events: with `one`, the next, the others of the `limit` read being
+    /// kept ahead; else up to `limit`.
+    async fn next_rows(&mut self, limit: usize, one: bool) -> Result<(u32, VecDeque<Read>), TransportError> {
         let inner = self.shared.transport.inner.clone();
         let shared = self.shared.clone();
         loop {
@@ -179,7 +206,7 @@ impl Consumer {
             // Start where the last call stopped, so no partition starves the others.
             let start = ready.iter().position(|p| *p >= self.cursor).unwrap_or(0);
             for &partition in ready[start..].iter().chain(&ready[..start]) {
-                let rows = self.fetch(partition, limit).await?;
+                let rows = self.fetch(partition, limit, one).await?;
                 if !rows.is_empty() {
                     self.cursor = partition + 1;
                     return Ok((partition, rows));
@@ -201,22 +228,40 @@ impl Consumer {
     /// corrupt event at the head is dead-lettered with what is wrong, so it never blocks the
     /// partition. The partition is marked in flight before it is read — a renewal deciding to
     /// give it up meanwhile then waits for what was read to settle — and left so when it
-    /// returns events.
-    async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<(i64, i64, Envelope)>, TransportError> {
+    /// returns events. What was read ahead of the partition's last event comes first, without
+    /// a query: it was read under the same leases, and nobody else moved the position since.
+    async fn fetch(&self, partition: u32, limit: usize, one: bool) -> Result<VecDeque<Read>, TransportError> {
         if !self.shared.leases_fresh() {
-            return Ok(Vec::new());
+            return Ok(VecDeque::new());
         }
         {
             let mut slots = lock(&self.shared.slots);
             match slots.get_mut(&partition) {
                 Some(slot) if slot.ready(Instant::now()) => *slot = Slot::InFlight,
-                _ => return Ok(Vec::new()),
+                _ => return Ok(VecDeque::new()),
+            }
+            let mut ahead = lock(&self.shared.ahead);
+            if let Some(mut rows) = ahead.remove(&partition) {
+                if let Some(next) = rows.pop_front() {
+                    if !rows.is_empty() {
+                        ahead.insert(partition, rows);
+                    }
+                    return Ok(VecDeque::from([next]));
+                }
             }
         }
         let mut read = self.read(partition, limit).await;
-        // Lost while it read: another instance holds it now, and what was read is its own.
-        if matches!(lock(&self.shared.slots).get(&partition), Some(Slot::Revoked)) {
-            read = Ok(Vec::new());
+        {
+            let slots = lock(&self.shared.slots);
+            match (&mut read, slots.get(&partition)) {
+                // Lost while it read: another instance holds it now, and what was read is its own.
+                (_, Some(Slot::Revoked)) => read = Ok(VecDeque::new()),
+                (Ok(rows), Some(Slot::InFlight)) if one && rows.len() > 1 => {
+                    let rest = rows.split_off(1);
+                    lock(&self.shared.ahead).insert(partition, rest);
+                }
+                _ => {}
+            }
         }
         if !matches!(&read, Ok(events) if !events.is_empty()) {
             self.shared.set(partition, Slot::Idle);
@@ -224,7 +269,7 @@ impl Consumer {
         read
     }
 
-    async fn read(&self, partition: u32, limit: usize) -> Result<Vec<(i64, i64, Envelope)>, TransportError> {
+    async fn read(&self, partition: u32, limit: usize) -> Result<VecDeque<Read>, TransportError> {
         let shared = &self.shared;
         let inner = &shared.transport.inner;
         let next = sqlx::query(&inner.sql.next_events)
@@ -236,12 +281,12 @@ impl Consumer {
         let mut conn = inner.pool.acquire().await.map_err(other)?;
         let done = tokio::time::timeout(within, async { next.fetch_all(&mut *conn).await.map_err(other) }).await;
         let rows = answered(conn, done, within, "reading the next events")?;
-        let mut events = Vec::with_capacity(rows.len());
+        let mut events = VecDeque::with_capacity(rows.len());
         for row in &rows {
             let seq: i64 = row.try_get(0).map_err(other)?;
             let attempts: i64 = row.try_get(11).map_err(other)?;
             match envelope_of(row, &shared.topic) {
-                (envelope, None) => events.push((seq, attempts, envelope)),
+                (envelope, None) => events.push_back((seq, attempts, envelope)),
                 (_, Some(_)) if !events.is_empty() => break, // next time it is at the head
                 (envelope, Some(error)) => {
                     let acker = SqlAcker {
@@ -255,7 +300,7 @@ impl Consumer {
                     let reason = DeadLetterReason { handler: None, error, permanent: true };
                     let letter = DeadLetter { envelope, attempts: attempts as u32 + 1, reason, at: SystemTime::now() };
                     Box::new(acker).dead_letter(letter).await?;
-                    return Ok(Vec::new());
+                    return Ok(VecDeque::new());
                 }
             }
         }
@@ -402,6 +447,7 @@ impl ConsumerShared {
         let sql = &inner.sql;
         let (g, t, me) = (&shared.group, &shared.topic, &shared.owner);
         let ttl = inner.options.lease_ttl.as_millis() as i64;
+        let _turn = inner.gate.enter().await.map_err(other)?;
         let mut tx = sqlx::Connection::begin_with(conn, inner.dialect.begin()).await.map_err(other)?;
         if let Some(lock) = inner.dialect.lock() {
             // One rebalance per group and topic at a time: claims never interleave.
@@ -528,6 +574,9 @@ impl ConsumerShared {
                     Some(_) => {}
                 }
             }
+            // What was read ahead of a partition that is no longer simply held is read again
+            // by whoever holds it next.
+            lock(&shared.ahead).retain(|p, _| matches!(slots.get(p), Some(Slot::Idle | Slot::InFlight)));
             gained
         };
         if gained {
@@ -559,6 +608,7 @@ impl Batch {
         let s = &self.shared;
         let envelope = serde_json::to_string(envelope).map_err(other)?;
         let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let _turn = s.transport.inner.gate.enter().await.map_err(other)?;
         sqlx::query(&s.transport.inner.sql.dead_insert_once)
             .bind(&s.group)
             .bind(&s.topic)
@@ -577,8 +627,10 @@ impl Batch {
 
     /// Done with every event of the batch: one position update.
     pub(super) async fn ack(mut self) -> Result<(), TransportError> {
+        let turn = self.shared.transport.inner.gate.enter().await.map_err(other)?;
         let mut conn = self.shared.transport.inner.pool.acquire().await.map_err(other)?;
         self.shared.ack(&mut conn, self.partition, self.last, self.retried).await.map_err(other)?;
+        drop((conn, turn));
         self.settled = true;
         self.shared.set(self.partition, Slot::Idle);
         Ok(())
@@ -616,16 +668,24 @@ impl Acker for SqlAcker {
         }
         let (shared, retried) = (&self.shared, self.retried.load(Ordering::SeqCst));
         let within = shared.transport.answer_within();
+        let turn = shared.transport.inner.gate.enter().await.map_err(other)?;
         let mut conn = shared.transport.inner.pool.acquire().await.map_err(other)?;
         let acked = shared.ack(&mut conn, self.partition, self.seq, retried);
         let done = tokio::time::timeout(within, async { acked.await.map_err(other) }).await;
-        answered(conn, done, within, "acknowledging")?;
-        self.finish(Slot::Idle);
+        let advanced = answered(conn, done, within, "acknowledging")?;
+        drop(turn);
+        self.settled.store(true, Ordering::SeqCst);
+        if advanced {
+            shared.advanced(self.partition);
+        } else {
+            shared.set(self.partition, Slot::Idle);
+        }
         Ok(())
     }
 
     async fn attempt_failed(&self) -> Result<(), TransportError> {
         let s = &self.shared;
+        let _turn = s.transport.inner.gate.enter().await.map_err(other)?;
         sqlx::query(&s.transport.inner.sql.nack)
             .bind(&s.group)
             .bind(&s.topic)
@@ -651,6 +711,7 @@ impl Acker for SqlAcker {
         let inner = &s.transport.inner;
         let envelope = serde_json::to_string(&letter.envelope).map_err(other)?;
         let at = letter.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let _turn = inner.gate.enter().await.map_err(other)?;
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
         // Only the partition's holder sets its events aside: after a takeover the new owner
         // delivers this event again and counts its own attempts (held, the lease stays locked
@@ -693,7 +754,8 @@ impl Acker for SqlAcker {
             .await
             .map_err(other)?;
         tx.commit().await.map_err(other)?;
-        self.finish(Slot::Idle);
+        self.settled.store(true, Ordering::SeqCst);
+        s.advanced(self.partition);
         Ok(())
     }
 

@@ -14,6 +14,7 @@
 //! [`Dialect`] says so.
 
 mod consumer;
+mod gate;
 #[cfg(feature = "postgres")]
 mod listen;
 mod options;
@@ -43,6 +44,7 @@ use tokio::time::Instant;
 
 use super::keys::{fnv1a, partition_of, redact};
 use consumer::{Consumer, ConsumerShared};
+use gate::{Turn, WriteGate};
 use schema::Sql;
 
 /// The transaction type behind [`transaction`]: run queries on `&mut **tx`.
@@ -71,11 +73,7 @@ pub async fn transaction<'a, S>(cx: &Ctx<'a, S>) -> Result<HandlerTransaction<'a
             "this handler runs without a database transaction: run it on a `sqlite://` or `postgres://` transport",
         )
     })?;
-    if lazy.tx.is_none() {
-        let begin = lazy.dialect.begin();
-        let tx = lazy.pool.begin_with(begin).await.map_err(HandlerError::transient)?;
-        lazy.tx = Some(tx);
-    }
+    lazy.conn().await.map_err(HandlerError::transient)?;
     Ok(HandlerTransaction(lazy))
 }
 
@@ -106,13 +104,29 @@ impl std::ops::DerefMut for HandlerTransaction<'_> {
 struct LazyTransaction {
     pool: AnyPool,
     dialect: Dialect,
+    gate: WriteGate,
+    /// Before `turn`: the transaction ends before the next writer's turn begins.
     tx: Option<SqlTransaction>,
+    turn: Turn,
 }
 
 impl LazyTransaction {
+    fn new(transport: &SqlTransport) -> Self {
+        let inner = &transport.inner;
+        Self { pool: inner.pool.clone(), dialect: inner.dialect, gate: inner.gate.clone(), tx: None, turn: None }
+    }
+
+    /// The open transaction, opened now if it is not.
     async fn conn(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
         if self.tx.is_none() {
-            self.tx = Some(self.pool.begin_with(self.dialect.begin()).await?);
+            self.turn = self.gate.enter().await?;
+            match self.pool.begin_with(self.dialect.begin()).await {
+                Ok(tx) => self.tx = Some(tx),
+                Err(e) => {
+                    self.turn = None;
+                    return Err(e);
+                }
+            }
         }
         match self.tx.as_deref_mut() {
             Some(conn) => Ok(conn),
@@ -132,6 +146,8 @@ struct Inner {
     /// For partition leases only (see [`LEASE_CONNECTIONS`]).
     leases: AnyPool,
     dialect: Dialect,
+    /// This process's writers of a SQLite database, one at a time.
+    gate: WriteGate,
     sql: Sql,
     options: SqlOptions,
     instance: String,
@@ -288,6 +304,7 @@ impl SqlTransport {
             pool,
             leases,
             dialect,
+            gate: WriteGate::new(dialect),
             sql: Sql::new(dialect, &options.prefix),
             options,
             instance,
@@ -312,6 +329,7 @@ impl SqlTransport {
     /// PostgreSQL, whose `CREATE … IF NOT EXISTS` is not safe against a concurrent twin).
     async fn migrate(&self) -> Result<(), TransportError> {
         let (inner, sql) = (&self.inner, &self.inner.sql);
+        let _turn = inner.gate.enter().await.map_err(other)?;
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
         if inner.dialect == Dialect::Postgres {
             // Building an index on a large log takes longer than any one statement may.
@@ -503,6 +521,7 @@ impl SqlTransport {
     /// See [`Transport::retire_group`].
     async fn retire(&self, group: &str) -> Result<u64, TransportError> {
         let (inner, sql) = (&self.inner, &self.inner.sql);
+        let turn = inner.gate.enter().await.map_err(other)?;
         let mut tx = inner.pool.begin_with(inner.dialect.begin()).await.map_err(other)?;
         let now: i64 = sqlx::query_scalar(inner.dialect.now_ms()).fetch_one(&mut *tx).await.map_err(other)?;
         let since = now - inner.options.lease_ttl.as_millis() as i64;
@@ -527,6 +546,7 @@ impl SqlTransport {
             removed += sqlx::query(statement).bind(group).execute(&mut *tx).await.map_err(other)?.rows_affected();
         }
         tx.commit().await.map_err(other)?;
+        drop(turn);
         // Guard and saga records may be many: a batch at a time, like retention.
         removed += self.delete_in_batches(&sql.retire_inbox, |q| q.bind(group)).await?;
         removed += self.delete_in_batches(&sql.retire_steps, |q| q.bind(group)).await?;
@@ -543,7 +563,9 @@ impl SqlTransport {
     ) -> Result<u64, TransportError> {
         let mut deleted = 0;
         loop {
+            let turn = self.inner.gate.enter().await.map_err(other)?;
             let done = bind(sqlx::query(statement)).execute(&self.inner.pool).await.map_err(other)?.rows_affected();
+            drop(turn);
             deleted += done;
             if done < schema::CLEAN_BATCH {
                 return Ok(deleted);
@@ -667,6 +689,7 @@ impl DeadLetterStore for SqlTransport {
     }
 
     async fn remove_dead_letter(&self, id: u64) -> Result<bool, TransportError> {
+        let _turn = self.inner.gate.enter().await.map_err(other)?;
         let done =
             sqlx::query(&self.inner.sql.dead_delete).bind(id as i64).execute(&self.inner.pool).await.map_err(other)?;
         Ok(done.rows_affected() > 0)
@@ -767,6 +790,7 @@ impl SqlTransport {
 
     /// Appends events in one transaction of their own, and caches what it created.
     async fn insert_committed(&self, envelopes: &[Envelope]) -> Result<(), TransportError> {
+        let _turn = self.inner.gate.enter().await.map_err(other)?;
         let mut tx = self.inner.pool.begin_with(self.inner.dialect.begin()).await.map_err(other)?;
         let placed = self.insert(&mut tx, envelopes).await?;
         tx.commit().await.map_err(other)?;
@@ -938,6 +962,7 @@ fn envelope_of(row: &AnyRow, topic: &str) -> (Envelope, Option<String>) {
 impl SqlTransport {
     /// A consumer of `group` on `topic`, with an owner name of its own for the leases.
     async fn consumer(&self, subscription: &Subscription) -> Result<Consumer, TransportError> {
+        let turn = self.inner.gate.enter().await.map_err(other)?;
         let mut conn = self.inner.pool.acquire().await.map_err(other)?;
         // Outside any transaction: the topic is committed once this returns.
         let partitions = self.partitions(&mut conn, &subscription.topic).await?;
@@ -951,7 +976,7 @@ impl SqlTransport {
                 .await
                 .map_err(other)?;
         }
-        drop(conn);
+        drop((conn, turn));
         self.remember_topics([(subscription.topic.as_str(), partitions)]);
         let owner = {
             let mut owners = lock(&self.inner.owners);
@@ -967,6 +992,7 @@ impl SqlTransport {
             owner,
             partitions,
             slots: Mutex::default(),
+            ahead: Mutex::default(),
             wake: Notify::new(),
             renewed_at: std::sync::atomic::AtomicI64::new(consumer::NOT_RENEWED),
             release_now: Notify::new(),
@@ -1085,6 +1111,7 @@ impl Transport for SqlTransport {
         // Hand this instance's partitions over now rather than when the leases expire.
         let owners = std::mem::take(&mut *lock(&self.inner.owners));
         for (group, topic, owner) in owners {
+            let _turn = self.inner.gate.enter().await.map_err(other)?;
             for sql in [&self.inner.sql.leases_release_owner, &self.inner.sql.members_release_owner] {
                 sqlx::query(sql)
                     .bind(&group)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use eda_core::{Claim, Commit, CorrelationId, Envelope, GuardKey, StepState, StoreError, TransportError, UnitOfWork};
 
-use super::consumer::{ConsumerShared, Slot};
+use super::consumer::ConsumerShared;
 use super::schema::Sql;
 use super::{fnv1a, now_ms, other, store, LazyTransaction, SqlTransport};
 
@@ -42,7 +42,7 @@ pub(super) struct SqlUnit {
 impl SqlUnit {
     /// A unit for a handling whose delivery, if any, is settled elsewhere.
     pub(super) fn new(transport: SqlTransport, delivery: Option<LogDelivery>) -> Self {
-        let lazy = LazyTransaction { pool: transport.inner.pool.clone(), dialect: transport.inner.dialect, tx: None };
+        let lazy = LazyTransaction::new(&transport);
         Self {
             transport,
             delivery,
@@ -239,7 +239,7 @@ impl UnitOfWork for SqlUnit {
         }
         if let (true, Some(d)) = (ack, &self.delivery) {
             d.settled.store(true, Ordering::SeqCst);
-            d.shared.set(d.partition, Slot::Idle);
+            d.shared.advanced(d.partition);
         }
         Ok(Commit::Done)
     }
