@@ -326,6 +326,54 @@ async fn a_publisher_waits_for_a_partition_lock_no_longer_than_the_lock_timeout(
     holder.commit().await.expect("the holder commits");
 }
 
+/// A publish outside a transaction is one statement on PostgreSQL, and it still takes its
+/// partition's lock before its sequence number: an event published after one whose
+/// transaction has not committed yet must not become visible first, or a consumer would move
+/// past the earlier event's number and never see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_never_overtakes_an_uncommitted_one_of_its_partition() {
+    let log = eda_tests::TestDb::new(true).await;
+    let db = log.open().await;
+    let note = |n| Noted { key: "k".into(), n };
+    // The topic exists before the race, as it would in a running service.
+    db.publish(&eda::Envelope::root("test", eda::PendingEvent::new(&note(0)).expect("encoded"), None))
+        .await
+        .expect("publish");
+    let subscription = eda::Subscription { group: "reader".into(), topic: "notes".into(), prefetch: 1 };
+    let mut deliveries = db.subscribe(&subscription).await.expect("subscribes");
+    let n_of = |d: &eda::Delivery| serde_json::from_slice::<Noted>(&d.envelope.data).expect("a note").n;
+    let mut received = Vec::new();
+    let first = deliveries.next().await.expect("a delivery").expect("delivered");
+    received.push(n_of(&first));
+    first.ack().await.expect("acked");
+
+    let mut slow = db.pool().begin().await.expect("begin");
+    db.publish_in(&mut slow, "test", &note(1)).await.expect("publish_in");
+    let later = eda::Envelope::root("test", eda::PendingEvent::new(&note(2)).expect("encoded"), None);
+    let later = tokio::spawn({
+        let db = db.clone();
+        async move { db.publish(&later).await }
+    });
+    // Whatever the consumer is given meanwhile it settles at once, as a fast handler would.
+    let drain = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(Ok(d))) = tokio::time::timeout_at(drain, deliveries.next()).await {
+        received.push(n_of(&d));
+        d.ack().await.expect("acked");
+    }
+    slow.commit().await.expect("the slow transaction commits");
+    later.await.expect("joins").expect("published");
+    while received.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(5), deliveries.next()).await {
+            Ok(Some(Ok(d))) => {
+                received.push(n_of(&d));
+                d.ack().await.expect("acked");
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(received, [0, 1, 2], "every note, in publish order");
+}
+
 /// Defect 3, the last part: transactions that publish to the same partitions in opposite
 /// orders deadlock, one `publish_in` per event; PostgreSQL ends one, which is told what to do.
 /// With `publish_all_in` they lock in one order and both commit.

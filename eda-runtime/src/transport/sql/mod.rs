@@ -231,6 +231,33 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds `$1` to `$12` of an event insert.
+fn bind_event<'q>(query: AnyQuery<'q>, e: &'q Envelope, partition: u32) -> AnyQuery<'q> {
+    query
+        .bind(&e.topic)
+        .bind(i64::from(partition))
+        .bind(e.id.to_string())
+        .bind(&e.source)
+        .bind(&e.ty)
+        .bind(humantime::format_rfc3339_micros(e.time).to_string())
+        .bind(&e.subject)
+        .bind(&e.datacontenttype)
+        .bind(&e.correlation_id.0)
+        .bind(e.causation_id.map(|c| c.to_string()))
+        .bind(&e.traceparent)
+        .bind(&e.data)
+}
+
+/// What places an event in a partition: its subject (the event's key), else its id.
+fn partition_key(e: &Envelope) -> std::borrow::Cow<'_, str> {
+    match &e.subject {
+        Some(subject) => subject.as_str().into(),
+        None => e.id.to_string().into(),
+    }
+}
+
 /// The advisory lock key of one partition of one topic under one prefix.
 fn partition_lock(prefix: &str, topic: &str, partition: u32) -> i64 {
     fnv1a(&[prefix, "partition", topic, &partition.to_string()]) as i64
@@ -791,6 +818,22 @@ impl SqlTransport {
     /// Appends events in one transaction of their own, and caches what it created.
     async fn insert_committed(&self, envelopes: &[Envelope]) -> Result<(), TransportError> {
         let _turn = self.inner.gate.enter().await.map_err(other)?;
+        if let [e] = envelopes {
+            // One statement is a transaction of its own: no BEGIN and COMMIT round trips.
+            let partitions = match self.inner.dialect {
+                Dialect::Postgres => Some(self.partitions_committed(&e.topic).await?),
+                Dialect::Sqlite => lock(&self.inner.topics).get(&e.topic).copied(),
+            };
+            if let Some(partitions) = partitions {
+                let partition = partition_of(&partition_key(e), partitions);
+                let mut conn = self.inner.pool.acquire().await.map_err(other)?;
+                return match self.inner.dialect {
+                    // SQLite's single writer orders the log without a partition lock.
+                    Dialect::Sqlite => self.insert_event(&mut conn, e, partition).await,
+                    Dialect::Postgres => self.insert_event_locked(&mut conn, e, partition).await,
+                };
+            }
+        }
         let mut tx = self.inner.pool.begin_with(self.inner.dialect.begin()).await.map_err(other)?;
         let placed = self.insert(&mut tx, envelopes).await?;
         tx.commit().await.map_err(other)?;
@@ -821,8 +864,7 @@ impl SqlTransport {
             if !topics.iter().any(|(t, _)| *t == e.topic) {
                 topics.push((e.topic.clone(), partitions));
             }
-            let key = e.subject.clone().unwrap_or_else(|| e.id.to_string());
-            placed.push((e, partition_of(&key, partitions)));
+            placed.push((e, partition_of(&partition_key(e), partitions)));
         }
         if let Some(lock) = self.inner.dialect.lock() {
             let mut keys: Vec<(i64, &str, u32)> = placed
@@ -846,28 +888,51 @@ impl SqlTransport {
             }
         }
         for (e, partition) in placed {
-            sqlx::query(&self.inner.sql.insert_event)
-                .bind(&e.topic)
-                .bind(i64::from(partition))
-                .bind(e.id.to_string())
-                .bind(&e.source)
-                .bind(&e.ty)
-                .bind(humantime::format_rfc3339_micros(e.time).to_string())
-                .bind(&e.subject)
-                .bind(&e.datacontenttype)
-                .bind(&e.correlation_id.0)
-                .bind(e.causation_id.map(|c| c.to_string()))
-                .bind(&e.traceparent)
-                .bind(&e.data)
-                .execute(&mut *conn)
-                .await
-                .map_err(|err| TransportError::PublishRejected {
-                    transport: self.inner.dialect.name(),
-                    topic: e.topic.clone(),
-                    reason: err.to_string(),
-                })?;
+            self.insert_event(conn, e, partition).await?;
         }
         Ok(topics)
+    }
+
+    /// Appends one event to `partition` of its topic on `conn`.
+    async fn insert_event(&self, conn: &mut AnyConnection, e: &Envelope, partition: u32) -> Result<(), TransportError> {
+        bind_event(sqlx::query(&self.inner.sql.insert_event), e, partition)
+            .execute(&mut *conn)
+            .await
+            .map_err(|err| self.publish_rejected(&e.topic, err))?;
+        Ok(())
+    }
+
+    /// PostgreSQL: appends one event in a statement of its own (outside any transaction) that
+    /// takes the partition's lock first, and notifies listeners when it is time to.
+    async fn insert_event_locked(
+        &self,
+        conn: &mut AnyConnection,
+        e: &Envelope,
+        partition: u32,
+    ) -> Result<(), TransportError> {
+        let (sql, lock) = (&self.inner.sql, partition_lock(&self.inner.options.prefix, &e.topic, partition));
+        let query = match self.notify_now() {
+            true => {
+                bind_event(sqlx::query(&sql.insert_event_locked_notify), e, partition).bind(lock).bind(self.channel())
+            }
+            false => bind_event(sqlx::query(&sql.insert_event_locked), e, partition).bind(lock),
+        };
+        query.execute(&mut *conn).await.map_err(|err| {
+            let code = err.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
+            match code.as_deref() {
+                Some("55P03" | "40P01") => self.lock_failed(err, &e.topic, partition),
+                _ => self.publish_rejected(&e.topic, err),
+            }
+        })?;
+        Ok(())
+    }
+
+    fn publish_rejected(&self, topic: &str, err: sqlx::Error) -> TransportError {
+        TransportError::PublishRejected {
+            transport: self.inner.dialect.name(),
+            topic: topic.to_owned(),
+            reason: err.to_string(),
+        }
     }
 
     /// Why a partition lock could not be taken, and what to do about it: the timeout and the

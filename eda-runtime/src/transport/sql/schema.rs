@@ -91,6 +91,11 @@ pub struct Sql {
     pub schema_version: String,
     pub schema_insert: String,
     pub insert_event: String,
+    /// PostgreSQL: one event, appended in a statement that is its own transaction and takes
+    /// its partition's lock first (`$13`), so that sequence order is still commit order.
+    pub insert_event_locked: String,
+    /// The same, and NOTIFY on channel `$14` at commit.
+    pub insert_event_locked_notify: String,
     pub topic_insert: String,
     pub topic_select: String,
     pub next_events: String,
@@ -185,6 +190,16 @@ impl Sql {
             schema_insert: format!("INSERT INTO {p}schema (version) VALUES ($1)"),
             insert_event: format!(
                 "INSERT INTO {p}log (topic, partition, {columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ),
+            insert_event_locked: format!(
+                "WITH locked AS (SELECT pg_advisory_xact_lock($13))
+                 INSERT INTO {p}log (topic, partition, {columns})
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM locked"
+            ),
+            insert_event_locked_notify: format!(
+                "WITH locked AS (SELECT pg_advisory_xact_lock($13), pg_notify($14, ''))
+                 INSERT INTO {p}log (topic, partition, {columns})
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM locked"
             ),
             topic_insert: format!("INSERT INTO {p}topics (topic, partitions) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
             topic_select: format!("SELECT partitions FROM {p}topics WHERE topic = $1"),
@@ -340,6 +355,8 @@ mod tests {
             let sql = Sql::new(dialect, "app.eda_");
             for s in [
                 &sql.insert_event,
+                &sql.insert_event_locked,
+                &sql.insert_event_locked_notify,
                 &sql.next_events,
                 &sql.ack,
                 &sql.lag,
