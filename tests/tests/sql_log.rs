@@ -463,6 +463,68 @@ async fn a_consumer_cut_off_from_the_database_without_a_word_recovers() {
     tokio::time::timeout(Duration::from_secs(60), rt.shutdown()).await.expect("shuts down");
 }
 
+#[event(topic = "ledger_entries", key = account)]
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    account: u32,
+}
+
+/// How often the bookkeeper started on an entry.
+#[derive(Default)]
+struct Started(Mutex<u32>);
+
+/// Writes in its handling's transaction, and takes its time before the commit.
+#[handler(group = "bookkeeper")]
+async fn book(_entry: Entry, started: Ctx<'_, Started>) -> Result<(), eda::HandlerError> {
+    let tx = eda::sql::transaction(&started).await?;
+    drop(tx);
+    *started.0.lock().expect("lock") += 1;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+/// Defect 9, the commit: a handling whose transaction was open when its connection was cut
+/// off without a word waited for the commit's answer for as long as the OS kept the socket,
+/// with its partition in flight all that time. The commit gives up in time now: the event
+/// is handled again on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handling_whose_commit_is_cut_off_is_handled_again() {
+    let log = eda_tests::TestDb::new(true).await;
+    let proxy = eda_tests::FreezingProxy::start("127.0.0.1:5432").await;
+    let through_proxy = log.url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    let consumer_side = eda_tests::sql_options(&through_proxy)
+        .table_prefix(&log.prefix)
+        .statement_timeout(Some(Duration::from_secs(2)))
+        .acquire_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("opens through the proxy");
+    let registry = Registry::builder().handler::<book>().publishes::<Entry>().build();
+    let rt =
+        Runtime::builder(registry).state(Started::default()).transport(consumer_side).start().await.expect("start");
+    log.open()
+        .await
+        .publish(&eda::Envelope::root("test", eda::PendingEvent::new(&Entry { account: 7 }).expect("encoded"), None))
+        .await
+        .expect("publish");
+    let started = || rt.state::<Started>().map_or(0, |s| *s.0.lock().expect("lock"));
+    let begun = Instant::now();
+    while started() < 1 && begun.elapsed() < SETTLE {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(started(), 1, "the handling began");
+    proxy.freeze(); // its transaction is open on a connection that now carries nothing
+    let cut = Instant::now();
+    let position = format!("SELECT COALESCE(MAX(position), 0) FROM {}offsets WHERE grp = 'bookkeeper'", log.prefix);
+    while log.count(&position).await == 0 && cut.elapsed() < Duration::from_secs(40) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("committed {:?} after the cut, after {} starts", cut.elapsed(), started());
+    assert!(log.count(&position).await > 0, "handled again and committed within 40 s of the cut");
+    assert!(started() >= 2, "the cut-off handling did not commit; another did");
+    tokio::time::timeout(Duration::from_secs(60), rt.shutdown()).await.expect("shuts down");
+}
+
 #[event(topic = "backlog", key = key)]
 #[derive(Serialize, Deserialize)]
 struct Chore {

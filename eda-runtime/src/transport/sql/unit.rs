@@ -8,7 +8,7 @@ use eda_core::{Claim, Commit, CorrelationId, Envelope, GuardKey, StepState, Stor
 
 use super::consumer::ConsumerShared;
 use super::schema::Sql;
-use super::{fnv1a, now_ms, other, store, LazyTransaction, SqlTransport};
+use super::{fnv1a, now_ms, other, store, unreachable, LazyTransaction, SqlTransport};
 
 /// The log delivery a unit settles when it commits with `ack`.
 pub(super) struct LogDelivery {
@@ -225,6 +225,21 @@ impl UnitOfWork for SqlUnit {
     }
 
     async fn commit(mut self: Box<Self>, ack: bool) -> Result<Commit, TransportError> {
+        // Bounded here too: a connection cut off without a word (a failover, a partition)
+        // would hold the partition in flight for as long as the OS keeps the socket. Whether
+        // it committed is then unknown; the event comes again and the guard tells.
+        let within = self.transport.answer_within();
+        match tokio::time::timeout(within, self.commit_now(ack)).await {
+            Ok(done) => done,
+            Err(_) => {
+                Err(unreachable(format!("the database did not answer within {within:?} while committing a handling")))
+            }
+        }
+    }
+}
+
+impl SqlUnit {
+    async fn commit_now(&mut self, ack: bool) -> Result<Commit, TransportError> {
         let outcome = self.write(ack).await.map_err(other)?;
         let tx = self.lazy.as_mut().and_then(|l| l.tx.take());
         if outcome != Commit::Done {
