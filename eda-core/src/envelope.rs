@@ -161,13 +161,11 @@ impl Envelope {
         event: PendingEvent,
     ) -> Self {
         let id = EventId::derived(cause.id, group, handler, index);
-        let trace_id = cause
-            .traceparent
-            .as_deref()
-            .and_then(trace::trace_id)
-            .map(str::to_owned)
-            .unwrap_or_else(|| Uuid::new_v4().simple().to_string());
-        let traceparent = Some(trace::traceparent(&trace_id, id));
+        let traceparent = match cause.traceparent.as_deref().and_then(trace::trace_id) {
+            Some(trace_id) => trace::traceparent(trace_id, id),
+            None => trace::traceparent(&Uuid::new_v4().simple().to_string(), id),
+        };
+        let traceparent = Some(traceparent);
         Self::build(id, source, event, cause.correlation_id.clone(), Some(cause.id), traceparent)
     }
 
@@ -374,10 +372,18 @@ pub mod trace {
 
     /// A `traceparent` header value for `trace_id`, with a span id taken from the event id.
     pub fn traceparent(trace_id: &str, span_of: EventId) -> String {
-        let bytes = span_of.0.as_bytes();
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut value = String::with_capacity(3 + trace_id.len() + 1 + 16 + 3);
+        value.push_str("00-");
+        value.push_str(trace_id);
+        value.push('-');
         // The last 8 bytes of a UUIDv7/v5 are its most random ones.
-        let span: String = bytes[8..].iter().map(|b| format!("{b:02x}")).collect();
-        format!("00-{trace_id}-{span}-01")
+        for b in &span_of.0.as_bytes()[8..] {
+            value.push(char::from(HEX[usize::from(b >> 4)]));
+            value.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        value.push_str("-01");
+        value
     }
 
     /// The trace id of a `traceparent` value, when it is well formed.
@@ -456,6 +462,14 @@ mod tests {
         assert_eq!(read("2026-03-01T12:00:00+02:00"), Ok(utc));
         assert_eq!(read("2026-03-01T12:00:00.000+02:00"), Ok(utc));
         assert_eq!(read("2026-03-01t10:00:00z"), Ok(utc));
+    }
+
+    #[test]
+    fn a_traceparent_is_version_trace_span_and_flags_in_lower_case_hex() {
+        let id = EventId(Uuid::from_bytes([0, 1, 2, 3, 4, 5, 6, 7, 0x8a, 0x9b, 0xac, 0xbd, 0xce, 0xdf, 0xe0, 0xf1]));
+        let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace::traceparent(trace_id, id), "00-4bf92f3577b34da6a3ce929d0e0e4736-8a9bacbdcedfe0f1-01");
+        assert_eq!(trace::trace_id(&trace::traceparent(trace_id, id)), Some(trace_id));
     }
 
     #[test]

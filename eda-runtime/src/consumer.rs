@@ -18,6 +18,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::FastMap;
+
 use crate::journal::{EntryKind, Journal};
 use crate::retry::RetryPolicy;
 
@@ -133,7 +135,7 @@ enum Disposition {
     DeadLetter(DeadLetterReason, u32),
 }
 
-type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, OwnedSemaphorePermit)>>>>;
+type Lanes = Arc<Mutex<FastMap<String, VecDeque<(Delivery, OwnedSemaphorePermit)>>>>;
 
 /// Runs the consumer of `group` on `topic` until the runtime stops. How its first subscription
 /// went is sent on `first`: a transport that refuses the subscription for its settings

@@ -1,10 +1,12 @@
 //! The in-memory inbox: idempotency guards and saga step records for one process.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use eda_core::{Claim, CorrelationId, GuardKey, Inbox, StepState, StoreError};
+
+use crate::FastMap;
 
 /// Keeps guard records in memory, forgetting the oldest handled ones beyond `capacity`.
 ///
@@ -17,15 +19,15 @@ pub struct MemoryInbox {
 #[derive(Default)]
 struct State {
     /// Each key is allocated once, at its claim, and shared with `done_order`.
-    guards: HashMap<Arc<GuardKey>, bool>,
+    guards: FastMap<Arc<GuardKey>, bool>,
     done_order: VecDeque<Arc<GuardKey>>,
-    steps: HashMap<StepKey, Step>,
+    steps: FastMap<StepKey, Step>,
     /// Step records that stopped running (done or cancelled), oldest first: forgotten in this
     /// order beyond `capacity`.
     finished_steps: VecDeque<StepKey>,
     /// How many times each key stands in `finished_steps` (a step that finishes again is
     /// queued again, and only its last place counts).
-    queued: HashMap<StepKey, usize>,
+    queued: FastMap<StepKey, usize>,
 }
 
 type StepKey = (String, String, CorrelationId);

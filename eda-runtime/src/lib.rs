@@ -73,3 +73,8 @@ pub use runtime::{Publisher, Runtime, RuntimeBuilder};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
 pub use transport::sql;
+
+/// The maps on the path of every event (guards, key lanes, cursors): foldhash is several times
+/// faster than the standard SipHash on short keys, and still seeded per map against
+/// collision floods from keys that come from outside.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -1,10 +1,12 @@
 //! One topic's retained events, and where one consumer group stands on them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use eda_core::Envelope;
 use tokio::time::Instant;
+
+use crate::FastMap;
 
 /// How many events a group may pass over because their key is held by an unsettled earlier
 /// event, before it stops reading further ahead (bounds the memory one poison key can pin).
@@ -61,7 +63,7 @@ pub(super) struct GroupCursor {
     /// The next offset never looked at.
     next: u64,
     /// Offsets passed over because their key was held, queued per key in log order.
-    held_back: HashMap<String, VecDeque<u64>>,
+    held_back: FastMap<String, VecDeque<u64>>,
     /// How many offsets `held_back` holds.
     held_count: usize,
     /// Offsets whose key was released: deliverable, oldest first.
@@ -69,11 +71,11 @@ pub(super) struct GroupCursor {
     /// Nacked offsets: when they may go again, and their next attempt number.
     retry: BTreeMap<u64, (Instant, u32)>,
     /// The offset that holds each key (in flight or waiting for redelivery).
-    key_holder: HashMap<String, u64>,
+    key_holder: FastMap<String, u64>,
     /// Failed handler attempts of unsettled offsets.
-    pub(super) failures: HashMap<u64, u32>,
+    pub(super) failures: FastMap<u64, u32>,
     /// Offsets handed out and not yet settled, with their attempt number.
-    pub(super) in_flight: HashMap<u64, u32>,
+    pub(super) in_flight: FastMap<u64, u32>,
 }
 
 impl GroupCursor {

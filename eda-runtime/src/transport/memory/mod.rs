@@ -13,7 +13,6 @@
 //! would wait for ever — and so may take a topic past its capacity by what handlers have in
 //! flight. A topic no group reads lets its oldest events go instead.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use eda_core::{
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::FastMap;
 use cursor::{GroupCursor, Retained};
 
 mod cursor;
@@ -53,7 +53,7 @@ pub struct MemoryTransport {
 }
 
 struct Inner {
-    topics: Mutex<HashMap<String, TopicLog>>,
+    topics: Mutex<FastMap<String, TopicLog>>,
     capacity: usize,
     dead: Mutex<DeadLetters>,
     /// Guards and saga step records of every runtime on this log.
@@ -82,7 +82,7 @@ impl Default for Inner {
 #[derive(Default)]
 struct TopicLog {
     events: Retained,
-    groups: HashMap<String, GroupCursor>,
+    groups: FastMap<String, GroupCursor>,
     notify: Arc<Notify>,
     /// Woken when a full log has room again.
     space: Arc<Notify>,
@@ -118,7 +118,7 @@ impl MemoryTransport {
         Self { inner: Arc::new(Inner { capacity: capacity.max(1), ..Inner::default() }) }
     }
 
-    fn topics(&self) -> MutexGuard<'_, HashMap<String, TopicLog>> {
+    fn topics(&self) -> MutexGuard<'_, FastMap<String, TopicLog>> {
         // No code path panics while holding the lock; recover the data if one ever does.
         self.inner.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
