@@ -620,6 +620,30 @@ async fn events_read_ahead_are_not_handed_out_after_another_instance_had_the_par
         .expect("a delivery")
         .expect("delivered");
     assert_eq!(n_of(&next), 10, "the next note after the other instance's position");
+    next.ack().await.expect("acked");
+
+    // Again, while this instance cannot renew (the lease row is locked for longer than a
+    // lease): it never sees the lease in other hands, only that it has to take it anew.
+    let other = log.open().await;
+    let mut steal = other.pool().begin().await.expect("begin");
+    for statement in [
+        format!("UPDATE {p}leases SET owner = 'other', expires_at = expires_at + 3600000 WHERE grp = 'reader'"),
+        format!(
+            "UPDATE {p}offsets SET position = (SELECT seq FROM {p}log WHERE topic = 'notes' ORDER BY seq LIMIT 1 OFFSET 20)
+             WHERE grp = 'reader' AND position > 0"
+        ),
+        format!("DELETE FROM {p}leases WHERE owner = 'other'"),
+    ] {
+        sqlx::query(&statement).execute(&mut *steal).await.expect("the other instance's step");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    steal.commit().await.expect("commit");
+    let next = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("the partition is taken back")
+        .expect("a delivery")
+        .expect("delivered");
+    assert_eq!(n_of(&next), 21, "the next note after the other instance's position, seen or not");
 }
 
 eda_tests::on_sql_databases! {

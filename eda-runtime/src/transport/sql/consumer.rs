@@ -64,6 +64,10 @@ pub(super) const NOT_RENEWED: i64 = i64::MIN;
 /// How many events of a partition one query reads: the one handed out and those read ahead.
 pub(super) const READ_AHEAD: usize = 32;
 
+/// How many bytes of event data a partition keeps read ahead at most: large events are read
+/// again when their turn comes rather than held.
+const READ_AHEAD_BYTES: usize = 256 * 1024;
+
 /// An event read from the log: `(seq, attempts so far, envelope)`.
 pub(super) type Read = (i64, i64, Envelope);
 
@@ -257,8 +261,19 @@ impl Consumer {
                 // Lost while it read: another instance holds it now, and what was read is its own.
                 (_, Some(Slot::Revoked)) => read = Ok(VecDeque::new()),
                 (Ok(rows), Some(Slot::InFlight)) if one && rows.len() > 1 => {
-                    let rest = rows.split_off(1);
-                    lock(&self.shared.ahead).insert(partition, rest);
+                    let mut rest = rows.split_off(1);
+                    let mut bytes = 0;
+                    let kept = rest
+                        .iter()
+                        .take_while(|(_, _, e)| {
+                            bytes += e.data.len();
+                            bytes <= READ_AHEAD_BYTES
+                        })
+                        .count();
+                    rest.truncate(kept);
+                    if !rest.is_empty() {
+                        lock(&self.shared.ahead).insert(partition, rest);
+                    }
                 }
                 _ => {}
             }
@@ -447,7 +462,8 @@ impl ConsumerShared {
         let sql = &inner.sql;
         let (g, t, me) = (&shared.group, &shared.topic, &shared.owner);
         let ttl = inner.options.lease_ttl.as_millis() as i64;
-        let _turn = inner.gate.enter().await.map_err(other)?;
+        // Not through the write gate: behind a burst of publishers queued there a renewal could
+        // wait past its lease. SQLite's busy timeout orders it with the one writer.
         let mut tx = sqlx::Connection::begin_with(conn, inner.dialect.begin()).await.map_err(other)?;
         if let Some(lock) = inner.dialect.lock() {
             // One rebalance per group and topic at a time: claims never interleave.
@@ -524,6 +540,9 @@ impl ConsumerShared {
                 .map_err(other)?;
             mine.retain(|m| *m != p);
         }
+        // Taken now, not renewed: held by nobody or by another instance since this one last
+        // committed a renewal, which may have moved the position meanwhile.
+        let mut taken = Vec::new();
         let mut p = 0;
         while mine.len() < fair && p < self.partitions {
             if !mine.contains(&p) {
@@ -539,6 +558,7 @@ impl ConsumerShared {
                     .map_err(other)?;
                 if claimed.rows_affected() == 1 {
                     mine.push(p);
+                    taken.push(p);
                 }
             }
             p += 1;
@@ -574,9 +594,10 @@ impl ConsumerShared {
                     Some(_) => {}
                 }
             }
-            // What was read ahead of a partition that is no longer simply held is read again
-            // by whoever holds it next.
-            lock(&shared.ahead).retain(|p, _| matches!(slots.get(p), Some(Slot::Idle | Slot::InFlight)));
+            // What was read ahead of a partition that is no longer simply held, or that was
+            // not held all along, is read again.
+            let mut ahead = lock(&shared.ahead);
+            ahead.retain(|p, _| matches!(slots.get(p), Some(Slot::Idle | Slot::InFlight)) && !taken.contains(p));
             gained
         };
         if gained {

@@ -927,7 +927,12 @@ impl SqlTransport {
         Ok(())
     }
 
+    /// The database refused the event; anything else (a lost connection, a pool timeout) is
+    /// an error of the transport, worth trying again.
     fn publish_rejected(&self, topic: &str, err: sqlx::Error) -> TransportError {
+        if err.as_database_error().is_none() {
+            return other(err);
+        }
         TransportError::PublishRejected {
             transport: self.inner.dialect.name(),
             topic: topic.to_owned(),
