@@ -355,8 +355,6 @@ mod tests {
             let sql = Sql::new(dialect, "app.eda_");
             for s in [
                 &sql.insert_event,
-                &sql.insert_event_locked,
-                &sql.insert_event_locked_notify,
                 &sql.next_events,
                 &sql.ack,
                 &sql.lag,
@@ -376,6 +374,10 @@ mod tests {
                     assert!(n <= highest + 1, "${n} is used before ${} in {s}", highest + 1);
                     highest = highest.max(n);
                 }
+            }
+            // PostgreSQL only, which numbers its parameters by position: the lock key comes last.
+            for s in [&sql.insert_event_locked, &sql.insert_event_locked_notify] {
+                assert!(!s.contains(" eda_") && s.contains("app.eda_log"), "{s}");
             }
             assert!(sql.migrate[0].contains("app.eda_log ("));
             assert!(sql.migrate[0].contains("INDEX IF NOT EXISTS app_eda_log_by_partition"));
