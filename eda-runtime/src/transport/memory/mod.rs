@@ -221,6 +221,12 @@ impl Transport for MemoryTransport {
         "memory"
     }
 
+    fn sequences_keys(&self) -> bool {
+        // A group's cursor holds a key from hand-out to settlement (a hand-back keeps it), and
+        // passes it to the key's oldest waiting event: the runtime need not sequence it again.
+        true
+    }
+
     async fn publish(&self, envelope: &Envelope) -> Result<(), TransportError> {
         let capacity = self.inner.capacity;
         // Emitted by a handler: never waits (see the module).
