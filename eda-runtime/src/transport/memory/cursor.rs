@@ -118,6 +118,12 @@ impl GroupCursor {
     }
 
     pub(super) fn settle(&mut self, offset: u64, events: &Retained) {
+        // The runtime relies on it (`sequences_keys`): only a key's holder is ever out.
+        debug_assert!(
+            !self.in_flight.contains_key(&offset)
+                || key_of(events, offset).is_none_or(|k| self.key_holder.get(k) == Some(&offset)),
+            "offset {offset} was out without holding its key"
+        );
         self.in_flight.remove(&offset);
         self.failures.remove(&offset);
         if let Some(k) = key_of(events, offset) {

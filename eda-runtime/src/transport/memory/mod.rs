@@ -425,6 +425,30 @@ mod tests {
         Subscription { group: group.into(), topic: "t".into(), prefetch: 16 }
     }
 
+    /// The runtime trusts this (`sequences_keys`): an event handed back with a delay keeps its
+    /// key, so the key's later events wait for it while other keys go on.
+    #[tokio::test]
+    async fn an_event_handed_back_with_a_delay_keeps_its_key() {
+        let bus = MemoryTransport::new();
+        for (k, n) in [("a", 1), ("a", 2), ("b", 3)] {
+            bus.publish(&envelope(k, n)).await.expect("publish");
+        }
+        let mut s = bus.subscribe(&sub("g")).await.expect("subscribe");
+        let first = s.next().await.expect("item").expect("delivery");
+        assert_eq!(first.envelope.data, b"1");
+        first.nack(Duration::from_millis(200)).await.expect("nack");
+        let handed_back = Instant::now();
+        let other = s.next().await.expect("item").expect("delivery");
+        assert_eq!(other.envelope.data, b"3", "a:2 waits behind a:1, b goes on");
+        other.ack().await.expect("ack");
+        let again = s.next().await.expect("item").expect("delivery");
+        assert_eq!((again.envelope.data.as_slice(), again.attempt), (b"1".as_slice(), 2));
+        assert!(handed_back.elapsed() >= Duration::from_millis(190), "{:?}", handed_back.elapsed());
+        again.ack().await.expect("ack");
+        let last = s.next().await.expect("item").expect("delivery");
+        assert_eq!(last.envelope.data, b"2");
+    }
+
     #[tokio::test]
     async fn same_key_waits_for_the_unsettled_event_and_other_keys_do_not() {
         let bus = MemoryTransport::new();
