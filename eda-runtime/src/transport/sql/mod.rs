@@ -18,6 +18,8 @@ mod gate;
 #[cfg(feature = "postgres")]
 mod listen;
 mod options;
+mod publish;
+mod records;
 mod relay;
 mod schema;
 mod unit;
@@ -29,8 +31,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use eda_core::{
-    CorrelationId, Ctx, DeadLetter, DeadLetterReason, DeadLetterStore, Deliveries, Envelope, EventId, HandlerError,
-    Page, PartitionLag, StoreError, StoredDeadLetter, Subscription, Transport, TransportError,
+    CorrelationId, Ctx, DeadLetterStore, Deliveries, Envelope, EventId, HandlerError, PartitionLag, StoreError,
+    Subscription, Transport, TransportError,
 };
 pub use options::SqlOptions;
 pub use relay::{Relay, RelayHandle};
@@ -42,7 +44,7 @@ use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::keys::{fnv1a, partition_of, redact};
+use super::keys::{fnv1a, redact};
 use consumer::{Consumer, ConsumerShared};
 use gate::{Turn, WriteGate};
 use schema::Sql;
@@ -229,38 +231,6 @@ fn now_ms() -> i64 {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
-
-/// Binds `$1` to `$12` of an event insert.
-fn bind_event<'q>(query: AnyQuery<'q>, e: &'q Envelope, partition: u32) -> AnyQuery<'q> {
-    query
-        .bind(&e.topic)
-        .bind(i64::from(partition))
-        .bind(e.id.to_string())
-        .bind(&e.source)
-        .bind(&e.ty)
-        .bind(humantime::format_rfc3339_micros(e.time).to_string())
-        .bind(&e.subject)
-        .bind(&e.datacontenttype)
-        .bind(&e.correlation_id.0)
-        .bind(e.causation_id.map(|c| c.to_string()))
-        .bind(&e.traceparent)
-        .bind(&e.data)
-}
-
-/// What places an event in a partition: its subject (the event's key), else its id.
-fn partition_key(e: &Envelope) -> std::borrow::Cow<'_, str> {
-    match &e.subject {
-        Some(subject) => subject.as_str().into(),
-        None => e.id.to_string().into(),
-    }
-}
-
-/// The advisory lock key of one partition of one topic under one prefix.
-fn partition_lock(prefix: &str, topic: &str, partition: u32) -> i64 {
-    fnv1a(&[prefix, "partition", topic, &partition.to_string()]) as i64
 }
 
 impl SqlTransport {
@@ -646,316 +616,6 @@ pub struct CleanUp {
     /// Attempt counts: of events their group has passed (a commit whose reply was lost
     /// leaves one behind), or that are gone.
     pub attempts: u64,
-}
-
-#[async_trait]
-impl eda_core::Store for SqlTransport {
-    async fn begin(&self) -> Result<Box<dyn eda_core::UnitOfWork>, StoreError> {
-        Ok(Box::new(unit::SqlUnit::new(self.clone(), None)))
-    }
-}
-
-#[async_trait]
-impl eda_core::SagaView for SqlTransport {
-    async fn saga(&self, correlation: &CorrelationId) -> Result<Vec<eda_core::SagaEvent>, TransportError> {
-        let sql = &self.inner.sql;
-        let rows =
-            sqlx::query(&sql.saga_events).bind(&correlation.0).fetch_all(&self.inner.pool).await.map_err(other)?;
-        let mut events: Vec<eda_core::SagaEvent> = Vec::new();
-        for row in &rows {
-            let topic: String = row.try_get(11).map_err(other)?;
-            let (envelope, _) = envelope_of(row, &topic);
-            if let Some(seen) = events.iter_mut().find(|e| e.envelope.id == envelope.id) {
-                seen.publications += 1;
-                continue;
-            }
-            // Guard records are keyed by event id (handlers with a custom dedupe key do not show).
-            let handlings = sqlx::query(&sql.saga_handlings)
-                .bind(envelope.id.to_string())
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(other)?;
-            let handled_by = handlings
-                .iter()
-                .map(|h| {
-                    let at: i64 = h.try_get(2).map_err(other)?;
-                    Ok(eda_core::SagaHandling {
-                        group: h.try_get(0).map_err(other)?,
-                        handler: h.try_get(1).map_err(other)?,
-                        at: UNIX_EPOCH + Duration::from_millis(at.max(0) as u64),
-                    })
-                })
-                .collect::<Result<Vec<_>, TransportError>>()?;
-            events.push(eda_core::SagaEvent { envelope, publications: 1, handled_by });
-        }
-        Ok(events)
-    }
-}
-
-#[async_trait]
-impl DeadLetterStore for SqlTransport {
-    async fn dead_letter_page(&self, group: Option<&str>, page: Page) -> Result<Vec<StoredDeadLetter>, TransportError> {
-        let rows = sqlx::query(&self.inner.sql.dead_select)
-            .bind(group.is_none())
-            .bind(group.unwrap_or_default())
-            .bind(i64::try_from(page.after).unwrap_or(i64::MAX))
-            .bind(i64::try_from(page.limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(other)?;
-        rows.iter().map(stored_dead_letter).collect()
-    }
-
-    async fn dead_letter(&self, id: u64) -> Result<Option<StoredDeadLetter>, TransportError> {
-        let row = sqlx::query(&self.inner.sql.dead_one)
-            .bind(id as i64)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(other)?;
-        row.as_ref().map(stored_dead_letter).transpose()
-    }
-
-    async fn remove_dead_letter(&self, id: u64) -> Result<bool, TransportError> {
-        let _turn = self.inner.gate.enter().await.map_err(other)?;
-        let done =
-            sqlx::query(&self.inner.sql.dead_delete).bind(id as i64).execute(&self.inner.pool).await.map_err(other)?;
-        Ok(done.rows_affected() > 0)
-    }
-}
-
-/// A dead letter from a row of `id, grp, envelope, attempts, handler, error, permanent, at`.
-fn stored_dead_letter(row: &AnyRow) -> Result<StoredDeadLetter, TransportError> {
-    let id = row.try_get::<i64, _>(0).map_err(other)? as u64;
-    let stored: String = row.try_get(2).map_err(other)?;
-    let mut error: String = row.try_get(5).map_err(other)?;
-    let envelope = match serde_json::from_str(&stored) {
-        Ok(envelope) => envelope,
-        Err(e) => {
-            // Listed all the same (one damaged row must not hide the others), as what it is.
-            error = format!("the stored letter cannot be read ({e}); it was set aside for: {error}");
-            let topic: String = row.try_get(8).map_err(other)?;
-            unreadable_letter(id, topic, stored.into_bytes())
-        }
-    };
-    let at: i64 = row.try_get(7).map_err(other)?;
-    Ok(StoredDeadLetter {
-        id,
-        group: row.try_get(1).map_err(other)?,
-        letter: DeadLetter {
-            envelope,
-            attempts: row.try_get::<i64, _>(3).map_err(other)? as u32,
-            reason: DeadLetterReason {
-                handler: row.try_get(4).map_err(other)?,
-                error,
-                permanent: row.try_get::<i64, _>(6).map_err(other)? != 0,
-            },
-            at: UNIX_EPOCH + Duration::from_millis(at.max(0) as u64),
-        },
-    })
-}
-
-/// What a dead letter whose stored event cannot be read is shown as: its raw text as the data,
-/// under an id of its own that stays the same each time it is read.
-fn unreadable_letter(id: u64, topic: String, data: Vec<u8>) -> Envelope {
-    let event = EventId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("eda-dead-letter:{id}").as_bytes()));
-    Envelope {
-        id: event,
-        source: "unknown".into(),
-        ty: "unreadable".into(),
-        time: UNIX_EPOCH,
-        subject: None,
-        topic,
-        datacontenttype: "text/plain".into(),
-        correlation_id: CorrelationId(event.to_string()),
-        causation_id: None,
-        traceparent: None,
-        data,
-    }
-}
-
-impl SqlTransport {
-    /// The partition count of `topic`, fixed when the topic is first used. Runs on `conn` so it
-    /// can take part in a transaction that already holds the write lock.
-    ///
-    /// The count is cached only once the topic is known to be committed (see
-    /// [`remember_topics`](Self::remember_topics)): a transaction that created it may still roll back.
-    async fn partitions(&self, conn: &mut AnyConnection, topic: &str) -> Result<u32, TransportError> {
-        if let Some(n) = lock(&self.inner.topics).get(topic) {
-            return Ok(*n);
-        }
-        let sql = &self.inner.sql;
-        sqlx::query(&sql.topic_insert)
-            .bind(topic)
-            .bind(i64::from(self.inner.options.partitions))
-            .execute(&mut *conn)
-            .await
-            .map_err(other)?;
-        let n: i64 = sqlx::query_scalar(&sql.topic_select).bind(topic).fetch_one(&mut *conn).await.map_err(other)?;
-        Ok(u32::try_from(n).unwrap_or(1).max(1))
-    }
-
-    /// The partition count of `topic`, which is created, committed, on a connection of its own
-    /// when it is new.
-    async fn partitions_committed(&self, topic: &str) -> Result<u32, TransportError> {
-        if let Some(n) = lock(&self.inner.topics).get(topic) {
-            return Ok(*n);
-        }
-        // Not from the pool: the caller may hold the pool's last connection.
-        let mut conn = self.inner.leases.acquire().await.map_err(other)?;
-        let n = self.partitions(&mut conn, topic).await?;
-        self.remember_topics([(topic, n)]);
-        Ok(n)
-    }
-
-    /// Caches the partition counts of topics whose creation has committed.
-    fn remember_topics<'a>(&self, committed: impl IntoIterator<Item = (&'a str, u32)>) {
-        let mut topics = lock(&self.inner.topics);
-        for (topic, n) in committed {
-            topics.entry(topic.to_owned()).or_insert(n);
-        }
-    }
-
-    /// Appends events in one transaction of their own, and caches what it created.
-    async fn insert_committed(&self, envelopes: &[Envelope]) -> Result<(), TransportError> {
-        let _turn = self.inner.gate.enter().await.map_err(other)?;
-        if let [e] = envelopes {
-            // One statement is a transaction of its own: no BEGIN and COMMIT round trips.
-            let partitions = match self.inner.dialect {
-                Dialect::Postgres => Some(self.partitions_committed(&e.topic).await?),
-                Dialect::Sqlite => lock(&self.inner.topics).get(&e.topic).copied(),
-            };
-            if let Some(partitions) = partitions {
-                let partition = partition_of(&partition_key(e), partitions);
-                let mut conn = self.inner.pool.acquire().await.map_err(other)?;
-                return match self.inner.dialect {
-                    // SQLite's single writer orders the log without a partition lock.
-                    Dialect::Sqlite => self.insert_event(&mut conn, e, partition).await,
-                    Dialect::Postgres => self.insert_event_locked(&mut conn, e, partition).await,
-                };
-            }
-        }
-        let mut tx = self.inner.pool.begin_with(self.inner.dialect.begin()).await.map_err(other)?;
-        let placed = self.insert(&mut tx, envelopes).await?;
-        tx.commit().await.map_err(other)?;
-        self.remember_topics(placed.iter().map(|(t, n)| (t.as_str(), *n)));
-        Ok(())
-    }
-
-    /// Appends events to the log on `conn`, inside the caller's transaction. On PostgreSQL the
-    /// partitions written to are locked first, in one order, so that sequence order equals
-    /// commit order within a partition: a consumer that has read past a sequence number never
-    /// sees an earlier one commit later.
-    /// Returns each topic written to with its partition count.
-    async fn insert(
-        &self,
-        conn: &mut AnyConnection,
-        envelopes: &[Envelope],
-    ) -> Result<Vec<(String, u32)>, TransportError> {
-        let mut placed = Vec::with_capacity(envelopes.len());
-        let mut topics: Vec<(String, u32)> = Vec::new();
-        for e in envelopes {
-            let partitions = match self.inner.dialect {
-                // A topic made inside the caller's transaction would hold its row locked until
-                // that commits, and every other publisher to the topic would wait on it.
-                Dialect::Postgres => self.partitions_committed(&e.topic).await?,
-                // SQLite's single writer: the caller's transaction may already hold it.
-                Dialect::Sqlite => self.partitions(conn, &e.topic).await?,
-            };
-            if !topics.iter().any(|(t, _)| *t == e.topic) {
-                topics.push((e.topic.clone(), partitions));
-            }
-            placed.push((e, partition_of(&partition_key(e), partitions)));
-        }
-        if let Some(lock) = self.inner.dialect.lock() {
-            let mut keys: Vec<(i64, &str, u32)> = placed
-                .iter()
-                .map(|(e, p)| (partition_lock(&self.inner.options.prefix, &e.topic, *p), e.topic.as_str(), *p))
-                .collect();
-            keys.sort_unstable_by_key(|(key, _, _)| *key);
-            keys.dedup_by_key(|(key, _, _)| *key);
-            for (key, topic, partition) in keys {
-                sqlx::query(lock)
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| self.lock_failed(e, topic, partition))?;
-            }
-        }
-        if let Some(notify) = self.inner.dialect.notify() {
-            if self.notify_now() {
-                // Delivered at commit, and not at all on rollback.
-                sqlx::query(notify).bind(self.channel()).bind("").execute(&mut *conn).await.map_err(other)?;
-            }
-        }
-        for (e, partition) in placed {
-            self.insert_event(conn, e, partition).await?;
-        }
-        Ok(topics)
-    }
-
-    /// Appends one event to `partition` of its topic on `conn`.
-    async fn insert_event(&self, conn: &mut AnyConnection, e: &Envelope, partition: u32) -> Result<(), TransportError> {
-        bind_event(sqlx::query(&self.inner.sql.insert_event), e, partition)
-            .execute(&mut *conn)
-            .await
-            .map_err(|err| self.publish_rejected(&e.topic, err))?;
-        Ok(())
-    }
-
-    /// PostgreSQL: appends one event in a statement of its own (outside any transaction) that
-    /// takes the partition's lock first, and notifies listeners when it is time to.
-    async fn insert_event_locked(
-        &self,
-        conn: &mut AnyConnection,
-        e: &Envelope,
-        partition: u32,
-    ) -> Result<(), TransportError> {
-        let (sql, lock) = (&self.inner.sql, partition_lock(&self.inner.options.prefix, &e.topic, partition));
-        let query = match self.notify_now() {
-            true => {
-                bind_event(sqlx::query(&sql.insert_event_locked_notify), e, partition).bind(lock).bind(self.channel())
-            }
-            false => bind_event(sqlx::query(&sql.insert_event_locked), e, partition).bind(lock),
-        };
-        query.execute(&mut *conn).await.map_err(|err| {
-            let code = err.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
-            match code.as_deref() {
-                Some("55P03" | "40P01") => self.lock_failed(err, &e.topic, partition),
-                _ => self.publish_rejected(&e.topic, err),
-            }
-        })?;
-        Ok(())
-    }
-
-    /// The database refused the event; anything else (a lost connection, a pool timeout) is
-    /// an error of the transport, worth trying again.
-    fn publish_rejected(&self, topic: &str, err: sqlx::Error) -> TransportError {
-        if err.as_database_error().is_none() {
-            return other(err);
-        }
-        TransportError::PublishRejected {
-            transport: self.inner.dialect.name(),
-            topic: topic.to_owned(),
-            reason: err.to_string(),
-        }
-    }
-
-    /// Why a partition lock could not be taken, and what to do about it: the timeout and the
-    /// deadlock are the application's to fix; anything else is the database's.
-    fn lock_failed(&self, e: sqlx::Error, topic: &str, partition: u32) -> TransportError {
-        let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
-        let reason = match code.as_deref() {
-            Some("55P03") => format!(
-                "waited longer than the lock timeout ({:?}) for partition {partition}, which another transaction has published to and not yet committed: keep transactions that publish short, or raise `SqlOptions::lock_timeout`",
-                self.inner.options.lock_timeout.unwrap_or_default()
-            ),
-            Some("40P01") => format!(
-                "PostgreSQL ended this transaction to break a deadlock on partition {partition}: another transaction published to the same partitions in the opposite order; publish a transaction's events with one `publish_all_in`, which locks their partitions in one order, and run the transaction again"
-            ),
-            _ => return other(e),
-        };
-        TransportError::PublishRejected { transport: self.inner.dialect.name(), topic: topic.to_owned(), reason }
-    }
 }
 
 /// What every connection is set up with. SQLite: WAL lets readers run beside the one writer,
