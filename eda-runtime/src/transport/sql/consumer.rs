@@ -88,7 +88,7 @@ impl ConsumerShared {
     fn settle(&self, partition: u32, slot: Slot, keep_ahead: bool) {
         let settled = {
             let mut slots = lock(&self.slots);
-            if !(keep_ahead && slot == Slot::Idle && slots.get(&partition) == Some(&Slot::InFlight)) {
+            if !(keep_ahead && slots.get(&partition) == Some(&Slot::InFlight)) {
                 lock(&self.ahead).remove(&partition);
             }
             match slots.get(&partition).copied() {
@@ -679,6 +679,12 @@ impl SqlAcker {
         self.settled.store(true, Ordering::SeqCst);
         self.shared.set(self.partition, slot);
     }
+
+    /// Settled by moving the partition's position past it: what was read ahead still holds.
+    fn finish_advanced(&self) {
+        self.settled.store(true, Ordering::SeqCst);
+        self.shared.advanced(self.partition);
+    }
 }
 
 #[async_trait]
@@ -695,11 +701,9 @@ impl Acker for SqlAcker {
         let done = tokio::time::timeout(within, async { acked.await.map_err(other) }).await;
         let advanced = answered(conn, done, within, "acknowledging")?;
         drop(turn);
-        self.settled.store(true, Ordering::SeqCst);
-        if advanced {
-            shared.advanced(self.partition);
-        } else {
-            shared.set(self.partition, Slot::Idle);
+        match advanced {
+            true => self.finish_advanced(),
+            false => self.finish(Slot::Idle),
         }
         Ok(())
     }
@@ -775,8 +779,7 @@ impl Acker for SqlAcker {
             .await
             .map_err(other)?;
         tx.commit().await.map_err(other)?;
-        self.settled.store(true, Ordering::SeqCst);
-        s.advanced(self.partition);
+        self.finish_advanced();
         Ok(())
     }
 

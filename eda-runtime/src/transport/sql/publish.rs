@@ -144,7 +144,7 @@ impl SqlTransport {
                     .bind(key)
                     .execute(&mut *conn)
                     .await
-                    .map_err(|e| self.lock_failed(e, topic, partition))?;
+                    .map_err(|e| self.lock_failed(&e, topic, partition).unwrap_or_else(|| other(e)))?;
             }
         }
         if let Some(notify) = self.inner.dialect.notify() {
@@ -183,12 +183,9 @@ impl SqlTransport {
             }
             false => bind_event(sqlx::query(&sql.insert_event_locked), e, partition).bind(lock),
         };
-        query.execute(&mut *conn).await.map_err(|err| {
-            let code = err.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
-            match code.as_deref() {
-                Some("55P03" | "40P01") => self.lock_failed(err, &e.topic, partition),
-                _ => self.publish_rejected(&e.topic, err),
-            }
+        query.execute(&mut *conn).await.map_err(|err| match self.lock_failed(&err, &e.topic, partition) {
+            Some(refused) => refused,
+            None => self.publish_rejected(&e.topic, err),
         })?;
         Ok(())
     }
@@ -206,9 +203,9 @@ impl SqlTransport {
         }
     }
 
-    /// Why a partition lock could not be taken, and what to do about it: the timeout and the
-    /// deadlock are the application's to fix; anything else is the database's.
-    fn lock_failed(&self, e: sqlx::Error, topic: &str, partition: u32) -> TransportError {
+    /// Why a partition lock could not be taken, and what to do about it, when `e` says so: the
+    /// timeout and the deadlock are the application's to fix. `None` for any other error.
+    fn lock_failed(&self, e: &sqlx::Error, topic: &str, partition: u32) -> Option<TransportError> {
         let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
         let reason = match code.as_deref() {
             Some("55P03") => format!(
@@ -218,8 +215,8 @@ impl SqlTransport {
             Some("40P01") => format!(
                 "PostgreSQL ended this transaction to break a deadlock on partition {partition}: another transaction published to the same partitions in the opposite order; publish a transaction's events with one `publish_all_in`, which locks their partitions in one order, and run the transaction again"
             ),
-            _ => return other(e),
+            _ => return None,
         };
-        TransportError::PublishRejected { transport: self.inner.dialect.name(), topic: topic.to_owned(), reason }
+        Some(TransportError::PublishRejected { transport: self.inner.dialect.name(), topic: topic.to_owned(), reason })
     }
 }
