@@ -412,13 +412,9 @@ async fn publishing_to_several_partitions_in_one_transaction_does_not_deadlock()
     assert_eq!(log.count("SELECT COUNT(*) FROM {p}log").await, 4);
 }
 
-/// The PostgreSQL review's defect 9: with no time limit on eda's own steps, a connection cut
-/// off without a word (a failover, a partition) hung the consumer's fetch and lease renewal for
-/// as long as the operating system kept the socket, and a LISTEN connection stayed dead. Every
-/// step now gives up in time, closes the connection and goes on with a new one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_cut_off_from_the_database_without_a_word_recovers() {
-    let log = eda_tests::TestDb::new(true).await;
+/// The log seen through a proxy whose connections can be frozen, with timeouts short enough
+/// for a test to see eda give up on them.
+async fn through_a_freezing_proxy(log: &eda_tests::TestDb) -> (eda_tests::FreezingProxy, SqlTransport) {
     let proxy = eda_tests::FreezingProxy::start("127.0.0.1:5432").await;
     let through_proxy = log.url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
     assert_ne!(through_proxy, log.url, "the test database is on 127.0.0.1:5432");
@@ -429,6 +425,17 @@ async fn a_consumer_cut_off_from_the_database_without_a_word_recovers() {
         .connect()
         .await
         .expect("opens through the proxy");
+    (proxy, consumer_side)
+}
+
+/// The PostgreSQL review's defect 9: with no time limit on eda's own steps, a connection cut
+/// off without a word (a failover, a partition) hung the consumer's fetch and lease renewal for
+/// as long as the operating system kept the socket, and a LISTEN connection stayed dead. Every
+/// step now gives up in time, closes the connection and goes on with a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_cut_off_from_the_database_without_a_word_recovers() {
+    let log = eda_tests::TestDb::new(true).await;
+    let (proxy, consumer_side) = through_a_freezing_proxy(&log).await;
     let publisher = log.open().await;
     let rt = Runtime::builder(registry()).state(Seen::default()).transport(consumer_side).start().await.expect("start");
     let publish = |n| {
@@ -490,15 +497,7 @@ async fn book(_entry: Entry, started: Ctx<'_, Started>) -> Result<(), eda::Handl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handling_whose_commit_is_cut_off_is_handled_again() {
     let log = eda_tests::TestDb::new(true).await;
-    let proxy = eda_tests::FreezingProxy::start("127.0.0.1:5432").await;
-    let through_proxy = log.url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
-    let consumer_side = eda_tests::sql_options(&through_proxy)
-        .table_prefix(&log.prefix)
-        .statement_timeout(Some(Duration::from_secs(2)))
-        .acquire_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .expect("opens through the proxy");
+    let (proxy, consumer_side) = through_a_freezing_proxy(&log).await;
     let registry = Registry::builder().handler::<book>().publishes::<Entry>().build();
     let rt =
         Runtime::builder(registry).state(Started::default()).transport(consumer_side).start().await.expect("start");
@@ -600,50 +599,47 @@ async fn events_read_ahead_are_not_handed_out_after_another_instance_had_the_par
     assert_eq!(n_of(&first), 0);
     first.ack().await.expect("acked");
 
-    // Another instance takes the partition, handles notes 1 to 9, and goes away.
+    // What another instance does: take the partition, handle the notes up to `last`, go away.
     let p = &log.prefix;
-    log.execute(&format!(
-        "UPDATE {p}leases SET owner = 'other', expires_at = expires_at + 3600000 WHERE grp = 'reader'"
-    ))
-    .await;
-    log.execute(&format!(
-        "UPDATE {p}offsets SET position = (SELECT seq FROM {p}log WHERE topic = 'notes' ORDER BY seq LIMIT 1 OFFSET 9)
-         WHERE grp = 'reader' AND position > 0"
-    ))
-    .await;
-    tokio::time::sleep(Duration::from_millis(600)).await; // renewals see the lease gone
-    log.execute(&format!("DELETE FROM {p}leases WHERE owner = 'other'")).await;
+    let other_instance = |last: u32| {
+        [
+            format!("UPDATE {p}leases SET owner = 'other', expires_at = expires_at + 3600000 WHERE grp = 'reader'"),
+            format!(
+                "UPDATE {p}offsets SET position = (SELECT seq FROM {p}log WHERE topic = 'notes' ORDER BY seq LIMIT 1 OFFSET {last})
+                 WHERE grp = 'reader' AND position > 0"
+            ),
+            format!("DELETE FROM {p}leases WHERE owner = 'other'"),
+        ]
+    };
+    let mut deliveries = std::pin::pin!(deliveries);
+    let mut next_note = async || {
+        let next = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+            .await
+            .expect("the partition is taken back")
+            .expect("a delivery")
+            .expect("delivered");
+        let n = n_of(&next);
+        next.ack().await.expect("acked");
+        n
+    };
 
-    let next = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
-        .await
-        .expect("the partition is taken back")
-        .expect("a delivery")
-        .expect("delivered");
-    assert_eq!(n_of(&next), 10, "the next note after the other instance's position");
-    next.ack().await.expect("acked");
+    let [take, handle, leave] = other_instance(9);
+    log.execute(&take).await;
+    log.execute(&handle).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // renewals see the lease gone
+    log.execute(&leave).await;
+    assert_eq!(next_note().await, 10, "the next note after the other instance's position");
 
     // Again, while this instance cannot renew (the lease row is locked for longer than a
     // lease): it never sees the lease in other hands, only that it has to take it anew.
     let other = log.open().await;
     let mut steal = other.pool().begin().await.expect("begin");
-    for statement in [
-        format!("UPDATE {p}leases SET owner = 'other', expires_at = expires_at + 3600000 WHERE grp = 'reader'"),
-        format!(
-            "UPDATE {p}offsets SET position = (SELECT seq FROM {p}log WHERE topic = 'notes' ORDER BY seq LIMIT 1 OFFSET 20)
-             WHERE grp = 'reader' AND position > 0"
-        ),
-        format!("DELETE FROM {p}leases WHERE owner = 'other'"),
-    ] {
+    for statement in other_instance(20) {
         sqlx::query(&statement).execute(&mut *steal).await.expect("the other instance's step");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     steal.commit().await.expect("commit");
-    let next = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
-        .await
-        .expect("the partition is taken back")
-        .expect("a delivery")
-        .expect("delivered");
-    assert_eq!(n_of(&next), 21, "the next note after the other instance's position, seen or not");
+    assert_eq!(next_note().await, 21, "the next note after the other instance's position, seen or not");
 }
 
 eda_tests::on_sql_databases! {

@@ -425,15 +425,21 @@ mod tests {
         Subscription { group: group.into(), topic: "t".into(), prefetch: 16 }
     }
 
-    /// The runtime trusts this (`sequences_keys`): an event handed back with a delay keeps its
-    /// key, so the key's later events wait for it while other keys go on.
-    #[tokio::test]
-    async fn an_event_handed_back_with_a_delay_keeps_its_key() {
+    /// A log holding a:1, a:2 and b:3, and group `g` subscribed to it.
+    async fn a1_a2_b3() -> (MemoryTransport, Deliveries) {
         let bus = MemoryTransport::new();
         for (k, n) in [("a", 1), ("a", 2), ("b", 3)] {
             bus.publish(&envelope(k, n)).await.expect("publish");
         }
-        let mut s = bus.subscribe(&sub("g")).await.expect("subscribe");
+        let s = bus.subscribe(&sub("g")).await.expect("subscribe");
+        (bus, s)
+    }
+
+    /// The runtime trusts this (`sequences_keys`): an event handed back with a delay keeps its
+    /// key, so the key's later events wait for it while other keys go on.
+    #[tokio::test]
+    async fn an_event_handed_back_with_a_delay_keeps_its_key() {
+        let (_bus, mut s) = a1_a2_b3().await;
         let first = s.next().await.expect("item").expect("delivery");
         assert_eq!(first.envelope.data, b"1");
         first.nack(Duration::from_millis(200)).await.expect("nack");
@@ -451,11 +457,7 @@ mod tests {
 
     #[tokio::test]
     async fn same_key_waits_for_the_unsettled_event_and_other_keys_do_not() {
-        let bus = MemoryTransport::new();
-        for (k, n) in [("a", 1), ("a", 2), ("b", 3)] {
-            bus.publish(&envelope(k, n)).await.expect("publish");
-        }
-        let mut s = bus.subscribe(&sub("g")).await.expect("subscribe");
+        let (bus, mut s) = a1_a2_b3().await;
         let first = s.next().await.expect("item").expect("delivery");
         let second = s.next().await.expect("item").expect("delivery");
         assert_eq!(first.envelope.data, b"1");
