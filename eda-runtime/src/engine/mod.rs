@@ -1,10 +1,10 @@
-//! The delivery engine of the partitioned brokers (NATS JetStream now; Kafka and RabbitMQ next).
+//! The delivery engine of the partitioned brokers (NATS JetStream and RabbitMQ now; Kafka next).
 //!
 //! A broker adapter supplies only what its broker knows — read a partition from its settled
 //! point, settle up to a message, dead-letter a message, keep leases — and the engine decides
 //! *when* a delivery runs and *when* it is settled:
 //!
-//! - [`ownership`]: a group's partitions are shared out among its live instances by leases with
+//! - [`ownership`] (where the broker does not keep it; [`held`] where it does): a group's partitions are shared out among its live instances by leases with
 //!   a TTL, renewed by heartbeat and taken by compare-and-set; an instance consumes only the
 //!   partitions it holds, so per-key order needs no help from the broker. A lease's revision is
 //!   its fencing number: a holder that cannot renew stops settling before anyone may take it.
@@ -16,6 +16,8 @@
 //! The runtime's consumer (guards, sagas, retries, dead letters) sits on top unchanged: it gets
 //! a [`Deliveries`] stream like from any transport.
 
+mod engines;
+pub(crate) mod held;
 pub(crate) mod ownership;
 pub(crate) mod partition;
 mod window;
@@ -26,6 +28,7 @@ use async_trait::async_trait;
 use eda_core::{DeadLetterReason, Envelope, TransportError};
 use futures_core::Stream;
 
+pub(crate) use engines::Engines;
 pub(crate) use ownership::{subscribe, EngineTask, LeaseStore, LeaseUpdate};
 
 /// How the engine runs a group's partitions.
@@ -86,6 +89,10 @@ pub(crate) struct Fetched<M> {
     pub event: Result<Envelope, String>,
     /// What the adapter needs to settle or dead-letter it.
     pub message: M,
+    /// Deliveries of it the broker counted before this one (0 where it does not count them):
+    /// a first message that earlier consumers died holding goes out alone, and is
+    /// dead-lettered once it passes `max_deliver`.
+    pub delivered: u32,
 }
 
 /// Where the leases last saw a partition settled.

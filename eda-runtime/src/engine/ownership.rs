@@ -154,16 +154,16 @@ pub(crate) async fn subscribe<L: PartitionLog>(
     let subscription = owner.deliveries.downgrade();
     let stats = owner.stats.clone();
     let task = tokio::spawn(owner.run(watch));
-    let engine = EngineTask { subscription, task, group: group.to_owned(), topic: topic.to_owned(), stats };
+    let engine = EngineTask::new(subscription, task, (group, topic), stats);
     Ok((Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))), engine))
 }
 
 /// What one subscription's engine did, for metrics.
 #[derive(Debug, Default)]
-struct EngineStats {
-    owned: AtomicU32,
-    handed_over: AtomicU64,
-    taken_over: AtomicU64,
+pub(super) struct EngineStats {
+    pub(super) owned: AtomicU32,
+    pub(super) handed_over: AtomicU64,
+    pub(super) taken_over: AtomicU64,
 }
 
 /// The engine of one subscription, as its transport keeps track of it.
@@ -176,6 +176,15 @@ pub(crate) struct EngineTask {
 }
 
 impl EngineTask {
+    pub(super) fn new(
+        subscription: mpsc::WeakSender<Result<Delivery, TransportError>>,
+        task: tokio::task::JoinHandle<()>,
+        (group, topic): (&str, &str),
+        stats: Arc<EngineStats>,
+    ) -> Self {
+        Self { subscription, task, group: group.to_owned(), topic: topic.to_owned(), stats }
+    }
+
     /// True once it has stopped.
     pub(crate) fn finished(&self) -> bool {
         self.task.is_finished()

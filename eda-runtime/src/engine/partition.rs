@@ -17,6 +17,8 @@ use super::{EngineOptions, Fetched, Opened, PartitionLog};
 
 /// How long a done prefix waits to be settled with what follows it.
 const SETTLE_DELAY: Duration = Duration::from_millis(2);
+/// How long the run waits after a settlement failed, before anything else.
+const SETTLE_RETRY: Duration = Duration::from_millis(200);
 /// How long a dead letter that could not be written waits before its event goes out again.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
 
@@ -322,6 +324,8 @@ async fn settle<L: PartitionLog>(run: &PartitionRun<L>, window: &mut Window<L::M
         tracing::warn!(partition = run.partition, error = %e, "could not settle a done prefix");
         window.unsent = Some(message);
         window.unsent_count = count;
+        // Not at once again: the broker (or the connection) needs a moment.
+        tokio::time::sleep(SETTLE_RETRY).await;
     }
     run.floor.store(window.settled, Ordering::Relaxed);
     true

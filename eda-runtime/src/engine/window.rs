@@ -91,10 +91,15 @@ impl<M> Window<M> {
     /// Takes a message read from the partition. Returns it back (with its attempt) when it must
     /// be dead-lettered at once: it is not an event, or earlier owners died on it too often.
     pub(super) fn admit(&mut self, fetched: Fetched<M>, max_deliver: u32) -> Option<(u64, DeadLetterReason, u32)> {
-        let Fetched { offset, event, message } = fetched;
+        let Fetched { offset, event, message, delivered } = fetched;
         if offset <= self.settled || self.slots.contains_key(&offset) {
             // The broker delivered again what this window holds or settled.
             return None;
+        }
+        if delivered > 0 && self.slots.is_empty() && self.unsent.is_none() {
+            // The broker says earlier consumers died holding it: blamed as the lease's strikes are.
+            self.first_attempt = self.first_attempt.max(delivered.saturating_add(1));
+            self.cautious = true;
         }
         let attempt = if self.slots.is_empty() && self.unsent.is_none() && self.first_attempt > 1 {
             std::mem::replace(&mut self.first_attempt, 1)
@@ -302,7 +307,7 @@ pub(super) mod tests {
 
     /// The event at `offset` of key `key`, its payload the offset.
     pub(in crate::engine) fn fetched(offset: u64, key: &str) -> Fetched<u64> {
-        Fetched { offset, event: Ok(event(key, offset as u32)), message: offset }
+        Fetched { offset, event: Ok(event(key, offset as u32)), message: offset, delivered: 0 }
     }
 
     /// An acker for tests that settle by hand.
@@ -396,7 +401,7 @@ pub(super) mod tests {
         assert_eq!(w.slots.get(&7).map(|s| s.attempt), Some(1));
         assert!(w.admit(fetched(7, "a"), 20).is_none(), "a repeat of 7 changes nothing");
         assert_eq!(w.len(), 2);
-        let not_an_event = Fetched { offset: 8, event: Err("not JSON".into()), message: 8 };
+        let not_an_event = Fetched { offset: 8, event: Err("not JSON".into()), message: 8, delivered: 0 };
         assert!(w.admit(not_an_event, 20).is_some_and(|(_, r, _)| r.permanent));
     }
 

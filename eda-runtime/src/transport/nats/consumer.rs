@@ -156,7 +156,7 @@ impl PartitionLog for NatsPartitions {
                 });
             }
             expected += 1;
-            Ok(Fetched { offset, event: this.envelope(&message), message })
+            Ok(Fetched { offset, event: this.envelope(&message), message, delivered: 0 })
         });
         // The first error ends the reading.
         let messages = messages.scan(false, |failed, m| {

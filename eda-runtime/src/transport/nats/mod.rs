@@ -105,10 +105,7 @@ struct Inner {
     deduplicated: AtomicU64,
     /// The engine of every subscription, so that closing waits for those of stopped
     /// subscriptions to settle what is done and hand their partitions over.
-    engines: Mutex<Vec<crate::engine::EngineTask>>,
-    /// What the engines that have stopped handed over and took over, per group and topic, so
-    /// the totals never go back.
-    retired: Mutex<HashMap<(String, String), (u64, u64)>>,
+    engines: crate::engine::Engines,
     /// Places for publishes waiting for their confirmation (`max_unconfirmed`).
     unconfirmed: tokio::sync::Semaphore,
     /// The server's `max_payload` when the connection was made (asking the client copies all
@@ -234,8 +231,7 @@ impl NatsTransport {
             dead_letter_topics: Mutex::default(),
             topology: tokio::sync::Mutex::new(()),
             deduplicated: AtomicU64::new(0),
-            engines: Mutex::default(),
-            retired: Mutex::default(),
+            engines: Default::default(),
             leases: tokio::sync::OnceCell::new(),
             inbox,
             max_payload,
@@ -863,18 +859,7 @@ impl Transport for NatsTransport {
             self.inner.options.engine.clone(),
         )
         .await?;
-        let mut engines = lock(&self.inner.engines);
-        let mut retired = lock(&self.inner.retired);
-        engines.retain(|e| {
-            if e.finished() {
-                let o = e.ownership();
-                let totals = retired.entry((o.group, o.topic)).or_default();
-                *totals = (totals.0 + o.handed_over, totals.1 + o.taken_over);
-            }
-            !e.finished()
-        });
-        drop(retired);
-        engines.push(engine);
+        self.inner.engines.add(engine);
         Ok(deliveries)
     }
 
@@ -884,32 +869,7 @@ impl Transport for NatsTransport {
     }
 
     fn ownership(&self) -> Vec<eda_core::Ownership> {
-        // Per group and topic: what the running engines own, and every engine's totals.
-        let mut by: HashMap<(String, String), eda_core::Ownership> = HashMap::new();
-        for ((group, topic), (handed_over, taken_over)) in lock(&self.inner.retired).iter() {
-            let o = eda_core::Ownership {
-                group: group.clone(),
-                topic: topic.clone(),
-                owned: 0,
-                handed_over: *handed_over,
-                taken_over: *taken_over,
-            };
-            by.insert((group.clone(), topic.clone()), o);
-        }
-        for e in lock(&self.inner.engines).iter() {
-            let o = e.ownership();
-            let running = !e.finished();
-            let entry = by.entry((o.group.clone(), o.topic.clone())).or_insert(eda_core::Ownership {
-                owned: 0,
-                handed_over: 0,
-                taken_over: 0,
-                ..o.clone()
-            });
-            entry.owned += if running { o.owned } else { 0 };
-            entry.handed_over += o.handed_over;
-            entry.taken_over += o.taken_over;
-        }
-        by.into_values().collect()
+        self.inner.engines.ownership()
     }
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
@@ -955,7 +915,7 @@ impl Transport for NatsTransport {
         // over, then those acks leave the client's buffer. The connection stays for other users
         // of this transport, and so do the engines of their subscriptions.
         let deadline = Instant::now() + self.inner.options.engine.handover_timeout + Duration::from_secs(2);
-        let stopping = || lock(&self.inner.engines).iter().any(|e| e.stopping());
+        let stopping = || self.inner.engines.stopping();
         while stopping() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
