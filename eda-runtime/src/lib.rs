@@ -47,7 +47,7 @@ extern crate self as eda;
 pub mod cli;
 mod consumer;
 mod dead_letters;
-#[cfg(any(feature = "nats", test))]
+#[cfg(any(feature = "nats", feature = "rabbitmq", test))]
 mod engine;
 mod errors;
 mod inbox;

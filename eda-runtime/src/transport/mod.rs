@@ -1,18 +1,21 @@
 //! Transports, one module per broker, each behind its cargo feature.
 
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats", feature = "rabbitmq"))]
 mod keys;
 mod memory;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
+#[cfg(feature = "rabbitmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
+pub mod rabbitmq;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
 pub mod sql;
 
 use std::sync::Arc;
 
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats", feature = "rabbitmq"))]
 pub use keys::partition_of;
 pub use memory::MemoryTransport;
 
@@ -21,7 +24,8 @@ use crate::{Error, Result};
 /// Connects the transport a URL names: `memory://` (always available), `sqlite://path`
 /// (feature `sqlite`, on by default), `postgres://user@host/database` (feature `postgres`),
 /// `nats://host:4222` or `tls://host:4222` (feature `nats`; settings in the query, see
-/// [`nats::NatsOptions::from_url`]).
+/// [`nats::NatsOptions::from_url`]), `amqp://user:password@host:5672/vhost` or `amqps://…`
+/// (feature `rabbitmq`; settings in the query, see [`rabbitmq::RabbitOptions::from_url`]).
 ///
 /// A URL whose transport is not in this build fails with an error that says so.
 ///
@@ -37,7 +41,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
     let missing = |name: &str| {
         Error::Config(format!(
-            "`{scheme}://` URLs need the {name} transport, which this version of eda does not have yet; use `memory://`, `sqlite://`, `postgres://` or `nats://`"
+            "`{scheme}://` URLs need the {name} transport, which this version of eda does not have yet; use `memory://`, `sqlite://`, `postgres://`, `nats://` or `amqp://`"
         ))
     };
     #[allow(unused_variables)] // every feature may be on
@@ -57,7 +61,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
         #[cfg(not(feature = "postgres"))]
         "postgres" | "postgresql" => Err(not_built("postgres")),
         "kafka" => Err(missing("Kafka")),
-        "amqp" | "amqps" => Err(missing("RabbitMQ")),
+        #[cfg(feature = "rabbitmq")]
+        "amqp" | "amqps" => Ok(Arc::new(rabbitmq::RabbitTransport::connect(url).await?)),
+        #[cfg(not(feature = "rabbitmq"))]
+        "amqp" | "amqps" => Err(not_built("rabbitmq")),
         #[cfg(feature = "nats")]
         "nats" | "tls" => Ok(Arc::new(nats::NatsTransport::connect(url).await?)),
         #[cfg(not(feature = "nats"))]
@@ -67,7 +74,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
             "the transport URL has no scheme: write it as `<scheme>://…`, e.g. `memory://` or `postgres://user@host/db`".into(),
         )),
         other => Err(Error::Config(format!(
-            "unknown transport scheme `{other}://` in `{}`: eda knows `memory://`, `sqlite://`, `postgres://` and `nats://`",
+            "unknown transport scheme `{other}://` in `{}`: eda knows `memory://`, `sqlite://`, `postgres://`, `nats://` and `amqp://`",
             keys::redact(url)
         ))),
     }
