@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p eda-examples --bin bench -- \
-//!     [--transport memory,sqlite,postgres,sqlite-batched,postgres-batched,postgres-outbox,nats-peak] \
+//!     [--transport memory,sqlite,postgres,sqlite-batched,postgres-batched,postgres-outbox,nats-peak,rabbitmq-peak] \
 //!     [--events N] [--payload BYTES] [--in-flight N] [--groups 1..4] [--rounds N] [--json]
 //! ```
 //!
@@ -25,13 +25,18 @@
 //! - `nats-peak`: eda on NATS beside async-nats at its best (one wide pull consumer, no
 //!   ordering, no dedupe), publish bare and with eda's headers, and latency at 1,000 events/s;
 //!   see `nats_peak.rs`.
+//! - `rabbitmq-peak`: eda on RabbitMQ beside lapin at its best (one quorum queue, confirms with
+//!   up to 256 unconfirmed, prefetch 1024, an ack per message, no ordering, no dedupe), the
+//!   same three measures; see `rabbitmq_peak.rs`.
 //! - `sqlite-backlog`, `postgres-backlog`: N events (1,000,000 by default) waiting in the log;
 //!   a consumer works through them for `--seconds` (10 by default). It reports the rate and the
 //!   peak RSS, which the in-flight limit bounds whatever the backlog.
 //!
 //! PostgreSQL runs use `EDA_BENCH_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
 //! and tables under a fresh prefix; NATS runs `EDA_BENCH_NATS_URL` (default
-//! `nats://127.0.0.1:4222`) and streams under a fresh namespace, deleted afterwards.
+//! `nats://127.0.0.1:4222`) and streams under a fresh namespace, deleted afterwards; RabbitMQ runs
+//! `EDA_BENCH_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`) and queues under a
+//! fresh namespace, deleted afterwards.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -45,6 +50,8 @@ use eda::{event, handler, Ctx, EntryKind, Handler as _, Registry, Runtime, Trans
 use serde::{Deserialize, Serialize};
 
 mod nats_peak;
+mod peak;
+mod rabbitmq_peak;
 mod sql;
 
 #[event(topic = "bench", key = key)]
@@ -109,7 +116,7 @@ struct Args {
     json: bool,
 }
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "memory",
     "sqlite",
     "postgres",
@@ -117,6 +124,7 @@ const SCENARIOS: [&str; 9] = [
     "postgres-batched",
     "postgres-outbox",
     "nats-peak",
+    "rabbitmq-peak",
     "sqlite-backlog",
     "postgres-backlog",
 ];
@@ -535,7 +543,7 @@ async fn main() {
         }
     };
     sqlx::any::install_default_drivers();
-    if !args.json && args.transports.iter().any(|t| !t.ends_with("-backlog") && t != "nats-peak") {
+    if !args.json && args.transports.iter().any(|t| !t.ends_with("-backlog") && !t.ends_with("-peak")) {
         println!(
             "{:<16} {:<36} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10} {:>17} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
             "transport",
@@ -557,8 +565,13 @@ async fn main() {
     }
     let mut failed = false;
     for transport in &args.transports {
-        if transport == "nats-peak" {
-            if let Err(e) = nats_peak::run(args.events.unwrap_or(20_000), args.rounds, args.json).await {
+        if transport == "nats-peak" || transport == "rabbitmq-peak" {
+            let (n, rounds, json) = (args.events.unwrap_or(20_000), args.rounds, args.json);
+            let ran = match transport.as_str() {
+                "nats-peak" => nats_peak::run(n, rounds, json).await,
+                _ => rabbitmq_peak::run(n, rounds, json).await,
+            };
+            if let Err(e) = ran {
                 eprintln!("{transport}: {e}");
                 failed = true;
             }

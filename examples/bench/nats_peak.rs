@@ -1,148 +1,23 @@
-//! `nats-peak`: eda on NATS beside async-nats used at its best on the same server, not beside a
-//! copy of eda's design.
-//!
-//! Both sides, each round: publish N events of 256 B with up to 256 unconfirmed; then one
-//! consumer group works through them with an effect per event (the event decoded, a counter
-//! moved) and no emitted event; then, with the consumer running, events published at 1,000/s
-//! give the publish-to-handler latency.
+//! `nats-peak`: eda on NATS beside async-nats used at its best on the same server (see
+//! `peak.rs` for what both sides do and how they are timed).
 //!
 //! - eda: its publisher (CloudEvents headers, `Nats-Msg-Id`), 16 partitions, one instance of
 //!   the group owning them all, per-key order, the idempotency guard (in memory).
 //! - raw: one stream and subject; publish bare and, separately, with the very headers eda sends;
 //!   one durable pull consumer, `max_ack_pending` 1024, batches of 512, an ack per message, no
 //!   ordering and no dedupe.
-//!
-//! The handling rate is timed on both sides from the first handled event until the server
-//! holds every event acknowledged (no pending and no unacknowledged message on the group's
-//! consumers, polled every millisecond once the effects are all done, the same way on both
-//! sides); set-up is outside both clocks. A warm-up pair is run and dropped; then rounds alternate which side
-//! goes first, and the reported ratios are the median of the per-round ratios, with min–max.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use async_nats::jetstream::{self, consumer, stream};
 use eda::transport::nats::NatsOptions;
-use eda::{event, handler, Binding, Ctx, Envelope, PendingEvent, Registry, Runtime, Transport as _};
+use eda::{Binding, Envelope, PendingEvent, Registry, Runtime, Transport as _};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 
-use super::{nats_namespace, nats_url, now_us, percentile, spread, BoxError};
-
-/// How many publishes may wait for their confirmation at once, on both sides.
-const UNCONFIRMED: usize = 256;
-const LATENCY_EVENTS: u64 = 3_000;
-
-#[event(topic = "peak", key = key)]
-#[derive(Serialize, Deserialize)]
-pub struct Peak {
-    seq: u64,
-    key: u32,
-    sent_us: u64,
-    body: String,
-}
-
-fn peak(seq: u64, sent_us: u64) -> Peak {
-    Peak { seq, key: (seq % 1024) as u32, sent_us, body: "x".repeat(200) }
-}
-
-/// What the effect records, on both sides.
-#[derive(Default)]
-struct Effect {
-    handled: AtomicU64,
-    first: OnceLock<Instant>,
-    latencies_us: Mutex<Vec<u64>>,
-}
-
-impl Effect {
-    fn record(&self, event: &Peak) {
-        let now = Instant::now();
-        let _ = self.first.set(now);
-        if event.sent_us > 0 {
-            self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(now_us().saturating_sub(event.sent_us));
-        }
-        self.handled.fetch_add(1, Ordering::Release);
-    }
-
-    async fn wait(&self, n: u64) -> Result<(), BoxError> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.handled.load(Ordering::Acquire) < n {
-            if Instant::now() > deadline {
-                return Err(format!("only {} of {n} handled", self.handled.load(Ordering::Acquire)).into());
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(())
-    }
-
-    /// Events per second from the first handled event until `acked`.
-    fn rate(&self, n: u64, acked: Instant) -> f64 {
-        match self.first.get().copied() {
-            Some(f) if acked > f => (n - 1) as f64 / (acked - f).as_secs_f64(),
-            _ => 0.0,
-        }
-    }
-
-    fn p99(&self) -> u64 {
-        let mut l = self.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        l.sort_unstable();
-        percentile(&l, 0.99)
-    }
-}
-
-#[handler(group = "peak")]
-async fn peak_effect(event: Peak, effect: Ctx<'_, Effect>) {
-    effect.record(&event);
-}
-
-/// When the server holds every event acknowledged: polls `unsettled` (messages pending or
-/// unacknowledged on the group's consumers) every millisecond until it reads 0.
-async fn acked<F, Fut>(unsettled: F) -> Result<Instant, BoxError>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<u64, BoxError>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if unsettled().await? == 0 {
-            return Ok(Instant::now());
-        }
-        if Instant::now() > deadline {
-            return Err("the server still holds unacknowledged events after 60 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// One side's figures of one round.
-#[derive(Clone, Copy, Debug, Default)]
-struct Round {
-    publish_eps: f64,
-    /// Raw only: publishing with eda's headers.
-    publish_headers_eps: f64,
-    consume_eps: f64,
-    p99_us: u64,
-}
-
-/// Publishes at 1,000 events/s while the consumer runs, each publish on its own task.
-async fn at_fixed_rate<F, Fut>(publish: F) -> Result<(), BoxError>
-where
-    F: Fn(u64) -> Fut,
-    Fut: std::future::Future<Output = Result<(), BoxError>> + Send + 'static,
-{
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    let mut sent = FuturesUnordered::new();
-    for i in 0..LATENCY_EVENTS {
-        tick.tick().await;
-        sent.push(tokio::spawn(publish(i)));
-    }
-    while let Some(r) = sent.next().await {
-        r??;
-    }
-    Ok(())
-}
+use super::peak::{acked, at_fixed_rate, peak, peak_effect, Effect, Peak, Round, LATENCY_EVENTS, UNCONFIRMED};
+use super::{nats_namespace, nats_url, now_us, BoxError};
 
 async fn eda_round(n: u64) -> Result<Round, BoxError> {
     let nats = NatsOptions::new(nats_url()).namespace(nats_namespace()).partitions(16).connect().await?;
@@ -286,63 +161,7 @@ async fn raw_round(n: u64) -> Result<Round, BoxError> {
     Ok(Round { publish_eps, publish_headers_eps, consume_eps, p99_us })
 }
 
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
 /// Runs the scenario and prints its line.
 pub async fn run(n: u64, rounds: usize, json: bool) -> Result<(), BoxError> {
-    // Warm-up, not reported.
-    eda_round(n / 4).await?;
-    raw_round(n / 4).await?;
-    let (mut eda, mut raw) = (Vec::new(), Vec::new());
-    for round in 0..rounds {
-        if round % 2 == 0 {
-            eda.push(eda_round(n).await?);
-            raw.push(raw_round(n).await?);
-        } else {
-            raw.push(raw_round(n).await?);
-            eda.push(eda_round(n).await?);
-        }
-    }
-    let per_round = |f: &dyn Fn(&Round, &Round) -> f64| spread(eda.iter().zip(&raw).map(|(e, r)| f(e, r)).collect());
-    let ratio = per_round(&|e, r| e.consume_eps / r.consume_eps);
-    let publish_ratio = per_round(&|e, r| e.publish_eps / r.publish_eps);
-    let publish_headers_ratio = per_round(&|e, r| e.publish_eps / r.publish_headers_eps);
-    let median = |f: &dyn Fn(&Round) -> f64, side: &[Round]| spread(side.iter().map(f).collect()).0;
-    let (eda_p99, raw_p99) = (median(&|r| r.p99_us as f64, &eda), median(&|r| r.p99_us as f64, &raw));
-    if json {
-        let line = serde_json::json!({
-            "transport": "nats-peak", "events": n, "payload_bytes": 256, "rounds": rounds,
-            "eda_eps": median(&|r| r.consume_eps, &eda).round(), "raw_eps": median(&|r| r.consume_eps, &raw).round(),
-            "ratio": round2(ratio.0), "ratio_min": round2(ratio.1), "ratio_max": round2(ratio.2),
-            "eda_publish_eps": median(&|r| r.publish_eps, &eda).round(),
-            "raw_publish_eps": median(&|r| r.publish_eps, &raw).round(),
-            "raw_publish_headers_eps": median(&|r| r.publish_headers_eps, &raw).round(),
-            "publish_ratio": round2(publish_ratio.0), "publish_ratio_min": round2(publish_ratio.1), "publish_ratio_max": round2(publish_ratio.2),
-            "publish_headers_ratio": round2(publish_headers_ratio.0), "publish_headers_ratio_min": round2(publish_headers_ratio.1),
-            "publish_headers_ratio_max": round2(publish_headers_ratio.2),
-            "eda_p99_us": eda_p99 as u64, "raw_p99_us": raw_p99 as u64,
-        });
-        println!("{line}");
-    } else {
-        let show = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2} ({lo:.2}–{hi:.2})");
-        println!("nats-peak: {n} events of 256 B, {rounds} rounds (median of per-round ratios, min–max)");
-        println!(
-            "  consume  eda {:>8.0}/s  raw {:>8.0}/s  ratio {}",
-            median(&|r| r.consume_eps, &eda),
-            median(&|r| r.consume_eps, &raw),
-            show(ratio)
-        );
-        println!(
-            "  publish  eda {:>8.0}/s  raw bare {:>8.0}/s  raw with eda's headers {:>8.0}/s  ratio {} / {}",
-            median(&|r| r.publish_eps, &eda),
-            median(&|r| r.publish_eps, &raw),
-            median(&|r| r.publish_headers_eps, &raw),
-            show(publish_ratio),
-            show(publish_headers_ratio)
-        );
-        println!("  p99 publish→handler at 1,000/s  eda {eda_p99:.0} us  raw {raw_p99:.0} us");
-    }
-    Ok(())
+    super::peak::run("nats-peak", n, rounds, json, |n| Box::pin(eda_round(n)), |n| Box::pin(raw_round(n))).await
 }

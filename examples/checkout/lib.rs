@@ -74,9 +74,28 @@ pub async fn run(url: &str) -> eda::Result<CheckoutRun> {
     run_on(eda::transport::connect(url).await?).await
 }
 
-/// [`run`] on a transport that is already connected.
+/// [`run`] on a transport that is already connected; with the outbox [`outbox_for`] gives it.
 pub async fn run_on(transport: Arc<dyn eda::Transport>) -> eda::Result<CheckoutRun> {
-    run_configured(transport, |services| services).await
+    let outbox = outbox_for(&transport).await?;
+    run_configured(transport, |services| match outbox {
+        Some(db) => services.outbox(db),
+        None => services,
+    })
+    .await
+}
+
+/// The database that keeps the saga's records (guards, steps, the outbox) beside a broker that
+/// keeps none, such as RabbitMQ: `EDA_OUTBOX_URL` (any SQL URL), by default the SQLite file
+/// `checkout-outbox.db`. `None` where the transport keeps them itself (the SQL log, the
+/// in-process log, NATS) and `EDA_OUTBOX_URL` is not set.
+pub async fn outbox_for(transport: &Arc<dyn eda::Transport>) -> eda::Result<Option<eda::sql::SqlTransport>> {
+    let keeps_records = transport.inbox().is_some() || transport.clone().store().is_some();
+    let url = match std::env::var("EDA_OUTBOX_URL") {
+        Ok(url) => url,
+        Err(_) if keeps_records => return Ok(None),
+        Err(_) => "sqlite://checkout-outbox.db".to_owned(),
+    };
+    Ok(Some(eda::sql::SqlTransport::connect(&url).await?))
 }
 
 /// [`run_on`], with more runtime settings (a metrics endpoint, say).

@@ -2,7 +2,9 @@
 //! duplicate delivery, then prints each saga's trace.
 //!
 //! `checkout` runs it on `EDA_URL` (default `sqlite://checkout.db`, the embedded durable log;
-//! `memory://`, `postgres://…` and `nats://127.0.0.1:4222` work the same);
+//! `memory://`, `postgres://…`, `nats://127.0.0.1:4222` and `amqp://guest:guest@127.0.0.1:5672`
+//! work the same; on RabbitMQ, which keeps no saga records, they go to `EDA_OUTBOX_URL`, by
+//! default the SQLite file `checkout-outbox.db`, with the transactional outbox);
 //! `checkout graph` prints the choreography as Mermaid; `checkout dlq list|show|replay|purge`
 //! works on the dead letters. With `EDA_METRICS_ADDR=127.0.0.1:9464` it serves Prometheus
 //! metrics there and, once the orders have settled, keeps serving them until ctrl-c.
@@ -20,7 +22,11 @@ async fn main() -> eda::Result<()> {
     }
     let url = std::env::var("EDA_URL").unwrap_or_else(|_| "sqlite://checkout.db".into());
     if let Some(command) = eda::cli::Command::from_args(std::env::args()) {
-        let services = checkout::services(Default::default()).transport_url(url);
+        let transport = eda::transport::connect(&url).await?;
+        let services = match checkout::outbox_for(&transport).await? {
+            Some(db) => checkout::services(Default::default()).shared_transport(transport).outbox(db),
+            None => checkout::services(Default::default()).shared_transport(transport),
+        };
         let outcome = match command {
             Ok(command) => eda::cli::run(services, command).await,
             Err(usage) => Err(eda::Error::Config(usage)),
@@ -42,9 +48,16 @@ async fn main() -> eda::Result<()> {
         Err(_) => None,
     };
     let transport = eda::transport::connect(&url).await?;
-    let run = checkout::run_configured(transport, |services| match metrics {
-        Some(addr) => services.metrics_addr(addr),
-        None => services,
+    let outbox = checkout::outbox_for(&transport).await?;
+    let run = checkout::run_configured(transport, |services| {
+        let services = match outbox {
+            Some(db) => services.outbox(db),
+            None => services,
+        };
+        match metrics {
+            Some(addr) => services.metrics_addr(addr),
+            None => services,
+        }
     })
     .await?;
     let orders = run.runtime.state::<Orders>();
