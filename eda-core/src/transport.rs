@@ -40,6 +40,15 @@ pub trait Transport: Send + Sync + 'static {
     /// subscriptions of the same group share them.
     async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError>;
 
+    /// Makes sure `subscription`'s group gets the topic's events from now on, without consuming
+    /// them: for a broker that keeps events only for groups it knows of (RabbitMQ: the group's
+    /// queues). The runtime calls it for the groups linked into a binary that it does not run.
+    /// Nothing to do where the log keeps every event for every group (the default).
+    async fn prepare(&self, subscription: &Subscription) -> Result<(), TransportError> {
+        let _ = subscription;
+        Ok(())
+    }
+
     /// True when a subscription hands out at most one event of a key at a time, and an event
     /// handed back comes again before its key's later ones: then the runtime does not sequence
     /// keys itself. Transports whose deliveries may overtake each other keep the default.

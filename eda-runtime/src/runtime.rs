@@ -1,6 +1,6 @@
 //! The runtime: wires the registry's handlers to a transport and runs them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -230,8 +230,14 @@ impl RuntimeBuilder {
         if !report.is_ok() {
             return Err(Error::InvalidRegistry(report));
         }
+        // The groups linked into this binary that it does not run: a broker that keeps events
+        // only for groups it knows of is told about them, so that they miss nothing published
+        // from now on.
+        let mut elsewhere: BTreeSet<(&'static str, &'static str)> = BTreeSet::new();
         if let Some(groups) = &groups {
             let known: HashSet<_> = registry.handlers().iter().map(|h| h.group).collect();
+            let runs = |g: &str| groups.iter().any(|r| r == g);
+            elsewhere.extend(registry.handlers().iter().filter(|h| !runs(h.group)).map(|h| (h.group, h.topic())));
             if let Some(unknown) = groups.iter().find(|g| !known.contains(g.as_str())) {
                 let mut known: Vec<_> = known.into_iter().collect();
                 known.sort_unstable();
@@ -320,6 +326,13 @@ impl RuntimeBuilder {
             BTreeMap::new();
         for h in registry.handlers() {
             by_subscription.entry((h.group, h.topic())).or_default().push(*h);
+        }
+        if !consume {
+            elsewhere.extend(by_subscription.keys().copied());
+        }
+        for &(group, topic) in &elsewhere {
+            let subscription = eda_core::Subscription { group: group.to_owned(), topic: topic.to_owned(), prefetch: 1 };
+            shared.transport.prepare(&subscription).await?;
         }
         let mut tasks = JoinSet::new();
         let mut firsts = Vec::new();

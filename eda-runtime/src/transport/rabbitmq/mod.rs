@@ -12,8 +12,9 @@
 //!   is `mandatory` and waits for its publisher confirm (up to
 //!   [`max_unconfirmed`](RabbitOptions::max_unconfirmed) in flight): a nack, or an event no
 //!   group's queue takes (312 NO_ROUTE, which comes with an ack), is an error to the caller,
-//!   never a silent loss. So a topic's groups must have subscribed once before events are
-//!   published to it; their queues keep everything from then on.
+//!   never a silent loss. A group gets the events published once its queues exist: from its
+//!   first subscription on, or from the start of any runtime that links its handlers without
+//!   running them ([`Transport::prepare`]); events published before then are not kept for it.
 //! - **A quorum queue per group and partition**, `eda.<topic>.<group>.<partition>`, bound to the
 //!   topic's exchange, with a single active consumer: every instance of the group consumes
 //!   every partition, and the broker hands each partition's messages to one of them at a time.
@@ -445,7 +446,7 @@ impl Transport for RabbitTransport {
         self.publish_in_order(&messages).await
     }
 
-    async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
+    async fn prepare(&self, subscription: &Subscription) -> Result<(), TransportError> {
         check_name("group", &subscription.group)?;
         self.ensure_topic(&subscription.topic).await?;
         self.ensure_dead_letters().await?;
@@ -454,6 +455,11 @@ impl Transport for RabbitTransport {
             self.declare_queue(&channel, &subscription.topic, &subscription.group, p).await?;
         }
         let _ = channel.close(200, "OK".into()).await;
+        Ok(())
+    }
+
+    async fn subscribe(&self, subscription: &Subscription) -> Result<Deliveries, TransportError> {
+        self.prepare(subscription).await?;
         let unsettled: Arc<[consumer::Unsettled]> =
             (0..self.inner.options.partitions).map(|_| consumer::Unsettled::default()).collect();
         let key = (subscription.group.clone(), subscription.topic.clone());
