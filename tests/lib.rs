@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use eda::sql::{SqlOptions, SqlTransport};
 use eda::transport::nats::{NatsOptions, NatsTransport};
+use eda::transport::rabbitmq::{RabbitOptions, RabbitTransport};
 use eda::transport::MemoryTransport;
 use eda::{DeadLetter, DeadLetterStore, Transport};
 
@@ -21,6 +22,8 @@ pub enum Kind {
     Postgres,
     /// `nats://` with streams of its own (a fresh namespace) on the test server
     Nats,
+    /// `amqp://` with exchanges and queues of its own (a fresh namespace) on the test broker
+    Rabbitmq,
 }
 
 /// One transport under test, with what the tests need to look into it.
@@ -31,6 +34,26 @@ pub struct Bus {
     dead: Arc<dyn DeadLetterStore>,
     _db: Option<TestDb>,
     nats: Option<NatsTransport>,
+    rabbit: Option<RabbitTransport>,
+    /// Where runtimes keep saga records beside a broker that keeps none (RabbitMQ).
+    records: Option<SqlTransport>,
+}
+
+/// Puts a runtime on a test's transport.
+pub trait OnBus {
+    /// The bus's transport, with the database that keeps saga records where the transport
+    /// keeps none (RabbitMQ: the inbox and outbox beside the broker, as in production).
+    fn on(self, bus: &Bus) -> Self;
+}
+
+impl OnBus for eda::RuntimeBuilder {
+    fn on(self, bus: &Bus) -> Self {
+        let builder = self.shared_transport(bus.transport());
+        match bus.records.clone() {
+            Some(db) => builder.outbox(db),
+            None => builder,
+        }
+    }
 }
 
 impl Bus {
@@ -39,7 +62,32 @@ impl Bus {
         let db = match kind {
             Kind::Memory => {
                 let t = MemoryTransport::new();
-                return Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), _db: None, nats: None };
+                return Self {
+                    kind,
+                    transport: Arc::new(t.clone()),
+                    dead: Arc::new(t),
+                    _db: None,
+                    nats: None,
+                    rabbit: None,
+                    records: None,
+                };
+            }
+            Kind::Rabbitmq => {
+                let t =
+                    rabbit_options().namespace(fresh_namespace()).connect().await.unwrap_or_else(|e| {
+                        panic!("RabbitMQ is needed at {} (tests/run.sh starts it): {e}", rabbit_url())
+                    });
+                let db = TestDb::new(false).await;
+                let records = Some(db.open().await);
+                return Self {
+                    kind,
+                    transport: Arc::new(t.clone()),
+                    dead: Arc::new(t.clone()),
+                    _db: Some(db),
+                    nats: None,
+                    rabbit: Some(t),
+                    records,
+                };
             }
             Kind::Nats => {
                 let t = nats_options().namespace(fresh_namespace()).connect().await.unwrap_or_else(|e| {
@@ -51,18 +99,28 @@ impl Bus {
                     dead: Arc::new(t.clone()),
                     _db: None,
                     nats: Some(t),
+                    rabbit: None,
+                    records: None,
                 };
             }
             Kind::Sqlite => TestDb::new(false).await,
             Kind::Postgres => TestDb::new(true).await,
         };
         let t = db.open().await;
-        Self { kind, transport: Arc::new(t.clone()), dead: Arc::new(t), _db: Some(db), nats: None }
+        Self {
+            kind,
+            transport: Arc::new(t.clone()),
+            dead: Arc::new(t),
+            _db: Some(db),
+            nats: None,
+            rabbit: None,
+            records: None,
+        }
     }
 
     /// What removes the test's broker state (its NATS streams) once the test is done.
     pub fn cleanup(&self) -> Cleanup {
-        Cleanup(self.nats.clone())
+        Cleanup(self.nats.clone(), self.rabbit.clone())
     }
 
     /// True on NATS JetStream.
@@ -113,6 +171,11 @@ impl Bus {
         self.nats.as_ref().map_or(0, NatsTransport::deduplicated)
     }
 
+    /// The database that keeps saga records beside the broker, where the transport keeps none.
+    pub fn records(&self) -> Option<SqlTransport> {
+        self.records.clone()
+    }
+
     /// The transport, to give to runtimes.
     pub fn transport(&self) -> Arc<dyn Transport> {
         self.transport.clone()
@@ -131,7 +194,7 @@ impl Bus {
 }
 
 /// Removes what a test left on a broker (see [`Bus::cleanup`]).
-pub struct Cleanup(Option<NatsTransport>);
+pub struct Cleanup(Option<NatsTransport>, Option<RabbitTransport>);
 
 impl Cleanup {
     /// Deletes the test's streams.
@@ -139,7 +202,20 @@ impl Cleanup {
         if let Some(nats) = self.0 {
             nats.delete_namespace().await.expect("the test's NATS streams can be deleted");
         }
+        if let Some(rabbit) = self.1 {
+            rabbit.delete_declared().await.expect("the test's RabbitMQ queues can be deleted");
+        }
     }
+}
+
+/// The RabbitMQ broker the tests use: `EDA_TEST_AMQP_URL`, or the local one.
+pub fn rabbit_url() -> String {
+    std::env::var("EDA_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// RabbitMQ settings for tests: instances hear each other within a quarter second.
+pub fn rabbit_options() -> RabbitOptions {
+    RabbitOptions::new(rabbit_url()).member_heartbeat(Duration::from_millis(250)).member_ttl(Duration::from_secs(1))
 }
 
 /// The NATS server the tests use: `EDA_TEST_NATS_URL`, or the local one.
@@ -336,6 +412,7 @@ macro_rules! on_every_transport {
         $crate::on_every_transport!(@kind sqlite Sqlite $($test),*);
         $crate::on_every_transport!(@kind postgres Postgres $($test),*);
         $crate::on_every_transport!(@kind nats Nats $($test),*);
+        $crate::on_every_transport!(@kind rabbitmq Rabbitmq $($test),*);
     };
     (@kind $module:ident $kind:ident $($test:ident),*) => {
         mod $module {

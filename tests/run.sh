@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit, doc, UI (trybuild), end-to-end and process
 # tests. It starts what the tests need and fails loudly when it cannot: PostgreSQL on
-# 127.0.0.1:5432 (trust auth), for the PostgreSQL log, and NATS with JetStream on
-# 127.0.0.1:4222, for the NATS transport.
+# 127.0.0.1:5432 (trust auth), for the PostgreSQL log, NATS with JetStream on
+# 127.0.0.1:4222, for the NATS transport, and RabbitMQ on 127.0.0.1:5672 (guest/guest), for the
+# RabbitMQ transport.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +45,25 @@ if ! nats_up; then
 fi
 if ! nats_up; then
     echo "NATS with JetStream is needed on 127.0.0.1:4222 (nats-server -js); start it and run again" >&2
+    exit 1
+fi
+echo "accepting connections"
+
+step "RabbitMQ on 127.0.0.1:5672"
+amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! amqp_up; then
+    echo "RabbitMQ is not accepting connections; starting it"
+    if command -v rabbitmqctl >/dev/null 2>&1; then
+        # A node that runs with its application stopped only needs start_app.
+        rabbitmqctl start_app >/dev/null 2>&1 || rabbitmq-server -detached || true
+        for _ in $(seq 1 60); do
+            amqp_up && break
+            sleep 1
+        done
+    fi
+fi
+if ! amqp_up; then
+    echo "RabbitMQ is needed on 127.0.0.1:5672 with user guest/guest (Debian package rabbitmq-server); start it and run again" >&2
     exit 1
 fi
 echo "accepting connections"

@@ -41,7 +41,12 @@ on_every_transport! {
 /// the retry itself (the event id is its `Nats-Msg-Id`), so there it is published once more
 /// past the broker's deduplication, as a retry after the duplicate window would be.
 async fn checkout_with_a_second_delivery(bus: &Bus) -> checkout::CheckoutRun {
-    let run = checkout::run_on(bus.transport()).await.expect("the checkout runs");
+    let run = checkout::run_configured(bus.transport(), |services| match bus.records() {
+        Some(db) => services.outbox(db),
+        None => services,
+    })
+    .await
+    .expect("the checkout runs");
     bus.publish_past_deduplication(&run.orders[0].1).await;
     run.runtime.settled(std::time::Duration::from_secs(30)).await.expect("settled");
     assert_eq!(bus.deduplicated_publications(), u64::from(bus.deduplicates_publications()));

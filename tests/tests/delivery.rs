@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use eda::{event, handler, CorrelationId, Ctx, Error, HandlerError, Outcome, Registry, RetryPolicy, Runtime};
-use eda_tests::{on_every_transport, Bus};
+use eda_tests::{on_every_transport, Bus, OnBus};
 use serde::{Deserialize, Serialize};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -372,12 +372,7 @@ async fn a_compensator_undoes_its_step_and_one_arriving_first_cancels_the_step(b
         .handler::<lift_hold>()
         .publishes::<HoldRequested>()
         .build();
-    let rt = Runtime::builder(registry)
-        .state(Holds::default())
-        .shared_transport(bus.transport())
-        .start()
-        .await
-        .expect("start");
+    let rt = Runtime::builder(registry).state(Holds::default()).on(&bus).start().await.expect("start");
     let p = rt.publisher();
 
     // The normal saga: placed, check fails, lifted.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eda::{event, handler, Ctx, HandlerError, Registry, Replay, Runtime};
-use eda_tests::{on_every_transport, Bus};
+use eda_tests::{on_every_transport, Bus, OnBus};
 use serde::{Deserialize, Serialize};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -376,12 +376,7 @@ async fn a_compensation_that_meets_its_step_running_waits_or_cancels_it(bus: Bus
         .publishes::<BookingRefused>()
         .build();
     let door = Arc::new(Door::default());
-    let rt = Runtime::builder(registry)
-        .shared_state(door.clone())
-        .shared_transport(bus.transport())
-        .start()
-        .await
-        .expect("start");
+    let rt = Runtime::builder(registry).shared_state(door.clone()).on(&bus).start().await.expect("start");
     let saga = eda::CorrelationId::from("booking-1");
     rt.publisher().publish_correlated(&BookingRequested { room: 7 }, saga.clone()).await.expect("publish");
     let deadline = tokio::time::Instant::now() + SETTLE;

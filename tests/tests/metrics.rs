@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use eda::{event, handler, Ctx, Registry, Runtime};
-use eda_tests::{on_every_transport, Bus};
+use eda_tests::{on_every_transport, Bus, OnBus};
 use serde::{Deserialize, Serialize};
 
 #[event(topic = "metered", key = key)]
@@ -171,7 +171,7 @@ async fn every_counter_agrees_with_the_runtimes_stats(bus: Bus) {
         .build();
     let rt = Runtime::builder(registry)
         .state(Flakes::default())
-        .shared_transport(bus.transport())
+        .on(&bus)
         .retry(eda::RetryPolicy { initial_backoff: Duration::from_millis(5), ..eda::RetryPolicy::default() })
         .metrics_addr(([127, 0, 0, 1], 0).into())
         .start()

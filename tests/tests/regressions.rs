@@ -11,7 +11,7 @@ use eda::{
     event, handler, CorrelationId, Ctx, DeadLetterReason, DeadLetterStore, Envelope, HandlerError, Outcome,
     PendingEvent, Registry, RetryPolicy, Runtime, Subscription, Transport,
 };
-use eda_tests::{on_every_transport, on_sql_databases, Bus, Kind, TestDb};
+use eda_tests::{on_every_transport, on_sql_databases, Bus, Kind, OnBus, TestDb};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -80,8 +80,7 @@ fn seating() -> Registry {
 async fn a_compensation_after_a_restart_finds_its_step(bus: Bus) {
     let saga = CorrelationId::from("seat-1");
     // The first instance runs the seating group only: the step, and nothing downstream yet.
-    let first =
-        Runtime::builder(seating()).groups(["seating"]).shared_transport(bus.transport()).start().await.expect("start");
+    let first = Runtime::builder(seating()).groups(["seating"]).on(&bus).start().await.expect("start");
     first.publisher().publish_correlated(&SeatRequested { seat: "1A".into() }, saga.clone()).await.expect("publish");
     first.settled(SETTLE).await.expect("settled");
     assert!(first
@@ -91,7 +90,7 @@ async fn a_compensation_after_a_restart_finds_its_step(bus: Bus) {
     first.shutdown().await;
 
     // A new instance (a restart, or another process): the check fails, the compensator runs.
-    let second = Runtime::builder(seating()).shared_transport(bus.transport()).start().await.expect("start again");
+    let second = Runtime::builder(seating()).on(&bus).start().await.expect("start again");
     second.settled(SETTLE).await.expect("settled");
     let trace = second.trace(&saga);
     let compensated = trace
