@@ -1,7 +1,7 @@
 //! An instance of one consumer group on NATS, for the per-key order tests: several of these run
 //! at once, and tests kill, add and poison them.
 //!
-//! `eda-test-ordered <nats-url> <log-file> <instance>` handles `Step { key, seq }` events in
+//! `eda-test-ordered <url> <log-file> <instance>` handles `Step { key, seq }` events in
 //! group `ordered` until SIGTERM; each handling appends `<instance> <key> <seq>` to the log
 //! file, one line in one write, so the file is the order in which the whole group handled
 //! them. With `EDA_TEST_POISON=<key>:<seq>` that event fails (and is retried) until a file
@@ -50,7 +50,7 @@ async fn record(step: Step, log: Ctx<'_, Log>) -> Result<(), HandlerError> {
 async fn main() -> eda::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let [_, url, path, instance] = args.as_slice() else {
-        return Err(eda::Error::Config("usage: eda-test-ordered <nats-url> <log-file> <instance>".into()));
+        return Err(eda::Error::Config("usage: eda-test-ordered <url> <log-file> <instance>".into()));
     };
     let file = std::fs::OpenOptions::new()
         .create(true)

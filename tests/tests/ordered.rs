@@ -33,6 +33,8 @@ struct Step {
 /// One test's group: a namespace of its own on the shared server, a log file, its processes.
 struct Group {
     url: String,
+    /// On RabbitMQ instead of NATS.
+    rabbit: bool,
     log: tempfile::NamedTempFile,
     children: Vec<(String, Child)>,
 }
@@ -40,7 +42,13 @@ struct Group {
 impl Group {
     fn new(settings: &str) -> Self {
         let url = format!("{}?namespace={}&{settings}", eda_tests::nats_url(), eda_tests::fresh_namespace());
-        Self { url, log: tempfile::NamedTempFile::new().expect("a log file"), children: Vec::new() }
+        Self { url, rabbit: false, log: tempfile::NamedTempFile::new().expect("a log file"), children: Vec::new() }
+    }
+
+    /// The same on RabbitMQ, with a namespace of its own.
+    fn on_rabbitmq(settings: &str) -> Self {
+        let url = format!("{}?namespace={}&{settings}", eda_tests::rabbit_url(), eda_tests::fresh_namespace());
+        Self { url, rabbit: true, log: tempfile::NamedTempFile::new().expect("a log file"), children: Vec::new() }
     }
 
     fn start(&mut self, instance: &str, env: &[(&str, &str)]) {
@@ -85,10 +93,17 @@ impl Group {
         NatsTransport::connect(&self.url).await.expect("NATS with JetStream (tests/run.sh starts it)")
     }
 
+    async fn any_transport(&self) -> std::sync::Arc<dyn eda::Transport> {
+        eda::transport::connect(&self.url).await.expect("the broker (tests/run.sh starts it)")
+    }
+
     /// Publishes `steps` of every key, each key's in order, the keys concurrently.
     async fn publish(&self, keys: u32, steps: std::ops::Range<u32>) {
-        let runtime =
-            Runtime::builder(Registry::default()).transport(self.transport().await).start().await.expect("start");
+        let runtime = Runtime::builder(Registry::default())
+            .shared_transport(self.any_transport().await)
+            .start()
+            .await
+            .expect("start");
         let publishers = (0..keys).map(|key| {
             let publisher = runtime.publisher();
             let steps = steps.clone();
@@ -106,6 +121,16 @@ impl Group {
         for (_, child) in &mut self.children {
             let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
             let _ = child.wait();
+        }
+        if self.rabbit {
+            // The instances declared the queues; what they declared goes with the broker's
+            // namespace being fresh (nothing else uses it), and is deleted by name here.
+            let t = eda::transport::rabbitmq::RabbitTransport::connect(&self.url).await.expect("RabbitMQ");
+            use eda::Transport as _;
+            let steps = eda::Subscription { group: "ordered".into(), topic: "steps".into(), prefetch: 1 };
+            t.prepare(&steps).await.expect("the queues are there");
+            t.delete_declared().await.expect("the test's queues can be deleted");
+            return;
         }
         self.transport().await.delete_namespace().await.expect("the test's streams can be deleted");
     }
@@ -176,6 +201,32 @@ async fn the_survivor_of_a_sigkill_takes_over_its_partitions_in_order() {
     assert_eq!(after_kill, ["a".to_owned()].into(), "the survivor finished the work");
     // The lease TTL (3 s) and a few seconds more.
     assert!(killed.elapsed() < Duration::from_secs(30), "took {:?}", killed.elapsed());
+    eprintln!("repeats after the kill: {repeats}");
+    group.done().await;
+}
+
+/// The same on RabbitMQ: the broker gives the killed instance's partitions, with what it held
+/// unsettled first, to the consumers waiting in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_rabbitmq_the_survivor_of_a_sigkill_takes_over_in_order() {
+    let mut group = Group::on_rabbitmq("partitions=8&member_heartbeat=250ms&member_ttl=1s&handover_timeout=5s");
+    group.start("a", &[]);
+    group.start("b", &[]);
+    let b = group.pid("b");
+    // Both instances in line on every partition, and sharing them, before the stream starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let publishing = group.publish(KEYS, 0..STEPS);
+    let killing = async {
+        group.wait_for("a third of the steps", Duration::from_secs(120), |g| g.distinct() >= ALL / 3).await;
+        assert!(Command::new("kill").args(["-KILL", &b]).status().expect("kill runs").success());
+    };
+    tokio::join!(publishing, killing);
+    group.wait_for("every step", Duration::from_secs(120), |g| g.distinct() == ALL).await;
+    let handlings = group.handlings();
+    let repeats = assert_in_order(&handlings, &[]);
+    assert!(instances(&handlings).contains("b"), "b took a share before it was killed");
+    let after_kill: BTreeSet<_> = handlings.iter().rev().take(100).map(|(i, _, _)| i.clone()).collect();
+    assert_eq!(after_kill, ["a".to_owned()].into(), "the survivor finished the work");
     eprintln!("repeats after the kill: {repeats}");
     group.done().await;
 }
