@@ -2,6 +2,8 @@
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats", feature = "rabbitmq"))]
 mod keys;
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+mod letters;
 mod memory;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]

@@ -12,19 +12,14 @@ use async_nats::{HeaderMap, Subject};
 use async_trait::async_trait;
 use bytes::Bytes;
 use eda_core::{
-    Binding, CorrelationId, DeadLetter, DeadLetterReason, DeadLetterStore, Envelope, EventId, Page, StoredDeadLetter,
-    TransportError,
+    Binding, DeadLetter, DeadLetterReason, DeadLetterStore, Envelope, EventId, Page, StoredDeadLetter, TransportError,
 };
 
 use super::{message_size, other, stream_missing, NatsTransport, Outgoing, TopicLayout, DEAD_LETTER_RESERVE};
 
-const GROUP: &str = "eda-dlq-group";
+use crate::transport::letters::{unreadable, AT, ATTEMPTS, ERROR, GROUP, HANDLER, PERMANENT};
+
 const TOPIC: &str = "eda-dlq-topic";
-const HANDLER: &str = "eda-dlq-handler";
-const ERROR: &str = "eda-dlq-error";
-const PERMANENT: &str = "eda-dlq-permanent";
-const ATTEMPTS: &str = "eda-dlq-attempts";
-const AT: &str = "eda-dlq-at";
 const ORIGIN: &str = "eda-dlq-origin";
 const OMITTED: &str = "eda-dlq-payload-omitted";
 
@@ -121,8 +116,13 @@ impl NatsTransport {
         let data = m.payload.to_vec();
         let pairs =
             h.iter().flat_map(|(name, values)| values.iter().map(move |v| (AsRef::<str>::as_ref(name), v.as_str())));
-        let envelope = Envelope::from_headers(Binding::Nats, &topic, pairs, data.clone())
-            .unwrap_or_else(|_| self.unreadable(h, &topic, m.sequence, data));
+        let envelope = Envelope::from_headers(Binding::Nats, &topic, pairs, data.clone()).unwrap_or_else(|_| {
+            let get = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
+            // Named by where it is kept.
+            let name = format!("{}:{}", self.dead_letter_stream(), m.sequence);
+            let id = || EventId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()));
+            unreadable(&get, &topic, id, data)
+        });
         let at = get(AT).and_then(|t: String| humantime::parse_rfc3339_weak(&t).ok()).unwrap_or(UNIX_EPOCH);
         let mut error = get(ERROR).unwrap_or_default();
         if let Some(omitted) = get(OMITTED) {
@@ -141,29 +141,6 @@ impl NatsTransport {
                 },
                 at,
             },
-        }
-    }
-
-    /// An envelope for a dead letter that is not a readable eda event: what its headers have,
-    /// with an id derived from where it is kept.
-    fn unreadable(&self, h: &HeaderMap, topic: &str, sequence: u64, data: Vec<u8>) -> Envelope {
-        let get = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
-        let id = get("ce-id").and_then(|id| id.parse().ok()).unwrap_or_else(|| {
-            let name = format!("{}:{sequence}", self.dead_letter_stream());
-            EventId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()))
-        });
-        Envelope {
-            id,
-            source: get("ce-source").unwrap_or_else(|| "unknown".into()),
-            ty: get("ce-type").unwrap_or_else(|| "unknown".into()),
-            time: UNIX_EPOCH,
-            subject: get("ce-subject"),
-            topic: topic.to_owned(),
-            datacontenttype: get("content-type").unwrap_or_else(|| "application/octet-stream".into()),
-            correlation_id: CorrelationId(get("ce-correlationid").unwrap_or_else(|| id.to_string())),
-            causation_id: None,
-            traceparent: get("ce-traceparent"),
-            data,
         }
     }
 }

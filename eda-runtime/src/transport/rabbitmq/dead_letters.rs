@@ -11,10 +11,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use eda_core::{
-    CorrelationId, DeadLetter, DeadLetterReason, DeadLetterStore, Envelope, EventId, Page, StoredDeadLetter,
-    TransportError,
-};
+use eda_core::{DeadLetter, DeadLetterReason, DeadLetterStore, EventId, Page, StoredDeadLetter, TransportError};
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
@@ -24,12 +21,8 @@ use super::publish::Outgoing;
 use super::{as_number, as_text, other, text, RabbitTransport};
 use crate::transport::keys::fnv1a;
 
-const GROUP: &str = "eda-dlq-group";
-const HANDLER: &str = "eda-dlq-handler";
-const ERROR: &str = "eda-dlq-error";
-const PERMANENT: &str = "eda-dlq-permanent";
-const ATTEMPTS: &str = "eda-dlq-attempts";
-const AT: &str = "eda-dlq-at";
+use crate::transport::letters::{unreadable, AT, ATTEMPTS, ERROR, GROUP, HANDLER, PERMANENT};
+
 const ID: &str = "eda-dlq-id";
 
 /// The most letters one listing reads.
@@ -95,7 +88,10 @@ impl RabbitTransport {
         let h = properties.headers().as_ref().unwrap_or(&empty).inner();
         let get = |name: &str| h.get(name).and_then(as_text).map(str::to_owned);
         let topic = routing_key.to_owned();
-        let envelope = envelope(&topic, properties, data.clone()).unwrap_or_else(|_| unreadable(&get, &topic, data));
+        let envelope = envelope(&topic, properties, data.clone()).unwrap_or_else(|_| {
+            let id = || EventId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &fnv1a(&[&topic]).to_be_bytes()));
+            unreadable(&get, &topic, id, data)
+        });
         // The broker's own: the first x-death says where, why and when.
         let death = h.get("x-death").and_then(|d| match d {
             AMQPValue::FieldArray(a) => a.as_slice().first().and_then(|f| match f {
@@ -178,26 +174,6 @@ impl RabbitTransport {
             }
         }
         let _ = channel.close(200, "OK".into()).await;
-    }
-}
-
-/// An envelope for a dead letter that is not a readable eda event: what its headers have.
-fn unreadable(get: &dyn Fn(&str) -> Option<String>, topic: &str, data: Vec<u8>) -> Envelope {
-    let id = get("ce-id")
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| EventId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &fnv1a(&[topic]).to_be_bytes())));
-    Envelope {
-        id,
-        source: get("ce-source").unwrap_or_else(|| "unknown".into()),
-        ty: get("ce-type").unwrap_or_else(|| "unknown".into()),
-        time: UNIX_EPOCH,
-        subject: get("ce-subject"),
-        topic: topic.to_owned(),
-        datacontenttype: "application/octet-stream".into(),
-        correlation_id: CorrelationId(get("ce-correlationid").unwrap_or_else(|| id.to_string())),
-        causation_id: None,
-        traceparent: get("ce-traceparent"),
-        data,
     }
 }
 
