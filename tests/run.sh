@@ -2,12 +2,20 @@
 # The whole test suite: formatting, lints, unit, doc, UI (trybuild), end-to-end and process
 # tests. It starts what the tests need and fails loudly when it cannot: PostgreSQL on
 # 127.0.0.1:5432 (trust auth), for the PostgreSQL log, NATS with JetStream on
-# 127.0.0.1:4222, for the NATS transport, and RabbitMQ on 127.0.0.1:5672 (guest/guest), for the
-# RabbitMQ transport.
+# 127.0.0.1:4222, for the NATS transport, RabbitMQ on 127.0.0.1:5672 (guest/guest), for the
+# RabbitMQ transport, and a Kafka-protocol broker on 127.0.0.1:9092 (tansu, installed once into
+# ~/.cache/eda by tests/kafka.sh), for the Kafka transport.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
+
+step "OpenSSL headers (librdkafka, for the Kafka transport, builds against them)"
+if ! pkg-config --exists openssl 2>/dev/null; then
+    echo "libssl-dev is missing; installing it"
+    apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config
+fi
+pkg-config --modversion openssl
 
 step "PostgreSQL on 127.0.0.1:5432"
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
@@ -67,6 +75,9 @@ if ! amqp_up; then
     exit 1
 fi
 echo "accepting connections"
+
+step "Kafka protocol (tansu) on 127.0.0.1:9092"
+tests/kafka.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

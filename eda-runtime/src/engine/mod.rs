@@ -1,10 +1,11 @@
-//! The delivery engine of the partitioned brokers (NATS JetStream and RabbitMQ now; Kafka next).
+//! The delivery engine of the partitioned brokers: NATS JetStream, RabbitMQ and Kafka.
 //!
 //! A broker adapter supplies only what its broker knows — read a partition from its settled
 //! point, settle up to a message, dead-letter a message, keep leases — and the engine decides
 //! *when* a delivery runs and *when* it is settled:
 //!
-//! - [`ownership`] (where the broker does not keep it; [`held`] where it does): a group's partitions are shared out among its live instances by leases with
+//! - [`ownership`] (where the broker does not keep it; [`held`] where it hands each partition to
+//!   one consumer; [`assigned`] where its group protocol assigns them): a group's partitions are shared out among its live instances by leases with
 //!   a TTL, renewed by heartbeat and taken by compare-and-set; an instance consumes only the
 //!   partitions it holds, so per-key order needs no help from the broker. A lease's revision is
 //!   its fencing number: a holder that cannot renew stops settling before anyone may take it.
@@ -16,6 +17,8 @@
 //! The runtime's consumer (guards, sagas, retries, dead letters) sits on top unchanged: it gets
 //! a [`Deliveries`] stream like from any transport.
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+pub(crate) mod assigned;
 mod engines;
 pub(crate) mod held;
 pub(crate) mod ownership;

@@ -2,7 +2,7 @@
 //! on every broker: the `eda-dlq-*` header names, and the envelope of a letter that is not a
 //! readable eda event.
 
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use eda_core::{CorrelationId, Envelope, EventId};
 
@@ -41,4 +41,20 @@ pub(crate) fn unreadable(
         traceparent: get("ce-traceparent"),
         data,
     }
+}
+
+/// A dead letter's id: when it was made, in microseconds, shifted left by 8 bits, with 8 bits
+/// of `salt` that tell letters of one microsecond apart, so that ids sort as letters were made.
+pub(crate) fn letter_id(at: SystemTime, salt: u64) -> u64 {
+    let micros = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
+    (micros << 8) | (salt & 0xff)
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary: what a header can hold.
+pub(crate) fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }

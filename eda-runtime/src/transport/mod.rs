@@ -1,8 +1,11 @@
 //! Transports, one module per broker, each behind its cargo feature.
 
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats", feature = "rabbitmq"))]
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub mod kafka;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats", feature = "rabbitmq", feature = "kafka"))]
 mod keys;
-#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+#[cfg(any(feature = "nats", feature = "rabbitmq", feature = "kafka"))]
 mod letters;
 mod memory;
 #[cfg(feature = "nats")]
@@ -17,7 +20,7 @@ pub mod sql;
 
 use std::sync::Arc;
 
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats", feature = "rabbitmq"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "nats", feature = "rabbitmq", feature = "kafka"))]
 pub use keys::partition_of;
 pub use memory::MemoryTransport;
 
@@ -27,7 +30,9 @@ use crate::{Error, Result};
 /// (feature `sqlite`, on by default), `postgres://user@host/database` (feature `postgres`),
 /// `nats://host:4222` or `tls://host:4222` (feature `nats`; settings in the query, see
 /// [`nats::NatsOptions::from_url`]), `amqp://user:password@host:5672/vhost` or `amqps://…`
-/// (feature `rabbitmq`; settings in the query, see [`rabbitmq::RabbitOptions::from_url`]).
+/// (feature `rabbitmq`; settings in the query, see [`rabbitmq::RabbitOptions::from_url`]),
+/// `kafka://host:9092,host2:9092` (feature `kafka`; settings in the query, see
+/// [`kafka::KafkaOptions::from_url`]).
 ///
 /// A URL whose transport is not in this build fails with an error that says so.
 ///
@@ -41,11 +46,6 @@ use crate::{Error, Result};
 /// ```
 pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
-    let missing = |name: &str| {
-        Error::Config(format!(
-            "`{scheme}://` URLs need the {name} transport, which this version of eda does not have yet; use `memory://`, `sqlite://`, `postgres://`, `nats://` or `amqp://`"
-        ))
-    };
     #[allow(unused_variables)] // every feature may be on
     let not_built = |feature: &str| {
         Error::Config(format!(
@@ -62,7 +62,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
         "postgres" | "postgresql" => Ok(Arc::new(sql::SqlTransport::connect(url).await?)),
         #[cfg(not(feature = "postgres"))]
         "postgres" | "postgresql" => Err(not_built("postgres")),
-        "kafka" => Err(missing("Kafka")),
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(kafka::KafkaTransport::connect(url).await?)),
+        #[cfg(not(feature = "kafka"))]
+        "kafka" => Err(not_built("kafka")),
         #[cfg(feature = "rabbitmq")]
         "amqp" | "amqps" => Ok(Arc::new(rabbitmq::RabbitTransport::connect(url).await?)),
         #[cfg(not(feature = "rabbitmq"))]
@@ -76,7 +79,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn eda_core::Transport>> {
             "the transport URL has no scheme: write it as `<scheme>://…`, e.g. `memory://` or `postgres://user@host/db`".into(),
         )),
         other => Err(Error::Config(format!(
-            "unknown transport scheme `{other}://` in `{}`: eda knows `memory://`, `sqlite://`, `postgres://`, `nats://` and `amqp://`",
+            "unknown transport scheme `{other}://` in `{}`: eda knows `memory://`, `sqlite://`, `postgres://`, `nats://`, `amqp://` and `kafka://`",
             keys::redact(url)
         ))),
     }

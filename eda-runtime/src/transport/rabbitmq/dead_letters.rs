@@ -21,25 +21,12 @@ use super::publish::Outgoing;
 use super::{as_number, as_text, other, text, RabbitTransport};
 use crate::transport::keys::fnv1a;
 
-use crate::transport::letters::{unreadable, AT, ATTEMPTS, ERROR, GROUP, HANDLER, PERMANENT};
+use crate::transport::letters::{cut, letter_id, unreadable, AT, ATTEMPTS, ERROR, GROUP, HANDLER, PERMANENT};
 
 const ID: &str = "eda-dlq-id";
 
 /// The most letters one listing reads.
 const MAX_SCAN: u32 = 100_000;
-
-fn letter_id(at: SystemTime, salt: u64) -> u64 {
-    let micros = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
-    (micros << 8) | (salt & 0xff)
-}
-
-fn cut(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
 
 impl RabbitTransport {
     /// Keeps `message` as a dead letter of `group`: the original, with why it was given up.

@@ -1,0 +1,406 @@
+//! Consuming: one group member per subscription, polled on a thread of its own, its records
+//! routed to the engine's runs partition by partition, and commits of the handled prefix.
+//!
+//! The member's thread polls librdkafka and serves the group protocol there: an assignment
+//! opens a route per partition and tells the engine; a revocation tells the engine and blocks
+//! the rebalance until the partition's run has committed what is done (librdkafka keeps the
+//! member's heartbeats going meanwhile). A route holds at most a window of records ahead of the
+//! run; past that the partition is paused, and resumed once its run caught up, so that a slow
+//! partition holds only itself.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eda_core::{Binding, DeadLetterReason, Deliveries, Envelope, Subscription, TransportError};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{blocking, lock, other, KafkaTransport, NAME, REQUEST_TIMEOUT};
+use crate::engine::assigned::{self, Assignment};
+use crate::engine::{EngineTask, Fetched, Opened, PartitionLog, Resume};
+
+/// A record as the engine holds it: where it is, to commit it, and what it was, to keep it as
+/// a dead letter.
+pub(super) struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub headers: Option<OwnedHeaders>,
+    pub payload: Vec<u8>,
+}
+
+type Item = Result<Fetched<Record>, TransportError>;
+
+/// Where one assigned partition's records go.
+struct Route {
+    tx: mpsc::Sender<Item>,
+    /// Records polled while the run had no room, in order; the partition is paused meanwhile.
+    stash: VecDeque<Fetched<Record>>,
+    paused: bool,
+}
+
+/// The routes of one member, shared by its thread and the engine's runs.
+struct Routes {
+    /// The Kafka topic.
+    topic: String,
+    /// Records a route holds ahead of its run.
+    ahead: usize,
+    table: Mutex<HashMap<i32, Route>>,
+    /// The reading end of each route, until its run opens the partition.
+    opened: Mutex<HashMap<u32, mpsc::Receiver<Item>>>,
+    /// Partitions whose run asks to read again from the committed offset.
+    rewinds: Mutex<Vec<(u32, oneshot::Sender<()>)>>,
+}
+
+impl Routes {
+    /// A new route for `partition`, replacing any older one.
+    fn open(&self, partition: i32) {
+        let (tx, rx) = mpsc::channel(self.ahead);
+        lock(&self.table).insert(partition, Route { tx, stash: VecDeque::new(), paused: false });
+        lock(&self.opened).insert(partition as u32, rx);
+    }
+
+    fn close(&self, partition: i32) {
+        lock(&self.table).remove(&partition);
+        lock(&self.opened).remove(&(partition as u32));
+    }
+
+    fn partition_list(&self, partition: i32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, partition);
+        tpl
+    }
+
+    /// Passes a polled record to its partition's run.
+    fn route(&self, consumer: &BaseConsumer<Member>, fetched: Fetched<Record>) {
+        let partition = fetched.message.partition;
+        let mut table = lock(&self.table);
+        // Not assigned here (any more): its next owner reads it from the committed offset.
+        let Some(route) = table.get_mut(&partition) else { return };
+        if !route.stash.is_empty() {
+            route.stash.push_back(fetched);
+            return;
+        }
+        match route.tx.try_send(Ok(fetched)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Ok(fetched))) => {
+                route.stash.push_back(fetched);
+                if !route.paused {
+                    if let Err(e) = consumer.pause(&self.partition_list(partition)) {
+                        tracing::warn!(partition, error = %e, "could not pause a partition whose run is behind");
+                    }
+                    route.paused = true;
+                }
+            }
+            // The run ended; the partition is read again from its committed offset when it
+            // opens again.
+            Err(_) => {}
+        }
+    }
+
+    /// Passes stashed records on where their runs have room, resuming partitions that caught
+    /// up. True while some still wait.
+    fn flush(&self, consumer: &BaseConsumer<Member>) -> bool {
+        let mut waiting = false;
+        for (partition, route) in lock(&self.table).iter_mut() {
+            while let Some(fetched) = route.stash.pop_front() {
+                match route.tx.try_send(Ok(fetched)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(Ok(fetched))) => {
+                        route.stash.push_front(fetched);
+                        break;
+                    }
+                    Err(_) => route.stash.clear(),
+                }
+            }
+            if route.stash.is_empty() && route.paused {
+                if let Err(e) = consumer.resume(&self.partition_list(*partition)) {
+                    tracing::warn!(partition, error = %e, "could not resume a partition");
+                }
+                route.paused = false;
+            }
+            waiting |= !route.stash.is_empty();
+        }
+        waiting
+    }
+}
+
+/// The group member's context: it serves the group protocol's rebalances.
+pub(super) struct Member {
+    routes: Arc<Routes>,
+    /// Gone once the member left the group: the engine stops when it is.
+    assignments: Mutex<Option<mpsc::UnboundedSender<Assignment>>>,
+    /// Whether the member had partitions assigned before.
+    assigned_before: AtomicBool,
+}
+
+impl Member {
+    /// True once the engine is gone (its runtime dropped it): nothing reads the routes.
+    fn engine_gone(&self) -> bool {
+        lock(&self.assignments).as_ref().is_none_or(mpsc::UnboundedSender::is_closed)
+    }
+}
+
+impl ClientContext for Member {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        super::log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
+
+impl ConsumerContext for Member {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let send = |word| {
+            if let Some(tx) = lock(&self.assignments).as_ref() {
+                let _ = tx.send(word);
+            }
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let first = !self.assigned_before.swap(true, Ordering::Relaxed);
+                for e in tpl.elements_for_topic(&self.routes.topic) {
+                    self.routes.open(e.partition());
+                    send(Assignment::Assigned { partition: e.partition() as u32, first });
+                }
+            }
+            Rebalance::Revoke(tpl) => {
+                // Lost: the group gave the partitions away already; commit nothing more.
+                let lost = consumer.assignment_lost();
+                let mut ends = Vec::new();
+                for e in tpl.elements_for_topic(&self.routes.topic) {
+                    let (done, ended) = oneshot::channel();
+                    send(Assignment::Revoked { partition: e.partition() as u32, lost, done });
+                    ends.push((e.partition(), ended));
+                }
+                // The runs end within the handover timeout: each lets what is out finish,
+                // commits what is done, and says so.
+                for (partition, ended) in ends {
+                    let _ = ended.blocking_recv();
+                    self.routes.close(partition);
+                }
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "the consumer group's rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            // The next commit covers these offsets; until then they are handled again after a
+            // rebalance, which the guards absorb.
+            tracing::debug!(error = %e, "a commit failed");
+        }
+    }
+}
+
+/// The envelope of a record, from its `ce_*` and `content-type` headers.
+pub(super) fn envelope(topic: &str, headers: Option<&OwnedHeaders>, data: Vec<u8>) -> Result<Envelope, String> {
+    let pairs =
+        headers.into_iter().flat_map(|h| h.iter()).filter_map(|h| Some((h.key, std::str::from_utf8(h.value?).ok()?)));
+    Envelope::from_headers(Binding::Kafka, topic, pairs, data)
+        .map_err(|e| format!("the record is not a CloudEvents event eda can read: {e}"))
+}
+
+/// A polled record, read into what the engine takes.
+fn fetched(topic: &str, m: &BorrowedMessage<'_>) -> Fetched<Record> {
+    let headers = m.headers().map(|h| h.detach());
+    let payload = m.payload().unwrap_or_default().to_vec();
+    let event = envelope(topic, headers.as_ref(), payload.clone());
+    let record = Record { partition: m.partition(), offset: m.offset(), headers, payload };
+    // Offsets count from 0, the engine's from 1 (0: nothing settled).
+    Fetched { offset: m.offset() as u64 + 1, event, message: record, delivered: 0 }
+}
+
+/// Polls the member until the subscription stops, then leaves the group.
+fn poll(consumer: Arc<BaseConsumer<Member>>, routes: Arc<Routes>, stop: Arc<AtomicBool>, topic: String) {
+    let mut failures = 0u32;
+    while !stop.load(Ordering::Acquire) && !consumer.context().engine_gone() {
+        let rewinds = std::mem::take(&mut *lock(&routes.rewinds));
+        for (partition, done) in rewinds {
+            rewind(&consumer, &routes, partition as i32);
+            let _ = done.send(());
+        }
+        let waiting = routes.flush(&consumer);
+        let mut wait = if waiting { Duration::from_millis(2) } else { Duration::from_millis(100) };
+        // Take what has arrived, a burst at a time, before looking at the routes again.
+        for _ in 0..256 {
+            match consumer.poll(wait) {
+                None => break,
+                Some(Ok(m)) => {
+                    failures = 0;
+                    routes.route(&consumer, fetched(&topic, &m));
+                }
+                Some(Err(e)) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(100) {
+                        tracing::warn!(topic = %routes.topic, error = %e, failures, "consuming failed; librdkafka retries");
+                    }
+                    break;
+                }
+            }
+            wait = Duration::ZERO;
+        }
+    }
+    // Leaving revokes every partition: their runs, whose subscription is gone, commit what is
+    // done first.
+    match consumer.close_queue() {
+        Ok(()) => {
+            while !consumer.closed() {
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+        }
+        Err(e) => tracing::warn!(topic = %routes.topic, error = %e, "could not leave the consumer group cleanly"),
+    }
+    lock(&consumer.context().assignments).take();
+}
+
+/// Reads `partition` again from its committed offset, through a new route.
+fn rewind(consumer: &BaseConsumer<Member>, routes: &Routes, partition: i32) {
+    if !lock(&routes.table).contains_key(&partition) {
+        return;
+    }
+    let committed = consumer
+        .committed_offsets(routes.partition_list(partition), REQUEST_TIMEOUT)
+        .ok()
+        .and_then(|c| c.find_partition(&routes.topic, partition).map(|e| e.offset()));
+    let from = match committed {
+        Some(Offset::Offset(o)) => Offset::Offset(o),
+        _ => Offset::Beginning,
+    };
+    routes.open(partition);
+    if let Err(e) = consumer.seek(&routes.topic, partition, from, REQUEST_TIMEOUT) {
+        tracing::warn!(partition, error = %e, "could not read a partition again from its committed offset");
+    }
+    let _ = consumer.resume(&routes.partition_list(partition));
+}
+
+/// One subscription's partitions, as the engine reads and settles them.
+struct KafkaPartitions {
+    transport: KafkaTransport,
+    consumer: Arc<BaseConsumer<Member>>,
+    routes: Arc<Routes>,
+    /// The eda topic and group.
+    topic: String,
+    group: String,
+    partitions: u32,
+}
+
+#[async_trait]
+impl PartitionLog for KafkaPartitions {
+    type Message = Record;
+
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    async fn open(
+        &self,
+        partition: u32,
+        _: usize,
+        _: Resume,
+        generation: u64,
+    ) -> Result<Opened<Record>, TransportError> {
+        if generation > 0 {
+            // Opened again after a failure: what the last run read and did not commit comes
+            // again from the committed offset.
+            let (done, rewound) = oneshot::channel();
+            lock(&self.routes.rewinds).push((partition, done));
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, rewound).await;
+        }
+        let rx = lock(&self.routes.opened).remove(&partition).ok_or(TransportError::Closed(NAME))?;
+        let messages = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        Ok(Opened { floor: 0, origin: 0, backlog: false, messages: Box::pin(messages) })
+    }
+
+    async fn settle(&self, message: &Record, confirm: bool) -> Result<(), TransportError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.routes.topic, message.partition, Offset::Offset(message.offset + 1))
+            .map_err(other)?;
+        if confirm {
+            let consumer = self.consumer.clone();
+            blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await?.map_err(other)
+        } else {
+            self.consumer.commit(&tpl, CommitMode::Async).map_err(other)
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &Record,
+        reason: &DeadLetterReason,
+        attempts: u32,
+    ) -> Result<(), TransportError> {
+        self.transport.keep_dead_letter(&self.topic, &self.group, message, reason, attempts).await
+    }
+}
+
+/// Joins the subscription's consumer group and starts its engine.
+pub(super) fn subscribe(
+    transport: KafkaTransport,
+    subscription: &Subscription,
+    partitions: u32,
+) -> Result<(Deliveries, EngineTask), TransportError> {
+    let options = transport.options().clone();
+    let topic = transport.topic_name(&subscription.topic);
+    let group = transport.group_name(&subscription.group, &subscription.topic);
+    let routes = Arc::new(Routes {
+        topic: topic.clone(),
+        ahead: options.engine.window.min(1024),
+        table: Mutex::default(),
+        opened: Mutex::default(),
+        rewinds: Mutex::default(),
+    });
+    let (assignments, words) = mpsc::unbounded_channel();
+    let member = Member {
+        routes: routes.clone(),
+        assignments: Mutex::new(Some(assignments)),
+        assigned_before: AtomicBool::new(false),
+    };
+    // A revocation waits up to the handover timeout inside a poll: the group must not take the
+    // member for dead meanwhile.
+    let poll_interval = (options.engine.handover_timeout + Duration::from_secs(30)).max(Duration::from_secs(300));
+    let mut config = options.client();
+    config
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", options.session_timeout.as_millis().to_string())
+        .set("heartbeat.interval.ms", (options.session_timeout / 4).as_millis().max(100).to_string())
+        .set("max.poll.interval.ms", poll_interval.as_millis().to_string());
+    // The user's properties win over eda's defaults above (not over its fixed choices, which
+    // `KafkaOptions::check` keeps out).
+    for (k, v) in &options.properties {
+        config.set(k, v);
+    }
+    let consumer: BaseConsumer<Member> = config.create_with_context(member).map_err(other)?;
+    consumer.subscribe(&[&topic]).map_err(other)?;
+    let consumer = Arc::new(consumer);
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(KafkaPartitions {
+        transport,
+        consumer: consumer.clone(),
+        routes: routes.clone(),
+        topic: subscription.topic.clone(),
+        group: subscription.group.clone(),
+        partitions,
+    });
+    let (deliveries, engine) =
+        assigned::subscribe(log, (&subscription.group, &subscription.topic), NAME, options.engine, words, stop.clone());
+    let eda_topic = subscription.topic.clone();
+    std::thread::Builder::new()
+        .name(format!("eda-kafka {group}"))
+        .spawn(move || poll(consumer, routes, stop, eda_topic))
+        .map_err(other)?;
+    Ok((deliveries, engine))
+}
