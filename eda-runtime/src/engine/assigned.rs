@@ -76,7 +76,9 @@ pub(crate) fn subscribe(
                         let (control, control_rx) = watch::channel(Control::Run);
                         running.insert(p, control);
                         let run = run(log.clone(), p, transport, options.clone(), tx.clone(), control_rx);
-                        runs.spawn(async move { (p, run.await) });
+                        // A run that panicked still ends: the revocation waiting for it is
+                        // answered, and the broker can give the partition on.
+                        runs.spawn(async move { (p, AssertUnwindSafe(run).catch_unwind().await.unwrap_or(Ended::Released)) });
                     }
                     Some(Assignment::Revoked { partition, lost, done }) => match running.get(&partition) {
                         Some(control) => {
@@ -143,7 +145,9 @@ async fn run<L: PartitionLog>(
     let mut failures = 0u32;
     let mut generation = 0u64;
     loop {
-        let opened = log.open(partition, options.window, Resume::default(), generation).await;
+        let opening = log.open(partition, options.window, Resume::default(), generation);
+        let opened =
+            AssertUnwindSafe(opening).catch_unwind().await.unwrap_or_else(|_| Err(TransportError::Closed(transport)));
         generation += 1;
         let ended = match opened {
             Ok(opened) => {
@@ -162,12 +166,16 @@ async fn run<L: PartitionLog>(
                     first_attempt: 1,
                 };
                 let ended = AssertUnwindSafe(partition::run(run, opened)).catch_unwind().await;
-                ended.unwrap_or_else(|_| Ended::Failed(TransportError::Closed("a partition's run panicked")))
+                ended.unwrap_or_else(|_| Ended::Failed(TransportError::Closed(transport)))
             }
             Err(e) => Ended::Failed(e),
         };
+        let assigned = *control.borrow() == Control::Run && !deliveries.is_closed();
         let e = match ended {
-            Ended::Failed(e) if *control.borrow() == Control::Run && !deliveries.is_closed() => e,
+            Ended::Failed(e) if assigned => e,
+            // The done prefix could not be settled, yet the partition is still this member's:
+            // it is read again from the settled point rather than left unread.
+            Ended::Lost if assigned => TransportError::Closed(transport),
             Ended::Failed(_) => return Ended::Released,
             ended => return ended,
         };
