@@ -4,13 +4,14 @@
 //! The member's thread polls librdkafka and serves the group protocol there: an assignment
 //! opens a route per partition and tells the engine; a revocation tells the engine and blocks
 //! the rebalance until the partition's run has committed what is done (librdkafka keeps the
-//! member's heartbeats going meanwhile). A route holds at most a window of records ahead of the
-//! run; past that the partition is paused, and resumed once its run caught up, so that a slow
-//! partition holds only itself.
+//! member's heartbeats going meanwhile). A route holds a window of records ahead of the run,
+//! and a stash of four more windows; past that the partition is paused, and resumed once half
+//! the stash went on, so that a slow partition holds only itself. A pause drops what librdkafka
+//! prefetched of the partition, to be fetched again on resume: the stash makes pauses rare.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,7 +24,7 @@ use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{blocking, lock, other, KafkaTransport, NAME, REQUEST_TIMEOUT};
+use super::{blocking, lock, other, refused, KafkaTransport, NAME, REQUEST_TIMEOUT};
 use crate::engine::assigned::{self, Assignment};
 use crate::engine::{EngineTask, Fetched, Opened, PartitionLog, Resume};
 
@@ -38,10 +39,17 @@ pub(super) struct Record {
 
 type Item = Result<Fetched<Record>, TransportError>;
 
+/// Told whether a partition is read again from its committed offset.
+type Rewound = oneshot::Sender<Result<(), TransportError>>;
+
+/// How many windows of records a route stashes before its partition is paused.
+const STASHED: usize = 4;
+
 /// Where one assigned partition's records go.
 struct Route {
     tx: mpsc::Sender<Item>,
-    /// Records polled while the run had no room, in order; the partition is paused meanwhile.
+    /// Records polled while the run had no room, in order; the partition is paused while it
+    /// is full.
     stash: VecDeque<Fetched<Record>>,
     paused: bool,
 }
@@ -50,13 +58,13 @@ struct Route {
 struct Routes {
     /// The Kafka topic.
     topic: String,
-    /// Records a route holds ahead of its run.
+    /// Records a route holds ahead of its run; its stash holds `STASHED` times as many.
     ahead: usize,
     table: Mutex<HashMap<i32, Route>>,
     /// The reading end of each route, until its run opens the partition.
     opened: Mutex<HashMap<u32, mpsc::Receiver<Item>>>,
     /// Partitions whose run asks to read again from the committed offset.
-    rewinds: Mutex<Vec<(u32, oneshot::Sender<()>)>>,
+    rewinds: Mutex<Vec<(u32, Rewound)>>,
 }
 
 impl Routes {
@@ -67,9 +75,17 @@ impl Routes {
         lock(&self.opened).insert(partition as u32, rx);
     }
 
-    fn close(&self, partition: i32) {
-        lock(&self.table).remove(&partition);
+    /// Closes a revoked partition's route. A partition paused here is resumed first:
+    /// librdkafka keeps the application's pause across a revocation, and the partition,
+    /// assigned here again, would never be fetched.
+    fn close(&self, consumer: &BaseConsumer<Member>, partition: i32) {
+        let route = lock(&self.table).remove(&partition);
         lock(&self.opened).remove(&(partition as u32));
+        if route.is_some_and(|r| r.paused) {
+            if let Err(e) = consumer.resume(&self.partition_list(partition)) {
+                tracing::warn!(partition, error = %e, "could not resume a revoked partition");
+            }
+        }
     }
 
     fn partition_list(&self, partition: i32) -> TopicPartitionList {
@@ -84,24 +100,22 @@ impl Routes {
         let mut table = lock(&self.table);
         // Not assigned here (any more): its next owner reads it from the committed offset.
         let Some(route) = table.get_mut(&partition) else { return };
-        if !route.stash.is_empty() {
-            route.stash.push_back(fetched);
-            return;
-        }
-        match route.tx.try_send(Ok(fetched)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Ok(fetched))) => {
-                route.stash.push_back(fetched);
-                if !route.paused {
-                    if let Err(e) = consumer.pause(&self.partition_list(partition)) {
-                        tracing::warn!(partition, error = %e, "could not pause a partition whose run is behind");
-                    }
-                    route.paused = true;
-                }
+        if route.stash.is_empty() {
+            match route.tx.try_send(Ok(fetched)) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(Ok(fetched))) => route.stash.push_back(fetched),
+                // The run ended; the partition is read again from its committed offset when it
+                // opens again.
+                Err(_) => return,
             }
-            // The run ended; the partition is read again from its committed offset when it
-            // opens again.
-            Err(_) => {}
+        } else {
+            route.stash.push_back(fetched);
+        }
+        if route.stash.len() >= self.ahead * STASHED && !route.paused {
+            if let Err(e) = consumer.pause(&self.partition_list(partition)) {
+                tracing::warn!(partition, error = %e, "could not pause a partition whose run is behind");
+            }
+            route.paused = true;
         }
     }
 
@@ -120,7 +134,7 @@ impl Routes {
                     Err(_) => route.stash.clear(),
                 }
             }
-            if route.stash.is_empty() && route.paused {
+            if route.paused && route.stash.len() < self.ahead * STASHED / 2 {
                 if let Err(e) = consumer.resume(&self.partition_list(*partition)) {
                     tracing::warn!(partition, error = %e, "could not resume a partition");
                 }
@@ -168,6 +182,9 @@ impl ConsumerContext for Member {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let first = !self.assigned_before.swap(true, Ordering::Relaxed);
+                let partitions: Vec<i32> =
+                    tpl.elements_for_topic(&self.routes.topic).iter().map(|e| e.partition()).collect();
+                tracing::info!(topic = %self.routes.topic, ?partitions, "partitions assigned");
                 for e in tpl.elements_for_topic(&self.routes.topic) {
                     self.routes.open(e.partition());
                     send(Assignment::Assigned { partition: e.partition() as u32, first });
@@ -176,6 +193,9 @@ impl ConsumerContext for Member {
             Rebalance::Revoke(tpl) => {
                 // Lost: the group gave the partitions away already; commit nothing more.
                 let lost = consumer.assignment_lost();
+                let partitions: Vec<i32> =
+                    tpl.elements_for_topic(&self.routes.topic).iter().map(|e| e.partition()).collect();
+                tracing::info!(topic = %self.routes.topic, ?partitions, lost, "partitions revoked");
                 let mut ends = Vec::new();
                 for e in tpl.elements_for_topic(&self.routes.topic) {
                     let (done, ended) = oneshot::channel();
@@ -186,7 +206,7 @@ impl ConsumerContext for Member {
                 // commits what is done, and says so.
                 for (partition, ended) in ends {
                     let _ = ended.blocking_recv();
-                    self.routes.close(partition);
+                    self.routes.close(consumer, partition);
                 }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "the consumer group's rebalance failed"),
@@ -221,13 +241,18 @@ fn fetched(topic: &str, m: &BorrowedMessage<'_>) -> Fetched<Record> {
 }
 
 /// Polls the member until the subscription stops, then leaves the group.
-fn poll(consumer: Arc<BaseConsumer<Member>>, routes: Arc<Routes>, stop: Arc<AtomicBool>, topic: String) {
+fn poll(
+    consumer: Arc<BaseConsumer<Member>>,
+    routes: Arc<Routes>,
+    stop: Arc<AtomicBool>,
+    topic: String,
+    handover: Duration,
+) {
     let mut failures = 0u32;
     while !stop.load(Ordering::Acquire) && !consumer.context().engine_gone() {
         let rewinds = std::mem::take(&mut *lock(&routes.rewinds));
         for (partition, done) in rewinds {
-            rewind(&consumer, &routes, partition as i32);
-            let _ = done.send(());
+            let _ = done.send(rewind(&consumer, &routes, partition as i32));
         }
         let waiting = routes.flush(&consumer);
         let mut wait = if waiting { Duration::from_millis(2) } else { Duration::from_millis(100) };
@@ -250,43 +275,66 @@ fn poll(consumer: Arc<BaseConsumer<Member>>, routes: Arc<Routes>, stop: Arc<Atom
             wait = Duration::ZERO;
         }
     }
-    // Leaving revokes every partition: their runs, whose subscription is gone, commit what is
-    // done first.
-    match consumer.close_queue() {
-        Ok(()) => {
-            while !consumer.closed() {
-                let _ = consumer.poll(Duration::from_millis(100));
-            }
-        }
-        Err(e) => tracing::warn!(topic = %routes.topic, error = %e, "could not leave the consumer group cleanly"),
+    // Unsubscribing revokes every partition: their runs, whose subscription is gone, commit
+    // what is done first.
+    consumer.unsubscribe();
+    let deadline = std::time::Instant::now() + handover + Duration::from_secs(10);
+    while consumer.assignment().is_ok_and(|a| a.count() > 0) && std::time::Instant::now() < deadline {
+        let _ = consumer.poll(Duration::from_millis(100));
     }
     lock(&consumer.context().assignments).take();
+    // The last hold of the consumer (the runs have a weak one, upgraded for a commit at a
+    // time): dropping it leaves the group, which blocks, so it is dropped here, on this thread.
+    let mut consumer = consumer;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Arc::try_unwrap(consumer) {
+            Ok(last) => break drop(last),
+            Err(shared) if std::time::Instant::now() < deadline => {
+                consumer = shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(shared) => break drop(shared),
+        }
+    }
 }
 
-/// Reads `partition` again from its committed offset, through a new route.
-fn rewind(consumer: &BaseConsumer<Member>, routes: &Routes, partition: i32) {
+/// Reads `partition` again from its committed offset, through a new route. An error leaves
+/// the partition without a route to open: its run tries again.
+fn rewind(consumer: &BaseConsumer<Member>, routes: &Routes, partition: i32) -> Result<(), TransportError> {
     if !lock(&routes.table).contains_key(&partition) {
-        return;
+        // Revoked meanwhile: nothing to read here.
+        return Err(TransportError::Closed(NAME));
     }
-    let committed = consumer
-        .committed_offsets(routes.partition_list(partition), REQUEST_TIMEOUT)
-        .ok()
-        .and_then(|c| c.find_partition(&routes.topic, partition).map(|e| e.offset()));
-    let from = match committed {
+    // Unknown, the offset is not guessed: reading from the start would apply the partition
+    // again, and reading on from where the last run was would skip what it left undone.
+    let committed = consumer.committed_offsets(routes.partition_list(partition), REQUEST_TIMEOUT).map_err(other)?;
+    let from = match committed.find_partition(&routes.topic, partition).map(|e| e.offset()) {
         Some(Offset::Offset(o)) => Offset::Offset(o),
-        _ => Offset::Beginning,
+        // Nothing committed yet: from the start, as `auto.offset.reset=earliest` reads it.
+        Some(Offset::Invalid) => Offset::Beginning,
+        other_offset => {
+            return Err(TransportError::Other {
+                transport: NAME,
+                source: format!("partition {partition} has no readable committed offset ({other_offset:?})").into(),
+            })
+        }
     };
     routes.open(partition);
-    if let Err(e) = consumer.seek(&routes.topic, partition, from, REQUEST_TIMEOUT) {
-        tracing::warn!(partition, error = %e, "could not read a partition again from its committed offset");
-    }
+    let sought = consumer.seek(&routes.topic, partition, from, REQUEST_TIMEOUT).map_err(other);
     let _ = consumer.resume(&routes.partition_list(partition));
+    if sought.is_err() {
+        // The route must not be read: records from the old position may come through it.
+        lock(&routes.opened).remove(&(partition as u32));
+    }
+    sought
 }
 
 /// One subscription's partitions, as the engine reads and settles them.
 struct KafkaPartitions {
     transport: KafkaTransport,
-    consumer: Arc<BaseConsumer<Member>>,
+    /// Weak: the member's thread holds it, and drops it last to leave the group.
+    consumer: Weak<BaseConsumer<Member>>,
     routes: Arc<Routes>,
     /// The eda topic and group.
     topic: String,
@@ -314,7 +362,11 @@ impl PartitionLog for KafkaPartitions {
             // again from the committed offset.
             let (done, rewound) = oneshot::channel();
             lock(&self.routes.rewinds).push((partition, done));
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, rewound).await;
+            match tokio::time::timeout(REQUEST_TIMEOUT * 3, rewound).await {
+                Ok(Ok(rewound)) => rewound?,
+                // The member's thread is gone, or busy past any reason: not read this time.
+                _ => return Err(TransportError::Closed(NAME)),
+            }
         }
         let rx = lock(&self.routes.opened).remove(&partition).ok_or(TransportError::Closed(NAME))?;
         let messages = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
@@ -322,14 +374,15 @@ impl PartitionLog for KafkaPartitions {
     }
 
     async fn settle(&self, message: &Record, confirm: bool) -> Result<(), TransportError> {
+        let consumer = self.consumer.upgrade().ok_or(TransportError::Closed(NAME))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.routes.topic, message.partition, Offset::Offset(message.offset + 1))
             .map_err(other)?;
         if confirm {
-            let consumer = self.consumer.clone();
             blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await?.map_err(other)
         } else {
-            self.consumer.commit(&tpl, CommitMode::Async).map_err(other)
+            // Sent at once; a failed one is covered by the next, and logged by the member.
+            consumer.commit(&tpl, CommitMode::Async).map_err(other)
         }
     }
 
@@ -350,6 +403,7 @@ pub(super) fn subscribe(
     partitions: u32,
 ) -> Result<(Deliveries, EngineTask), TransportError> {
     let options = transport.options().clone();
+    let handover = options.engine.handover_timeout;
     let topic = transport.topic_name(&subscription.topic);
     let group = transport.group_name(&subscription.group, &subscription.topic);
     let routes = Arc::new(Routes {
@@ -368,7 +422,7 @@ pub(super) fn subscribe(
     // A revocation waits up to the handover timeout inside a poll: the group must not take the
     // member for dead meanwhile.
     let poll_interval = (options.engine.handover_timeout + Duration::from_secs(30)).max(Duration::from_secs(300));
-    let mut config = options.client();
+    let mut config = options.consumer_client();
     config
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
@@ -383,13 +437,13 @@ pub(super) fn subscribe(
     for (k, v) in &options.properties {
         config.set(k, v);
     }
-    let consumer: BaseConsumer<Member> = config.create_with_context(member).map_err(other)?;
+    let consumer: BaseConsumer<Member> = config.create_with_context(member).map_err(refused)?;
     consumer.subscribe(&[&topic]).map_err(other)?;
     let consumer = Arc::new(consumer);
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(KafkaPartitions {
         transport,
-        consumer: consumer.clone(),
+        consumer: Arc::downgrade(&consumer),
         routes: routes.clone(),
         topic: subscription.topic.clone(),
         group: subscription.group.clone(),
@@ -400,7 +454,7 @@ pub(super) fn subscribe(
     let eda_topic = subscription.topic.clone();
     std::thread::Builder::new()
         .name(format!("eda-kafka {group}"))
-        .spawn(move || poll(consumer, routes, stop, eda_topic))
+        .spawn(move || poll(consumer, routes, stop, eda_topic, handover))
         .map_err(other)?;
     Ok((deliveries, engine))
 }

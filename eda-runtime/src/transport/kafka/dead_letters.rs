@@ -19,7 +19,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
 use super::consumer::{envelope, Record};
-use super::{blocking, other, KafkaTransport, REQUEST_TIMEOUT};
+use super::{blocking, other, refused, KafkaTransport, REQUEST_TIMEOUT};
 use crate::transport::keys::fnv1a;
 use crate::transport::letters::{cut, letter_id, unreadable, AT, ATTEMPTS, ERROR, GROUP, HANDLER, PERMANENT};
 
@@ -83,12 +83,12 @@ impl KafkaTransport {
     async fn scan(&self) -> Result<BTreeMap<u64, (String, StoredDeadLetter)>, TransportError> {
         let prefix = format!("{}.", self.options().namespace);
         let topics: Vec<String> =
-            self.metadata().await?.into_keys().filter(|t| t.starts_with(&prefix) && t.ends_with(".dlq")).collect();
-        let mut config = self.options().client();
+            self.metadata(None).await?.into_keys().filter(|t| t.starts_with(&prefix) && t.ends_with(".dlq")).collect();
+        let mut config = self.options().consumer_client();
         config
             .set("group.id", format!("{}.eda-dlq-reader", self.options().namespace))
             .set("enable.auto.commit", "false");
-        let reader: BaseConsumer<DefaultConsumerContext> = config.create().map_err(other)?;
+        let reader: BaseConsumer<DefaultConsumerContext> = config.create().map_err(refused)?;
         let transport = self.clone();
         blocking(move || {
             let mut letters = BTreeMap::new();

@@ -13,20 +13,22 @@
 //!   `acks=all`; publishes are pipelined, and a record the cluster did not take within
 //!   [`publish_timeout`](KafkaOptions::publish_timeout) is an error to the caller, never a
 //!   silent loss.
-//! - **A consumer group per eda group and topic**, `eda.<group>:<topic>`, with `cooperative-sticky` assignment
-//!   and no automatic commits. The group protocol gives each partition to one member; the
+//! - **A consumer group per eda group and topic**, `eda.<group>:<topic>`, with
+//!   `cooperative-sticky` assignment. The group protocol gives each partition to one member; the
 //!   delivery engine gives that member a window of [`window`](KafkaOptions::window) events
 //!   of the partition at once, one event per key out at a time (also across retries) while
-//!   other keys run on, and commits the contiguous handled prefix — never past an event still
-//!   in flight. A revoked partition stops taking, lets what is out finish (up to the
-//!   [`handover_timeout`](KafkaOptions::handover_timeout)), commits what is done, and only
-//!   then goes to its next owner, which resumes from the committed offset; what was handled
-//!   and not yet committed comes again, and the idempotency guards absorb it.
+//!   other keys run on, and commits the offset after the contiguous handled prefix — never
+//!   past an event still in flight — without waiting, a batch at a time, and waits for the
+//!   last commit of a partition it gives up. A revoked partition stops taking, lets what is
+//!   out finish (up to the [`handover_timeout`](KafkaOptions::handover_timeout)), commits
+//!   what is done, and only then goes to its next owner, which resumes from the committed
+//!   offset; what was handled and not yet committed comes again, and the idempotency guards
+//!   absorb it.
 //! - **Dead letters** in `eda.<topic>.dlq` (one partition): the original record with
 //!   `eda-dlq-*` headers saying which group gave up, why, after how many attempts and when,
-//!   keyed by the letter's id. [`DeadLetterStore`](eda_core::DeadLetterStore) reads those topics
-//!   through; removing a letter writes a tombstone for its key, so `<app> dlq
-//!   list|show|replay|purge` work on Kafka as on the other transports.
+//!   keyed by the letter's id. [`DeadLetterStore`] reads those topics through; removing a
+//!   letter writes a tombstone for its key, so `<app> dlq list|show|replay|purge` work on
+//!   Kafka as on the other transports.
 //!
 //! Lag is, per partition, the high watermark less the group's committed offset.
 //!
@@ -78,6 +80,8 @@ struct Inner {
     options: KafkaOptions,
     producer: FutureProducer<Logged>,
     admin: AdminClient<Logged>,
+    /// Reads the cluster's metadata.
+    meta: BaseConsumer<Logged>,
     /// The partition count of each Kafka topic this instance made sure of.
     topics: Mutex<HashMap<String, u32>>,
     /// The engine of every subscription: closing waits for those of stopped ones.
@@ -101,6 +105,8 @@ impl ClientContext for Logged {
     }
 }
 
+impl rdkafka::consumer::ConsumerContext for Logged {}
+
 pub(super) fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
     match level {
         RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
@@ -116,6 +122,21 @@ pub(super) fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// librdkafka's refusal of a client's settings, as an error that names the property and never
+/// shows a secret's value (librdkafka's own message repeats the value it refused).
+pub(super) fn refused(e: KafkaError) -> TransportError {
+    let reason = match &e {
+        KafkaError::ClientConfig(_, _, key, _) if options::secret(key) => {
+            format!("librdkafka refused the value of `{key}` (not shown); check it")
+        }
+        KafkaError::ClientConfig(_, description, key, _) => {
+            format!("librdkafka refused `{key}`: {description}; check the librdkafka properties given")
+        }
+        e => format!("librdkafka refused the settings: {e}; check the librdkafka properties given"),
+    };
+    TransportError::Config { transport: NAME, reason }
 }
 
 fn other(e: impl std::error::Error + Send + Sync + 'static) -> TransportError {
@@ -138,10 +159,6 @@ impl KafkaTransport {
     /// shows at start.
     pub async fn connect_with(options: KafkaOptions) -> Result<Self, TransportError> {
         options.check()?;
-        let unusable = |e: KafkaError| TransportError::Config {
-            transport: NAME,
-            reason: format!("librdkafka refused the settings: {e}; check the librdkafka properties given"),
-        };
         let mut producer = options.client();
         producer
             .set("acks", "all")
@@ -151,19 +168,23 @@ impl KafkaTransport {
         if !options.properties.iter().any(|(k, _)| k == "linger.ms") {
             producer.set("linger.ms", "5");
         }
-        let producer: FutureProducer<Logged> = producer.create_with_context(Logged).map_err(unusable)?;
-        let admin: AdminClient<Logged> = options.client().create_with_context(Logged).map_err(unusable)?;
+        let producer: FutureProducer<Logged> = producer.create_with_context(Logged).map_err(refused)?;
+        let admin: AdminClient<Logged> = options.client().create_with_context(Logged).map_err(refused)?;
+        let mut meta = options.consumer_client();
+        meta.set("allow.auto.create.topics", "false");
+        let meta: BaseConsumer<Logged> = meta.create_with_context(Logged).map_err(refused)?;
         let transport = Self {
             inner: Arc::new(Inner {
                 options,
                 producer,
                 admin,
+                meta,
                 topics: Mutex::default(),
                 engines: Default::default(),
                 offsets: Mutex::default(),
             }),
         };
-        transport.metadata().await?;
+        transport.metadata(None).await?;
         Ok(transport)
     }
 
@@ -187,11 +208,13 @@ impl KafkaTransport {
         format!("{}.{group}:{topic}", self.inner.options.namespace)
     }
 
-    /// The cluster's topics with their partition counts; an error that says what to check when
-    /// the cluster does not answer.
-    async fn metadata(&self) -> Result<HashMap<String, u32>, TransportError> {
+    /// The cluster's topics (or only `topic`, where it exists) with their partition counts; an
+    /// error that says what to check when the cluster does not answer. Asked by a consumer
+    /// client, which never makes the topic it asks about.
+    async fn metadata(&self, topic: Option<&str>) -> Result<HashMap<String, u32>, TransportError> {
         let t = self.clone();
-        let read = blocking(move || t.inner.producer.client().fetch_metadata(None, REQUEST_TIMEOUT)).await?;
+        let topic = topic.map(str::to_owned);
+        let read = blocking(move || t.inner.meta.fetch_metadata(topic.as_deref(), REQUEST_TIMEOUT)).await?;
         let metadata = read.map_err(|e| TransportError::Unreachable {
             transport: NAME,
             reason: format!(
@@ -199,7 +222,8 @@ impl KafkaTransport {
                 self.inner.options.brokers
             ),
         })?;
-        Ok(metadata.topics().iter().map(|t| (t.name().to_owned(), t.partitions().len() as u32)).collect())
+        let found = metadata.topics().iter().filter(|t| t.error().is_none() && !t.partitions().is_empty());
+        Ok(found.map(|t| (t.name().to_owned(), t.partitions().len() as u32)).collect())
     }
 
     /// Makes sure a Kafka topic exists (once per instance), creating it with `partitions`;
@@ -212,7 +236,7 @@ impl KafkaTransport {
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         let mut created = false;
         loop {
-            if let Some(n) = self.metadata().await?.get(name).copied().filter(|n| *n > 0) {
+            if let Some(n) = self.metadata(Some(name)).await?.get(name).copied() {
                 lock(&self.inner.topics).insert(name.to_owned(), n);
                 return Ok(n);
             }
@@ -262,7 +286,7 @@ impl KafkaTransport {
     /// tear-downs, never while other instances use the namespace.
     pub async fn delete_namespace(&self) -> Result<(), TransportError> {
         let prefix = format!("{}.", self.inner.options.namespace);
-        let topics: Vec<String> = self.metadata().await?.into_keys().filter(|t| t.starts_with(&prefix)).collect();
+        let topics: Vec<String> = self.metadata(None).await?.into_keys().filter(|t| t.starts_with(&prefix)).collect();
         if topics.is_empty() {
             return Ok(());
         }
@@ -283,9 +307,9 @@ impl KafkaTransport {
         if let Some(c) = lock(&self.inner.offsets).get(&name) {
             return Ok(c.clone());
         }
-        let mut config = self.inner.options.client();
+        let mut config = self.inner.options.consumer_client();
         config.set("group.id", &name).set("enable.auto.commit", "false");
-        let reader: BaseConsumer<DefaultConsumerContext> = config.create().map_err(other)?;
+        let reader: BaseConsumer<DefaultConsumerContext> = config.create().map_err(refused)?;
         let reader = Arc::new(reader);
         lock(&self.inner.offsets).insert(name, reader.clone());
         Ok(reader)
@@ -342,7 +366,7 @@ impl Transport for KafkaTransport {
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>, TransportError> {
         let name = self.topic_name(topic);
-        let Some(partitions) = self.metadata().await?.get(&name).copied() else {
+        let Some(partitions) = self.metadata(Some(&name)).await?.get(&name).copied() else {
             // No topic yet: nothing was published to it.
             return Ok(Vec::new());
         };

@@ -12,7 +12,7 @@ use crate::transport::keys::redact;
 /// librdkafka's own properties (`linger.ms=20`, `sasl.mechanism=SCRAM-SHA-512`, …) and goes to
 /// the client as it is.
 const KNOWN: &str = "namespace, partitions, replication, window, handover_timeout, publish_timeout, session_timeout, \
-     security_protocol, sasl_mechanism, sasl_username, sasl_password, ssl_ca_location";
+     security_protocol, sasl_mechanism, sasl_username, sasl_password, ssl_ca_location, debug";
 
 /// Settings of the Kafka transport.
 ///
@@ -40,9 +40,10 @@ pub struct KafkaOptions {
 }
 
 /// Whether a librdkafka property holds a secret: never shown.
-fn secret(key: &str) -> bool {
+pub(super) fn secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "secret", "token", "key"].iter().any(|s| key.contains(s)) && !key.ends_with(".location")
+    ["password", "secret", "token", "key", "oauthbearer.config"].iter().any(|s| key.contains(s))
+        && !key.ends_with(".location")
 }
 
 impl std::fmt::Debug for KafkaOptions {
@@ -132,6 +133,8 @@ impl KafkaOptions {
                 "sasl_username" => options.set("sasl.username", v),
                 "sasl_password" => options.set("sasl.password", v),
                 "ssl_ca_location" => options.set("ssl.ca.location", v),
+                // librdkafka's own debug contexts (`debug=cgrp,fetch`), for a look inside.
+                "debug" => options.set("debug", v),
                 property if property.contains('.') => options.set(property, v),
                 unknown => {
                     return Err(config(format!(
@@ -172,7 +175,8 @@ impl KafkaOptions {
     }
 
     /// How long a revoked partition, or a stopping subscription, waits for its events in
-    /// flight before it is given up (5 min by default, Kafka's `max.poll.interval.ms`).
+    /// flight before it is given up (5 min by default). The member's `max.poll.interval.ms`
+    /// is set 30 s beyond it, and at least 5 min, as a revocation waits inside a poll.
     pub fn handover_timeout(mut self, timeout: Duration) -> Self {
         self.engine.handover_timeout = timeout;
         self
@@ -228,6 +232,16 @@ impl KafkaOptions {
         c
     }
 
+    /// The configuration of a consumer client: [`Self::client`] with the session timeout.
+    pub(super) fn consumer_client(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("session.timeout.ms", self.session_timeout.as_millis().to_string());
+        for (k, v) in self.client().config_map().iter() {
+            c.set(k, v);
+        }
+        c
+    }
+
     /// Checks the settings; the error says what to change.
     pub(super) fn check(&self) -> Result<(), TransportError> {
         if !(1..=10_000).contains(&self.partitions) {
@@ -249,8 +263,19 @@ impl KafkaOptions {
         let fixed = ["enable.auto.commit", "enable.idempotence", "acks", "group.id", "enable.auto.offset.store"];
         if let Some((k, _)) = self.properties.iter().find(|(k, _)| fixed.contains(&k.as_str())) {
             return Err(config(format!(
-                "`{k}` is eda's to set (it commits after handling, publishes with acks=all and idempotence): leave it out"
+                "`{k}` is eda's to set (it commits an offset only once everything before it is handled, publishes with acks=all and idempotence): leave it out"
             )));
+        }
+        let poll_interval = self.properties.iter().find(|(k, _)| k == "max.poll.interval.ms");
+        if let Some((_, ms)) = poll_interval {
+            let ms: u64 =
+                ms.parse().map_err(|_| config(format!("max.poll.interval.ms={ms} is not a number of milliseconds")))?;
+            if Duration::from_millis(ms) <= self.engine.handover_timeout {
+                return Err(config(format!(
+                    "max.poll.interval.ms={ms} must exceed handover_timeout {:?}: a revoked partition waits that long for its events while the member does not poll, and the group would drop the member",
+                    self.engine.handover_timeout
+                )));
+            }
         }
         if self.publish_timeout < Duration::from_secs(1) || self.session_timeout < Duration::from_secs(1) {
             return Err(config("publish_timeout and session_timeout must be at least 1s"));
