@@ -6,7 +6,10 @@
 //! file, one line in one write, so the file is the order in which the whole group handled
 //! them. With `EDA_TEST_POISON=<key>:<seq>` that event fails (and is retried) until a file
 //! `<log-file>.cured` exists; with `EDA_TEST_POISON_ABORT=1` as well, the process aborts on it
-//! instead, as a handler that crashes its process would.
+//! instead, as a handler that crashes its process would. With `EDA_TEST_OUTBOX=<url>` and
+//! `EDA_TEST_OUTBOX_PREFIX=<prefix>`, the guards are kept in that database, shared by the
+//! group's instances (persistent guards beside a broker); at SIGTERM the instance writes
+//! `<instance> <handled> <duplicates>` to `<log-file>.stats`.
 
 use std::io::Write;
 use std::time::Duration;
@@ -48,6 +51,11 @@ async fn record(step: Step, log: Ctx<'_, Log>) -> Result<(), HandlerError> {
 
 #[tokio::main]
 async fn main() -> eda::Result<()> {
+    // What the runtime warns about goes to stderr, where the test shows it.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let [_, url, path, instance] = args.as_slice() else {
         return Err(eda::Error::Config("usage: eda-test-ordered <url> <log-file> <instance>".into()));
@@ -74,16 +82,26 @@ async fn main() -> eda::Result<()> {
         max_backoff: Duration::from_millis(500),
         ..Default::default()
     };
-    let runtime = Runtime::builder(Registry::builder().handler::<record>().build())
+    let mut builder = Runtime::builder(Registry::builder().handler::<record>().build())
         .state(log)
         .retry(retry)
         .max_in_flight(256)
-        .transport_url(url)
-        .start()
-        .await?;
+        .transport_url(url);
+    if let Ok(outbox) = std::env::var("EDA_TEST_OUTBOX") {
+        let prefix = std::env::var("EDA_TEST_OUTBOX_PREFIX").unwrap_or_else(|_| "eda_".into());
+        builder = builder.outbox(eda::sql::SqlOptions::new(outbox).table_prefix(prefix).connect().await?);
+    }
+    let runtime = builder.start().await?;
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(eda::Error::Signal)?;
     term.recv().await;
     runtime.shutdown().await;
+    let stats = runtime.stats();
+    let line = format!("{instance} {} {}\n", stats.handled, stats.duplicates);
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("{path}.stats"))
+        .and_then(|mut f| f.write_all(line.as_bytes()));
     Ok(())
 }
