@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p eda-examples --bin bench -- \
-//!     [--transport memory,sqlite,postgres,sqlite-batched,postgres-batched,postgres-outbox,nats-peak,rabbitmq-peak] \
+//!     [--transport memory,sqlite,postgres,sqlite-batched,postgres-batched,postgres-outbox,nats-peak,rabbitmq-peak,kafka-peak] \
 //!     [--events N] [--payload BYTES] [--in-flight N] [--groups 1..4] [--rounds N] [--json]
 //! ```
 //!
@@ -28,6 +28,10 @@
 //! - `rabbitmq-peak`: eda on RabbitMQ beside lapin at its best (one quorum queue, confirms with
 //!   up to 256 unconfirmed, prefetch 1024, an ack per message, no ordering, no dedupe), the
 //!   same three measures; see `rabbitmq_peak.rs`.
+//! - `kafka-peak` (or `kafka`): eda on Kafka beside rdkafka at its best (one group member
+//!   handling records as they come, offsets stored after each effect and committed every
+//!   100 ms, no ordering beyond Kafka's own, no dedupe), the same three measures; see
+//!   `kafka_peak.rs`. `EDA_BENCH_KAFKA_BROKERS` (default `127.0.0.1:9092`).
 //! - `sqlite-backlog`, `postgres-backlog`: N events (1,000,000 by default) waiting in the log;
 //!   a consumer works through them for `--seconds` (10 by default). It reports the rate and the
 //!   peak RSS, which the in-flight limit bounds whatever the backlog.
@@ -49,6 +53,7 @@ use eda::transport::MemoryTransport;
 use eda::{event, handler, Ctx, EntryKind, Handler as _, Registry, Runtime, Transport};
 use serde::{Deserialize, Serialize};
 
+mod kafka_peak;
 mod nats_peak;
 mod peak;
 mod rabbitmq_peak;
@@ -116,7 +121,7 @@ struct Args {
     json: bool,
 }
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "memory",
     "sqlite",
     "postgres",
@@ -125,6 +130,7 @@ const SCENARIOS: [&str; 10] = [
     "postgres-outbox",
     "nats-peak",
     "rabbitmq-peak",
+    "kafka-peak",
     "sqlite-backlog",
     "postgres-backlog",
 ];
@@ -157,7 +163,11 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown flag `{other}`")),
         }
     }
-    for t in &args.transports {
+    for t in &mut args.transports {
+        if t == "kafka" {
+            // The only Kafka scenario.
+            *t = "kafka-peak".into();
+        }
         if t == "nats" || t == "nats-drain" {
             return Err(format!(
                 "`{t}` is retired: its raw side copied eda's former design (one event in flight per partition); use nats-peak"
@@ -565,10 +575,11 @@ async fn main() {
     }
     let mut failed = false;
     for transport in &args.transports {
-        if transport == "nats-peak" || transport == "rabbitmq-peak" {
+        if transport.ends_with("-peak") {
             let (n, rounds, json) = (args.events.unwrap_or(20_000), args.rounds, args.json);
             let ran = match transport.as_str() {
                 "nats-peak" => nats_peak::run(n, rounds, json).await,
+                "kafka-peak" => kafka_peak::run(n, rounds, json).await,
                 _ => rabbitmq_peak::run(n, rounds, json).await,
             };
             if let Err(e) = ran {

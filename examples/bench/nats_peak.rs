@@ -12,48 +12,23 @@ use std::time::Instant;
 
 use async_nats::jetstream::{self, consumer, stream};
 use eda::transport::nats::NatsOptions;
-use eda::{Binding, Envelope, PendingEvent, Registry, Runtime, Transport as _};
+use eda::{Binding, Envelope, PendingEvent, Registry, Runtime};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 
-use super::peak::{acked, at_fixed_rate, peak, peak_effect, Effect, Peak, Round, LATENCY_EVENTS, UNCONFIRMED};
+use super::peak::{
+    acked, at_fixed_rate, eda_consume, eda_publish, peak, Effect, Peak, Round, LATENCY_EVENTS, UNCONFIRMED,
+};
 use super::{nats_namespace, nats_url, now_us, BoxError};
 
 async fn eda_round(n: u64) -> Result<Round, BoxError> {
     let nats = NatsOptions::new(nats_url()).namespace(nats_namespace()).partitions(16).connect().await?;
     let publishing = Runtime::builder(Registry::default()).transport(nats.clone()).start().await?;
     let publisher = publishing.publisher();
-    let started = Instant::now();
-    let mut pending = futures_util::stream::iter((0..n).map(|i| {
-        let publisher = publisher.clone();
-        async move { publisher.publish(&peak(i, 0)).await.map(drop) }
-    }))
-    .buffer_unordered(UNCONFIRMED);
-    while let Some(r) = pending.next().await {
-        r?;
-    }
-    let publish_eps = n as f64 / started.elapsed().as_secs_f64();
+    let publish_eps = eda_publish(&publisher, n).await?;
 
     let effect = Arc::new(Effect::default());
-    let runtime = Runtime::builder(Registry::builder().handler::<peak_effect>().build())
-        .shared_state(effect.clone())
-        .transport(nats.clone())
-        .max_in_flight(1024)
-        .journal_capacity(0)
-        .start()
-        .await?;
-    effect.wait(n).await?;
-    let done = acked(|| async { Ok(nats.lag("peak", "peak").await?.iter().map(|p| p.lag).sum()) }).await?;
-    let consume_eps = effect.rate(n, done);
-    effect.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    at_fixed_rate(|i| {
-        let publisher = publisher.clone();
-        async move { publisher.publish(&peak(n + i, now_us())).await.map(drop).map_err(Into::into) }
-    })
-    .await?;
-    effect.wait(n + LATENCY_EVENTS).await?;
-    let p99_us = effect.p99();
-    runtime.shutdown().await;
+    let (consume_eps, p99_us) = eda_consume(Arc::new(nats.clone()), effect.clone(), &publisher, n).await?;
     publishing.shutdown().await;
     nats.delete_namespace().await?;
     Ok(Round { publish_eps, publish_headers_eps: 0.0, consume_eps, p99_us })

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use eda::transport::rabbitmq::RabbitOptions;
-use eda::{Binding, Envelope, PendingEvent, Registry, Runtime, Transport as _};
+use eda::{Binding, Envelope, PendingEvent, Registry, Runtime};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -24,7 +24,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-use super::peak::{acked, at_fixed_rate, peak, peak_effect, Effect, Peak, Round, LATENCY_EVENTS, UNCONFIRMED};
+use super::peak::{
+    acked, at_fixed_rate, eda_consume, eda_publish, peak, peak_effect, Effect, Peak, Round, LATENCY_EVENTS, UNCONFIRMED,
+};
 use super::{now_us, BoxError};
 
 fn amqp_url() -> String {
@@ -48,36 +50,9 @@ async fn eda_round(n: u64) -> Result<Round, BoxError> {
     declaring.shutdown().await;
     let publishing = Runtime::builder(Registry::default()).transport(rabbit.clone()).start().await?;
     let publisher = publishing.publisher();
-    let started = Instant::now();
-    let mut pending = futures_util::stream::iter((0..n).map(|i| {
-        let publisher = publisher.clone();
-        async move { publisher.publish(&peak(i, 0)).await.map(drop) }
-    }))
-    .buffer_unordered(UNCONFIRMED);
-    while let Some(r) = pending.next().await {
-        r?;
-    }
-    let publish_eps = n as f64 / started.elapsed().as_secs_f64();
+    let publish_eps = eda_publish(&publisher, n).await?;
 
-    let runtime = Runtime::builder(Registry::builder().handler::<peak_effect>().build())
-        .shared_state(effect.clone())
-        .transport(rabbit.clone())
-        .max_in_flight(1024)
-        .journal_capacity(0)
-        .start()
-        .await?;
-    effect.wait(n).await?;
-    let done = acked(|| async { Ok(rabbit.lag("peak", "peak").await?.iter().map(|p| p.lag).sum()) }).await?;
-    let consume_eps = effect.rate(n, done);
-    effect.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    at_fixed_rate(|i| {
-        let publisher = publisher.clone();
-        async move { publisher.publish(&peak(n + i, now_us())).await.map(drop).map_err(Into::into) }
-    })
-    .await?;
-    effect.wait(n + LATENCY_EVENTS).await?;
-    let p99_us = effect.p99();
-    runtime.shutdown().await;
+    let (consume_eps, p99_us) = eda_consume(Arc::new(rabbit.clone()), effect.clone(), &publisher, n).await?;
     publishing.shutdown().await;
     rabbit.delete_declared().await?;
     Ok(Round { publish_eps, publish_headers_eps: 0.0, consume_eps, p99_us })
