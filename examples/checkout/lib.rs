@@ -85,7 +85,7 @@ pub async fn run_on(transport: Arc<dyn eda::Transport>) -> eda::Result<CheckoutR
 }
 
 /// The database that keeps the saga's records (guards, steps, the outbox) beside a broker that
-/// keeps none, such as RabbitMQ: `EDA_OUTBOX_URL` (any SQL URL), by default the SQLite file
+/// keeps none, such as RabbitMQ or Kafka: `EDA_OUTBOX_URL` (any SQL URL), by default the SQLite file
 /// `checkout-outbox.db`. `None` where the transport keeps them itself (the SQL log, the
 /// in-process log, NATS) and `EDA_OUTBOX_URL` is not set.
 pub async fn outbox_for(transport: &Arc<dyn eda::Transport>) -> eda::Result<Option<eda::sql::SqlTransport>> {

@@ -2,9 +2,10 @@
 //! duplicate delivery, then prints each saga's trace.
 //!
 //! `checkout` runs it on `EDA_URL` (default `sqlite://checkout.db`, the embedded durable log;
-//! `memory://`, `postgres://…`, `nats://127.0.0.1:4222` and `amqp://guest:guest@127.0.0.1:5672`
-//! work the same; on RabbitMQ, which keeps no saga records, they go to `EDA_OUTBOX_URL`, by
-//! default the SQLite file `checkout-outbox.db`, with the transactional outbox);
+//! `memory://`, `postgres://…`, `nats://127.0.0.1:4222`, `amqp://guest:guest@127.0.0.1:5672`
+//! and `kafka://127.0.0.1:9092` work the same; on RabbitMQ and Kafka, which keep no saga
+//! records, they go to `EDA_OUTBOX_URL`, by default the SQLite file `checkout-outbox.db`, with
+//! the transactional outbox);
 //! `checkout graph` prints the choreography as Mermaid; `checkout dlq list|show|replay|purge`
 //! works on the dead letters. With `EDA_METRICS_ADDR=127.0.0.1:9464` it serves Prometheus
 //! metrics there and, once the orders have settled, keeps serving them until ctrl-c.
