@@ -39,6 +39,24 @@ pub struct KafkaOptions {
     pub(super) engine: EngineOptions,
 }
 
+/// `s` with its `%XX` escapes decoded, as URLs carry a password's `@`, `:` or `?`; `None`
+/// where a `%` starts no escape or the result is not UTF-8.
+fn percent_decoded(s: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 /// Whether a librdkafka property holds a secret: never shown.
 pub(super) fn secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
@@ -90,7 +108,8 @@ impl KafkaOptions {
 
     /// Reads the settings from a URL, as the runtime does with `EDA_URL`:
     /// `kafka://host1:9092,host2:9092?namespace=shop&partitions=8`. User info in the URL
-    /// (`kafka://user:password@host:9092`) is the SASL user and password. The keys are the
+    /// (`kafka://user:password@host:9092`) is the SASL user and password, percent-encoded
+    /// (`%40` for a `@`, `%3F` for a `?`). The keys are the
     /// builder methods' names; durations are written like `30s`; a key with a `.` is a
     /// librdkafka property, passed through. An unknown key is an error that lists the known ones.
     pub fn from_url(url: &str) -> Result<Self, TransportError> {
@@ -112,7 +131,14 @@ impl KafkaOptions {
         let mut options = Self::new(brokers);
         if let Some(user) = user {
             let (name, password) = user.split_once(':').unwrap_or((user, ""));
-            options = options.sasl(name, password);
+            let undo = |part: &str| {
+                percent_decoded(part).ok_or_else(|| {
+                    config(format!(
+                        "`{shown}`: the user info has a `%` that is not an escape; write `%` as `%25`, and `@ : / ? #` of a password as `%40 %3A %2F %3F %23`"
+                    ))
+                })
+            };
+            options = options.sasl(&undo(name)?, &undo(password)?);
         }
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -300,6 +326,18 @@ mod tests {
         assert!(shown.contains("sasl.username=alice") && shown.contains("SCRAM-SHA-512"), "{shown}");
         let err = KafkaOptions::from_url("kafka://b1:9092?sasl_password=oops&window=x").expect_err("bad window");
         assert!(!err.to_string().contains("oops"), "{err}");
+    }
+
+    #[test]
+    fn a_password_with_url_characters_is_percent_encoded() {
+        let o = KafkaOptions::from_url("kafka://al%40ce:p%3Fss%3Aw%25rd@b1:9092?namespace=shop").expect("valid");
+        assert_eq!(o.brokers, "b1:9092");
+        assert_eq!(o.namespace, "shop");
+        let property = |k: &str| o.properties.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        assert_eq!(property("sasl.username"), Some("al@ce"));
+        assert_eq!(property("sasl.password"), Some("p?ss:w%rd"));
+        let err = KafkaOptions::from_url("kafka://u:100%@b1:9092").expect_err("a bare %");
+        assert!(err.to_string().contains("%25") && !err.to_string().contains("100%@"), "{err}");
     }
 
     #[test]
