@@ -202,6 +202,15 @@ impl ConsumerContext for Member {
                     send(Assignment::Revoked { partition: e.partition() as u32, lost, done });
                     ends.push((e.partition(), ended));
                 }
+                // A run opening its partition again waits for a rewind this thread would
+                // only serve after the revocation: it is told now that there is none.
+                let revoked: Vec<u32> = ends.iter().map(|(p, _)| *p as u32).collect();
+                let pending = std::mem::take(&mut *lock(&self.routes.rewinds));
+                let (cancelled, kept): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(p, _)| revoked.contains(p));
+                lock(&self.routes.rewinds).extend(kept);
+                for (_, done) in cancelled {
+                    let _ = done.send(Err(TransportError::Closed(NAME)));
+                }
                 // The runs end within the handover timeout: each lets what is out finish,
                 // commits what is done, and says so.
                 for (partition, ended) in ends {
@@ -252,7 +261,11 @@ fn poll(
     while !stop.load(Ordering::Acquire) && !consumer.context().engine_gone() {
         let rewinds = std::mem::take(&mut *lock(&routes.rewinds));
         for (partition, done) in rewinds {
-            let _ = done.send(rewind(&consumer, &routes, partition as i32));
+            // Not for a run that gave up waiting: it asks again, and a stale rewind would
+            // replace the route its next opening reads.
+            if !done.is_closed() {
+                let _ = done.send(rewind(&consumer, &routes, partition as i32));
+            }
         }
         let waiting = routes.flush(&consumer);
         let mut wait = if waiting { Duration::from_millis(2) } else { Duration::from_millis(100) };
@@ -285,16 +298,21 @@ fn poll(
     lock(&consumer.context().assignments).take();
     // The last hold of the consumer (the runs have a weak one, upgraded for a commit at a
     // time): dropping it leaves the group, which blocks, so it is dropped here, on this thread.
+    // A commit holds it for a moment (a synchronous one at most a session timeout).
     let mut consumer = consumer;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let since = std::time::Instant::now();
+    let mut warned = false;
     loop {
         match Arc::try_unwrap(consumer) {
             Ok(last) => break drop(last),
-            Err(shared) if std::time::Instant::now() < deadline => {
+            Err(shared) => {
                 consumer = shared;
+                if !warned && since.elapsed() > Duration::from_secs(30) {
+                    tracing::warn!(topic = %routes.topic, "a commit has held the consumer for 30 s; leaving the group waits for it");
+                    warned = true;
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            Err(shared) => break drop(shared),
         }
     }
 }
@@ -309,10 +327,13 @@ fn rewind(consumer: &BaseConsumer<Member>, routes: &Routes, partition: i32) -> R
     // Unknown, the offset is not guessed: reading from the start would apply the partition
     // again, and reading on from where the last run was would skip what it left undone.
     let committed = consumer.committed_offsets(routes.partition_list(partition), REQUEST_TIMEOUT).map_err(other)?;
-    let from = match committed.find_partition(&routes.topic, partition).map(|e| e.offset()) {
-        Some(Offset::Offset(o)) => Offset::Offset(o),
+    let element = committed.find_partition(&routes.topic, partition).ok_or(TransportError::Closed(NAME))?;
+    // The call succeeds while the partition's own answer may be an error (with no offset).
+    element.error().map_err(other)?;
+    let from = match element.offset() {
+        Offset::Offset(o) => Offset::Offset(o),
         // Nothing committed yet: from the start, as `auto.offset.reset=earliest` reads it.
-        Some(Offset::Invalid) => Offset::Beginning,
+        Offset::Invalid => Offset::Beginning,
         other_offset => {
             return Err(TransportError::Other {
                 transport: NAME,

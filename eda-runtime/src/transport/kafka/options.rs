@@ -120,6 +120,12 @@ impl KafkaOptions {
             ))
         })?;
         let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if query.split('&').any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k).contains('@')) {
+            // A `?` inside a password cut the URL there: nothing of it is echoed.
+            return Err(config(format!(
+                "`{shown}`: a setting's name holds a `@`, so a `?` in the user info cut the URL; write a password's `?` as `%3F` (and `@ : / #` as `%40 %3A %2F %23`)"
+            )));
+        }
         let authority = authority.trim_end_matches('/');
         let (user, brokers) = match authority.rsplit_once('@') {
             Some((user, brokers)) => (Some(user), brokers),
@@ -336,6 +342,8 @@ mod tests {
         let property = |k: &str| o.properties.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
         assert_eq!(property("sasl.username"), Some("al@ce"));
         assert_eq!(property("sasl.password"), Some("p?ss:w%rd"));
+        let err = KafkaOptions::from_url("kafka://alice:pa?ss@b1:9092").expect_err("a raw `?`");
+        assert!(err.to_string().contains("%3F") && !err.to_string().contains("pa?ss"), "{err}");
         let err = KafkaOptions::from_url("kafka://u:100%@b1:9092").expect_err("a bare %");
         assert!(err.to_string().contains("%25") && !err.to_string().contains("100%@"), "{err}");
     }
