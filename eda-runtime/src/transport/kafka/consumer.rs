@@ -88,6 +88,11 @@ impl Routes {
         }
     }
 
+    /// The partitions of this route's topic in a rebalance's list.
+    fn partitions_of(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect()
+    }
+
     fn partition_list(&self, partition: i32) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, partition);
@@ -182,35 +187,29 @@ impl ConsumerContext for Member {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let first = !self.assigned_before.swap(true, Ordering::Relaxed);
-                let partitions: Vec<i32> =
-                    tpl.elements_for_topic(&self.routes.topic).iter().map(|e| e.partition()).collect();
+                let partitions = self.routes.partitions_of(tpl);
                 tracing::info!(topic = %self.routes.topic, ?partitions, "partitions assigned");
-                for e in tpl.elements_for_topic(&self.routes.topic) {
-                    self.routes.open(e.partition());
-                    send(Assignment::Assigned { partition: e.partition() as u32, first });
+                for &partition in &partitions {
+                    self.routes.open(partition);
+                    send(Assignment::Assigned { partition: partition as u32, first });
                 }
             }
             Rebalance::Revoke(tpl) => {
                 // Lost: the group gave the partitions away already; commit nothing more.
                 let lost = consumer.assignment_lost();
-                let partitions: Vec<i32> =
-                    tpl.elements_for_topic(&self.routes.topic).iter().map(|e| e.partition()).collect();
+                let partitions = self.routes.partitions_of(tpl);
                 tracing::info!(topic = %self.routes.topic, ?partitions, lost, "partitions revoked");
-                let mut ends = Vec::new();
-                for e in tpl.elements_for_topic(&self.routes.topic) {
-                    let (done, ended) = oneshot::channel();
-                    send(Assignment::Revoked { partition: e.partition() as u32, lost, done });
-                    ends.push((e.partition(), ended));
-                }
+                let ends: Vec<_> = partitions
+                    .iter()
+                    .map(|&partition| {
+                        let (done, ended) = oneshot::channel();
+                        send(Assignment::Revoked { partition: partition as u32, lost, done });
+                        (partition, ended)
+                    })
+                    .collect();
                 // A run opening its partition again waits for a rewind this thread would
-                // only serve after the revocation: it is told now that there is none.
-                let revoked: Vec<u32> = ends.iter().map(|(p, _)| *p as u32).collect();
-                let pending = std::mem::take(&mut *lock(&self.routes.rewinds));
-                let (cancelled, kept): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(p, _)| revoked.contains(p));
-                lock(&self.routes.rewinds).extend(kept);
-                for (_, done) in cancelled {
-                    let _ = done.send(Err(TransportError::Closed(NAME)));
-                }
+                // only serve after the revocation: dropping its request tells it there is none.
+                lock(&self.routes.rewinds).retain(|(p, _)| !partitions.contains(&(*p as i32)));
                 // The runs end within the handover timeout: each lets what is out finish,
                 // commits what is done, and says so.
                 for (partition, ended) in ends {
@@ -450,7 +449,6 @@ pub(super) fn subscribe(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", options.session_timeout.as_millis().to_string())
         .set("heartbeat.interval.ms", (options.session_timeout / 4).as_millis().max(100).to_string())
         .set("max.poll.interval.ms", poll_interval.as_millis().to_string());
     // The user's properties win over eda's defaults above (not over its fixed choices, which
